@@ -1,0 +1,148 @@
+"""CRNetConfig: Megatron-Core's TransformerConfig plus the CR-Net fields.
+
+Defaults are LLaMA-2 (RMSNorm, SwiGLU, no biases, no dropout); the CR-Net fields describe which
+layers are dense (they seed the chains) and the rank of every low-rank layer. Every invalid value
+raises one ``ValueError`` naming the field, the value and what would be valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+RANK_SCHEDULES = ("uniform", "middle-high")
+LOWRANK_INITS = ("cola", "megatron")
+
+
+def _bad(field: str, value, valid: str) -> ValueError:
+    return ValueError(f"CRNetConfig.{field}={value!r} is invalid: {valid}")
+
+
+@dataclass
+class CRNetConfig(TransformerConfig):
+    """TransformerConfig for a CR-Net LLaMA.
+
+    crnet_rank: one int for every CR-Net layer, or a list with one int per CR-Net layer
+        (layers crnet_dense_layers+1 .. num_layers).
+    crnet_rank_schedule: "uniform" uses crnet_rank as is; "middle-high" (the paper's best
+        ablation) scales an int crnet_rank from 0.75x at the ends to 1.25x in the middle.
+    crnet_eps: epsilon of s(beta) = sign(beta)(|beta| + eps).
+    crnet_beta_init: initial beta; 0 is rejected because sign(0) = 0 freezes the parameter.
+    crnet_dense_layers: leading dense layers (the paper uses 1: the high-rank anchor).
+    crnet_lowrank_init: "cola" gives Var(AB) ~ 1/(h_in + h_out); "megatron" uses init_method_std.
+    """
+
+    # LLaMA-2 defaults (override TransformerConfig's GPT defaults).
+    normalization: str = "RMSNorm"
+    gated_linear_unit: bool = True
+    activation_func: callable = F.silu
+    add_bias_linear: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    layernorm_epsilon: float = 1e-6
+
+    # CR-Net.
+    crnet_rank: Union[int, List[int]] = 128
+    crnet_rank_schedule: str = "uniform"
+    crnet_eps: float = 1e-6
+    crnet_beta_init: float = 1.0
+    crnet_dense_layers: int = 1
+    crnet_lowrank_init: str = "cola"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_crnet()
+        self.crnet_layer_ranks = self._resolve_ranks()
+        self._validate_ranks()
+
+    # -- validation -----------------------------------------------------------------------
+    def _validate_crnet(self):
+        tp = self.tensor_model_parallel_size
+        if self.crnet_beta_init == 0:
+            raise _bad("crnet_beta_init", 0, "must be non-zero (sign(0)=0 gives a dead beta)")
+        if not self.crnet_eps > 0:
+            raise _bad("crnet_eps", self.crnet_eps, "must be > 0")
+        if not 1 <= self.crnet_dense_layers <= self.num_layers:
+            raise _bad("crnet_dense_layers", self.crnet_dense_layers,
+                       f"must be in [1, num_layers={self.num_layers}]")
+        if self.crnet_rank_schedule not in RANK_SCHEDULES:
+            raise _bad("crnet_rank_schedule", self.crnet_rank_schedule, f"one of {RANK_SCHEDULES}")
+        if self.crnet_lowrank_init not in LOWRANK_INITS:
+            raise _bad("crnet_lowrank_init", self.crnet_lowrank_init, f"one of {LOWRANK_INITS}")
+        if self.add_bias_linear:
+            raise _bad("add_bias_linear", True, "CR-Net projections have no bias; set False")
+        if self.hidden_dropout or self.attention_dropout:
+            raise _bad("hidden_dropout/attention_dropout",
+                       (self.hidden_dropout, self.attention_dropout), "the model has no dropout; use 0")
+        if not self.gated_linear_unit:
+            raise _bad("gated_linear_unit", False, "the LLaMA MLP is SwiGLU; set True")
+        groups = self.num_query_groups
+        if self.num_attention_heads % tp:
+            raise _bad("num_attention_heads", self.num_attention_heads,
+                       f"must be divisible by tensor_model_parallel_size={tp}")
+        if groups % tp:
+            raise _bad("num_query_groups", groups,
+                       f"must be divisible by tensor_model_parallel_size={tp} (each rank holds whole "
+                       "query groups of the fused linear_qkv)")
+        if self.ffn_hidden_size % tp:
+            raise _bad("ffn_hidden_size", self.ffn_hidden_size,
+                       f"must be divisible by tensor_model_parallel_size={tp}")
+
+    def _resolve_ranks(self) -> List[int]:
+        n = self.num_layers - self.crnet_dense_layers
+        r = self.crnet_rank
+        if isinstance(r, (list, tuple)):
+            if self.crnet_rank_schedule != "uniform":
+                raise _bad("crnet_rank_schedule", self.crnet_rank_schedule,
+                           "a per-layer crnet_rank list needs 'uniform'")
+            if len(r) != n:
+                raise _bad("crnet_rank", list(r),
+                           f"a per-layer list needs {n} entries (one per CR-Net layer "
+                           f"{self.crnet_dense_layers + 1}..{self.num_layers}), got {len(r)}")
+            return [int(x) for x in r]
+        if not isinstance(r, int) or isinstance(r, bool):
+            raise _bad("crnet_rank", r, "an int, a list of ints, with a crnet_rank_schedule")
+        if self.crnet_rank_schedule == "uniform" or n <= 1:
+            return [r] * n
+        tp = self.tensor_model_parallel_size
+        ranks = []
+        for i in range(n):
+            mid = 1.0 - abs(2.0 * i / (n - 1) - 1.0)  # 0 at both ends, 1 in the middle
+            ranks.append(max(tp, int(round(r * (0.75 + 0.5 * mid) / tp)) * tp))
+        return ranks
+
+    def projection_shapes(self):
+        """(name, h_in, h_out) of the 7 CR-Net positions in Megatron's fused modules."""
+        q = self.num_attention_heads * self.kv_channels
+        kv = self.num_query_groups * self.kv_channels
+        h, f = self.hidden_size, self.ffn_hidden_size
+        return [("linear_qkv.q", h, q), ("linear_qkv.k", h, kv), ("linear_qkv.v", h, kv),
+                ("linear_proj", q, h), ("linear_fc1.gate", h, f), ("linear_fc1.up", h, f),
+                ("linear_fc2", f, h)]
+
+    def _validate_ranks(self):
+        tp = self.tensor_model_parallel_size
+        for i, r in enumerate(self.crnet_layer_ranks):
+            layer = self.crnet_dense_layers + 1 + i
+            if r <= 0:
+                raise _bad("crnet_rank", r, f"layer {layer}: rank must be > 0")
+            for name, h_in, h_out in self.projection_shapes():
+                if r >= min(h_in, h_out):
+                    raise _bad("crnet_rank", r, f"layer {layer} {name}: rank must be < "
+                               f"min(h_in={h_in}, h_out={h_out}) = {min(h_in, h_out)}")
+            if r % tp:
+                raise _bad("crnet_rank", r, f"layer {layer}: rank must be divisible by "
+                           f"tensor_model_parallel_size={tp} (column A factors are sharded on r)")
+
+    # -- queries ---------------------------------------------------------------------------
+    def is_crnet_layer(self, layer_number: int) -> bool:
+        """layer_number is 1-based and global."""
+        return layer_number > self.crnet_dense_layers
+
+    def rank_of_layer(self, layer_number: int) -> Optional[int]:
+        if not self.is_crnet_layer(layer_number):
+            return None
+        return self.crnet_layer_ranks[layer_number - self.crnet_dense_layers - 1]

@@ -1,0 +1,202 @@
+"""Tensor-parallel CR-Net projections: ``Y_l = s(beta_l) * Y_{l-1} + (X_l A_l) B_l``.
+
+Both modules are composed of Megatron-Core's own ``ColumnParallelLinear`` /
+``RowParallelLinear`` (the pattern of NeMo's ``ParallelLinearAdapter``) and return
+``(output, None)`` like them; the extra argument is the chain input ``Y_{l-1}``.
+
+Sharding (t = tensor-parallel size):
+
+* Column positions (``linear_qkv`` = q, k, v; ``linear_fc1`` = gate, up). The per-position
+  factors A_p (h_in x r) are stacked into one ``linear_a`` ColumnParallelLinear sharded on r and
+  all-gathered (``gather_output=True``), so every matmul is divided by t at the cost of one
+  r-wide all-gather. Each B_p (r x out_p) is a ColumnParallelLinear sharded on its output
+  dimension exactly like Megatron's dense weight, so the output shard, the incoming chain shard
+  and the chain add are all local: no extra collective. The fused output keeps Megatron's layout
+  (``linear_qkv``: GQA groups ``[q.. k v]``; ``linear_fc1``: ``[gate | up]`` per rank), and
+  ``beta_index`` maps every local output channel to its position's beta.
+* Row positions (``linear_proj``, ``linear_fc2``). A (h_in x r) is a RowParallelLinear sharded
+  on h_in: the TP reduction is over r channels instead of h_out (an all-reduce, or a
+  reduce-scatter along the sequence under sequence parallel). B (r x h_out) is replicated and
+  applied after the reduction, and the chain add happens there, exactly once. The o/down chains
+  therefore have the residual stream's layout ([s, b, h], or [s/t, b, h] under SP).
+* beta is replicated. Where a rank sees only part of ``<dY, Y_prev>`` (column outputs are
+  sharded on h_out; row outputs are sharded on the sequence under SP) its gradient, and that of
+  the row B under SP, is summed over TP inside autograd (``copy_to_tensor_model_parallel_region``:
+  identity forward, all-reduce backward), so gradients are exact whatever loop trains the model.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+
+from .config import CRNetConfig
+
+
+def signed_scale(beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """s(beta) = sign(beta) * (|beta| + eps): never zero for beta != 0, so the chain inverts."""
+    return torch.sign(beta) * (beta.abs() + eps)
+
+
+def _tp_size(tp_group) -> int:
+    if tp_group is not None:
+        return tp_group.size()
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _device(config: CRNetConfig):
+    return torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
+
+
+def _lowrank_std(config: CRNetConfig, h_in: int, h_out: int, rank: int) -> float:
+    """CoLA init: A, B ~ N(0, std^2) with std^4 = 1 / (r (h_in + h_out)) => Var(AB) ~ 1/(h_in+h_out)."""
+    if config.crnet_lowrank_init == "cola":
+        return (rank * (h_in + h_out)) ** -0.25
+    return config.init_method_std
+
+
+def _normal(std: float):
+    return lambda t: torch.nn.init.normal_(t, mean=0.0, std=std)
+
+
+class CRNetColumnParallelLinear(MegatronModule):
+    """CR-Net ``linear_qkv`` (layout="qkv") or ``linear_fc1`` (layout="glu")."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: CRNetConfig, rank: int,
+                 layout: str, gather_output: bool = False, bias: bool = False, tp_group=None,
+                 **unused):
+        super().__init__(config=config)
+        if gather_output or bias:
+            raise ValueError("CR-Net column projections keep sharded outputs and have no bias")
+        t = _tp_size(tp_group)
+        self.rank, self.layout, self.eps = rank, layout, config.crnet_eps
+        self.names, sizes = self._positions(config, layout, output_size)
+        n = len(self.names)
+
+        self.linear_a = ColumnParallelLinear(
+            input_size, n * rank, config=config, init_method=_normal(1.0), gather_output=True,
+            bias=False, skip_bias_add=True, tp_group=tp_group)
+        # Per-position std on A's rows (each position p owns rows [p r, (p+1) r) of the stack).
+        stds = torch.tensor([_lowrank_std(config, input_size, s, rank) for s in sizes])
+        rows_per_rank = n * rank // t
+        first = parallel_state.get_tensor_model_parallel_rank() * rows_per_rank if t > 1 else 0
+        rows = torch.arange(first, first + rows_per_rank) // rank
+        with torch.no_grad():
+            self.linear_a.weight.mul_(stds[rows].to(self.linear_a.weight)[:, None])
+
+        self.linear_b = torch.nn.ModuleDict()
+        for name, size in zip(self.names, sizes):
+            b = ColumnParallelLinear(
+                rank, size, config=config, gather_output=False, bias=False, skip_bias_add=True,
+                init_method=_normal(_lowrank_std(config, input_size, size, rank)),
+                tp_group=tp_group)
+            # Z is already full-sequence and replicated: no SP gather; sum dZ over TP instead.
+            b.sequence_parallel = False
+            b.allreduce_dgrad = t > 1
+            self.linear_b[name] = b
+
+        self.beta = torch.nn.Parameter(torch.full(
+            (n,), float(config.crnet_beta_init), dtype=config.params_dtype, device=_device(config)))
+        local = [s // t for s in sizes]
+        self.register_buffer("beta_index", self._beta_index(config, layout, local, t).to(
+            _device(config)), persistent=False)
+
+    @staticmethod
+    def _positions(config: CRNetConfig, layout: str, output_size: int):
+        if layout == "qkv":
+            q = config.num_attention_heads * config.kv_channels
+            kv = config.num_query_groups * config.kv_channels
+            names, sizes = ["q", "k", "v"], [q, kv, kv]
+        elif layout == "glu":
+            names, sizes = ["gate", "up"], [output_size // 2] * 2
+        else:
+            raise ValueError(f"layout={layout!r}: expected 'qkv' or 'glu'")
+        if sum(sizes) != output_size:
+            raise ValueError(f"{layout} position sizes {sizes} do not sum to {output_size}")
+        return names, sizes
+
+    @staticmethod
+    def _beta_index(config, layout, local: List[int], t: int) -> torch.Tensor:
+        if layout == "glu":
+            return torch.cat([torch.full((s,), i, dtype=torch.long) for i, s in enumerate(local)])
+        hn = config.kv_channels
+        q_per_group = config.num_attention_heads // config.num_query_groups
+        groups = config.num_query_groups // t
+        group = torch.tensor([0] * (q_per_group * hn) + [1] * hn + [2] * hn)
+        return group.repeat(groups)
+
+    def _assemble(self, ys: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.layout == "glu":
+            return torch.cat(ys, dim=-1)
+        q, k, v = ys
+        hn = self.config.kv_channels
+        groups = k.shape[-1] // hn
+        lead = q.shape[:-1]
+        q = q.reshape(*lead, groups, -1)
+        k = k.reshape(*lead, groups, hn)
+        v = v.reshape(*lead, groups, hn)
+        return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
+
+    def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
+        z, _ = self.linear_a(x)
+        ys = [b(zp)[0] for b, zp in zip(self.linear_b.values(), z.split(self.rank, dim=-1))]
+        y = self._assemble(ys)
+        beta = self.beta
+        if _tp_size(self.linear_a.tp_group) > 1:
+            beta = copy_to_tensor_model_parallel_region(beta)
+        scale = signed_scale(beta, self.eps)[self.beta_index]
+        return y + scale * chain_prev, None
+
+
+class CRNetRowParallelLinear(MegatronModule):
+    """CR-Net ``linear_proj`` / ``linear_fc2``: A row-sharded, reduce over r, B replicated."""
+
+    def __init__(self, input_size: int, output_size: int, *, config: CRNetConfig, rank: int,
+                 bias: bool = False, input_is_parallel: bool = True, tp_group=None, **unused):
+        super().__init__(config=config)
+        if bias or not input_is_parallel:
+            raise ValueError("CR-Net row projections take a TP-sharded input and have no bias")
+        self.rank, self.eps = rank, config.crnet_eps
+        std = _lowrank_std(config, input_size, output_size, rank)
+        self.linear_a = RowParallelLinear(
+            input_size, rank, config=config, init_method=_normal(std), bias=False,
+            input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
+        self.linear_b = torch.nn.Linear(rank, output_size, bias=False, device=_device(config),
+                                        dtype=config.params_dtype)
+        with torch.no_grad():
+            _normal(std)(self.linear_b.weight)
+        self.beta = torch.nn.Parameter(torch.full(
+            (1,), float(config.crnet_beta_init), dtype=config.params_dtype, device=_device(config)))
+        # Under SP each rank holds a sequence shard: B and beta see partial gradients.
+        self.sum_grads_over_tp = self.linear_a.sequence_parallel and _tp_size(tp_group) > 1
+
+    def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
+        z, _ = self.linear_a(x)
+        b, beta = self.linear_b.weight, self.beta
+        if self.sum_grads_over_tp:
+            b = copy_to_tensor_model_parallel_region(b)
+            beta = copy_to_tensor_model_parallel_region(beta)
+        return F.linear(z, b) + signed_scale(beta, self.eps) * chain_prev, None
+
+
+def is_crnet_linear(module) -> bool:
+    return isinstance(module, (CRNetColumnParallelLinear, CRNetRowParallelLinear))
+
+
+def project(linear, x: torch.Tensor, chain_prev):
+    """Run a dense or CR-Net projection; its output is also the chain handed to the next layer."""
+    if is_crnet_linear(linear):
+        y, _ = linear(x, chain_prev)
+    else:
+        y, _ = linear(x)
+    return y
+
