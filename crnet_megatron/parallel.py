@@ -54,12 +54,12 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
 
 
 def set_seed(seed: int) -> None:
-    """Same seed on every rank (TP init draws full master weights on CPU, then shards)."""
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    """Same seed on every rank (TP init draws full master weights on CPU, then shards) and
+    Megatron's RNG tracker (used by the SP embedding scatter) seeded as Megatron does."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-        model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_distributed() -> None:

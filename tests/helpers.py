@@ -1,0 +1,114 @@
+"""Shared test helpers: tiny configs, a spawn-based multi-process runner with a hard timeout,
+and loading full (TP=1) weights into a TP-sharded model."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+import warnings
+from typing import Callable, Dict
+
+import torch
+import torch.multiprocessing as mp
+
+VOCAB, SEQ, BATCH = 96, 16, 2
+
+
+def tiny_config(**overrides):
+    from crnet_megatron import CRNetConfig
+
+    kw = dict(num_layers=3, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+              num_query_groups=2, crnet_rank=16, use_cpu_initialization=True)
+    kw.update(overrides)
+    return CRNetConfig(**kw)
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    pos = torch.arange(SEQ)[None].expand(BATCH, -1)
+    return ids, pos, labels
+
+
+def load_full_weights(model, full: Dict[str, torch.Tensor]):
+    """Copy TP=1 weights into this rank's shards."""
+    from megatron.core import parallel_state as ps
+    from crnet_megatron.tp_layout import shard_for_tp
+
+    r, t = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(shard_for_tp(name, full[name], r, t))
+
+
+def randomize_betas(model, seed: int = 7):
+    """Betas away from 1 so that their gradients and slices are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("beta"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    try:
+        result = fn(rank, world, *args)
+        torch.save({"ok": True, "result": result}, os.path.join(out_dir, f"{rank}.pt"))
+    except BaseException:  # noqa: BLE001 - report any failure to the parent
+        torch.save({"ok": False, "error": traceback.format_exc()},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable, world: int, *args, timeout: float = 240.0):
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes (gloo); return the results.
+
+    A process still alive after ``timeout`` seconds (a hung collective) is killed and the test
+    fails; every child is reaped before returning.
+    """
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, out_dir))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        import time
+
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [i for i, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(10)
+        if hung:
+            raise TimeoutError(f"ranks {hung} did not finish within {timeout}s (hung collective?)")
+        results = []
+        for r in range(world):
+            path = os.path.join(out_dir, f"{r}.pt")
+            if not os.path.exists(path):
+                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
+            res = torch.load(path, weights_only=False)
+            if not res["ok"]:
+                raise RuntimeError(f"rank {r} failed:\n{res['error']}")
+            results.append(res["result"])
+        return results
