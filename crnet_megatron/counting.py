@@ -1,0 +1,111 @@
+"""Parameter and FLOP counts for dense and CR-Net LLaMA models, per layer and total.
+
+One place for the arithmetic that the model (a built model must match it), the trainer
+(throughput, MFU) and the tools (calculator, benchmarks) use. FLOPs count a multiply-add as 2;
+training = 3 x forward (backward = 2 x forward); attention scores and values are counted
+without a causal discount (torchtitan's and Megatron's convention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    ffn: int
+    heads: int
+    layers: int
+    vocab: int
+    groups: Optional[int] = None
+    head_dim: Optional[int] = None
+    dense_layers: int = 1
+
+    @property
+    def q_size(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
+
+    @property
+    def kv_size(self) -> int:
+        return (self.groups or self.heads) * (self.head_dim or self.hidden // self.heads)
+
+    def projections(self):
+        """(name, h_in, h_out) of the 7 positions."""
+        h, f, q, kv = self.hidden, self.ffn, self.q_size, self.kv_size
+        return [("q", h, q), ("k", h, kv), ("v", h, kv), ("o", q, h),
+                ("gate", h, f), ("up", h, f), ("down", f, h)]
+
+    @classmethod
+    def from_config(cls, config, vocab: int) -> "ModelShape":
+        return cls(hidden=config.hidden_size, ffn=config.ffn_hidden_size,
+                   heads=config.num_attention_heads, layers=config.num_layers, vocab=vocab,
+                   groups=config.num_query_groups, head_dim=config.kv_channels,
+                   dense_layers=config.crnet_dense_layers)
+
+
+# LLaMA shapes of the paper's protocol (crnet_method.md §3.1).
+LLAMA_SHAPES = {
+    "60m": ModelShape(512, 1376, 8, 8, 32000),
+    "130m": ModelShape(768, 2048, 12, 12, 32000),
+    "350m": ModelShape(1024, 2736, 16, 24, 32000),
+    "1b": ModelShape(2048, 5461, 32, 24, 32000),
+    "7b": ModelShape(4096, 11008, 32, 32, 32000),
+    "13b": ModelShape(5120, 13824, 40, 40, 32000),
+}
+
+
+def layer_ranks(shape: ModelShape, rank) -> List[Optional[int]]:
+    """Per layer: None for dense layers, the rank for CR-Net layers. ``rank=None`` = all dense."""
+    n = shape.layers - shape.dense_layers
+    if rank is None:
+        return [None] * shape.layers
+    ranks = list(rank) if isinstance(rank, (list, tuple)) else [rank] * n
+    if len(ranks) != n:
+        raise ValueError(f"rank list has {len(ranks)} entries, expected {n} (CR-Net layers)")
+    return [None] * shape.dense_layers + ranks
+
+
+def layer_params(shape: ModelShape, rank: Optional[int]) -> int:
+    """Parameters of one layer: 7 projections (+ 7 betas if CR-Net) + 2 RMSNorm weights."""
+    norms = 2 * shape.hidden
+    if rank is None:
+        return sum(i * o for _, i, o in shape.projections()) + norms
+    return sum((i + o) * rank for _, i, o in shape.projections()) + 7 + norms
+
+
+def count_params(shape: ModelShape, rank=None) -> Dict:
+    """Total and per-layer parameters; untied embedding and output layer, final norm."""
+    per_layer = [layer_params(shape, r) for r in layer_ranks(shape, rank)]
+    embedding = output = shape.vocab * shape.hidden
+    total = sum(per_layer) + embedding + output + shape.hidden
+    return dict(per_layer=per_layer, embedding=embedding, output_layer=output,
+                final_norm=shape.hidden, total=total)
+
+
+def layer_linear_flops(shape: ModelShape, rank: Optional[int]) -> int:
+    """Forward FLOPs per token of one layer's 7 projections (+ the CR-Net chain scale-add)."""
+    if rank is None:
+        return sum(2 * i * o for _, i, o in shape.projections())
+    return sum(2 * (i + o) * rank + 2 * o for _, i, o in shape.projections())
+
+
+def flops_per_token(shape: ModelShape, rank=None, seq_len: int = 256) -> Dict:
+    """Forward and training FLOPs per token, and the decoder-linear part on its own."""
+    linear = sum(layer_linear_flops(shape, r) for r in layer_ranks(shape, rank))
+    attention = shape.layers * 4 * seq_len * shape.q_size  # QK^T and AV
+    head = 2 * shape.vocab * shape.hidden
+    forward = linear + attention + head
+    return dict(linear_forward=linear, attention_forward=attention, output_forward=head,
+                forward=forward, training=3 * forward)
+
+
+def summary(shape: ModelShape, rank, seq_len: int = 256) -> Dict:
+    """CR-Net vs dense side by side: the numbers the calculator and the trainer print."""
+    cr_p, dn_p = count_params(shape, rank)["total"], count_params(shape, None)["total"]
+    cr_f, dn_f = flops_per_token(shape, rank, seq_len), flops_per_token(shape, None, seq_len)
+    return dict(params=cr_p, dense_params=dn_p, param_ratio=cr_p / dn_p,
+                training_flops_per_token=cr_f["training"],
+                dense_training_flops_per_token=dn_f["training"],
+                linear_flop_ratio=cr_f["linear_forward"] / dn_f["linear_forward"])

@@ -1,0 +1,46 @@
+"""Fused projections keep one beta per original projection, applied to the right slices of
+Megatron's layouts: GQA-grouped ``[q.. k v]`` for linear_qkv, ``[gate | up]`` for linear_fc1."""
+
+import pytest
+import torch
+
+from crnet_megatron import build_model
+from tests.helpers import SEQ, VOCAB, tiny_config
+
+
+def _split_qkv(y, config):
+    hn, groups = config.kv_channels, config.num_query_groups
+    qpg = config.num_attention_heads // groups
+    q, k, v = y.view(*y.shape[:2], groups, (qpg + 2) * hn).split([qpg * hn, hn, hn], dim=-1)
+    return {"q": q, "k": k, "v": v}
+
+
+def _split_glu(y, config):
+    gate, up = y.chunk(2, dim=-1)
+    return {"gate": gate, "up": up}
+
+
+@pytest.mark.parametrize("module_path,names,split", [
+    ("self_attention.linear_qkv", ["q", "k", "v"], _split_qkv),
+    ("mlp.linear_fc1", ["gate", "up"], _split_glu),
+])
+def test_perturbing_one_beta_changes_only_its_slice(megatron_single, module_path, names, split):
+    config = tiny_config(num_attention_heads=8, num_query_groups=2, crnet_rank=8)  # GQA: 4 q heads per group
+    model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    module = model.decoder.layers[1].get_submodule(module_path)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SEQ, 2, config.hidden_size, generator=g)
+    out_size = module.beta_index.numel()
+    prev = torch.randn(SEQ, 2, out_size, generator=g)
+    with torch.no_grad():
+        base = split(module(x, prev)[0], config)
+        for i, changed in enumerate(names):
+            module.beta[i] += 0.25
+            new = split(module(x, prev)[0], config)
+            module.beta[i] -= 0.25
+            for name in names:
+                if name == changed:
+                    torch.testing.assert_close(new[name] - base[name], 0.25 * split(prev, config)[name],
+                                               rtol=1e-4, atol=1e-5)
+                else:
+                    assert torch.equal(new[name], base[name]), f"beta_{changed} leaked into {name}"

@@ -1,0 +1,39 @@
+"""Every invalid CR-Net config value raises one clear ValueError naming field, value and rule."""
+
+import pytest
+
+from tests.helpers import tiny_config
+
+CASES = [
+    (dict(crnet_rank=0), r"crnet_rank=0 .*must be > 0"),
+    (dict(crnet_rank=-4), r"crnet_rank=-4"),
+    (dict(crnet_rank=32), r"crnet_rank=32 .*linear_qkv.k: rank must be < min\(h_in=64, h_out=32\)"),
+    (dict(num_query_groups=4, crnet_rank=64), r"crnet_rank=64 .*must be < min"),
+    (dict(crnet_rank=[8, 8, 8]), r"per-layer list needs 2 entries"),
+    (dict(crnet_beta_init=0.0), r"crnet_beta_init=0 .*non-zero"),
+    (dict(crnet_eps=0.0), r"crnet_eps=0.0 .*> 0"),
+    (dict(crnet_dense_layers=0), r"crnet_dense_layers=0 .*\[1, num_layers=3\]"),
+    (dict(crnet_rank_schedule="ends-high"), r"crnet_rank_schedule='ends-high'"),
+    (dict(crnet_lowrank_init="xavier"), r"crnet_lowrank_init='xavier'"),
+    (dict(tensor_model_parallel_size=2, crnet_rank=15, num_query_groups=4),
+     r"crnet_rank=15 .*divisible by tensor_model_parallel_size=2"),
+    (dict(tensor_model_parallel_size=4, num_query_groups=2),
+     r"num_query_groups=2 .*divisible by tensor_model_parallel_size=4"),
+    (dict(tensor_model_parallel_size=3, num_attention_heads=4),
+     r"num_attention_heads|divisible"),
+    (dict(add_bias_linear=True), r"add_bias_linear=True"),
+    (dict(hidden_dropout=0.1), r"no dropout"),
+]
+
+
+@pytest.mark.parametrize("overrides,pattern", CASES)
+def test_invalid_value_raises_clear_error(overrides, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        tiny_config(**overrides)
+
+
+def test_middle_high_schedule_is_higher_in_the_middle():
+    config = tiny_config(num_layers=7, crnet_rank=16, crnet_rank_schedule="middle-high")
+    ranks = config.crnet_layer_ranks
+    assert len(ranks) == 6 and ranks[0] == ranks[-1] == 12 and max(ranks) == ranks[2] == ranks[3]
+    assert max(ranks) > 16 > ranks[0]
