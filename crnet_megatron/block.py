@@ -1,8 +1,10 @@
 """The decoder block: where the CR-Net chains enter and leave.
 
-Chains enter at the stage's first layer (``None`` on the stage holding the dense layer 1, which
-seeds them) and leave at its last layer. ``run_layers`` is the whole threading: a pipeline stage
-or a recompute scheme needs exactly its inputs and outputs.
+Chains enter at the stage's first layer (``None`` on the first stage, whose dense layer 1 seeds
+them; unpacked from the previous stage's P2P tensor otherwise) and leave at its last layer
+(packed with the residual stream for the next stage; dropped after the last stage).
+``run_layers`` is the whole threading: a pipeline stage or a recompute scheme needs exactly its
+inputs and outputs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import WrappedTensor
 
+from . import pipeline
 from .layer import Chains
 
 
@@ -33,9 +36,11 @@ class CRNetTransformerBlock(TransformerBlock):
         if isinstance(hidden_states, WrappedTensor):
             hidden_states = hidden_states.unwrap()
         chains = None
-        if not self.pre_process:
-            hidden_states = self.input_tensor
+        if not self.pre_process:  # chains enter from the previous pipeline stage
+            hidden_states, chains = pipeline.unpack_stage_input(self.input_tensor, self.config)
         hidden_states, chains = self.run_layers(hidden_states, chains, rotary_pos_emb)
+        if not self.post_process:  # chains leave for the next pipeline stage
+            return pipeline.pack_stage_output(hidden_states, chains, self.config)
         if self.final_layernorm is not None:
             hidden_states = self.final_layernorm(hidden_states)
         return hidden_states

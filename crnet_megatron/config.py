@@ -53,12 +53,34 @@ class CRNetConfig(TransformerConfig):
     crnet_lowrank_init: str = "cola"
 
     def __post_init__(self):
+        self._validate_pipeline()
         super().__post_init__()
         self._validate_crnet()
         self.crnet_layer_ranks = self._resolve_ranks()
         self._validate_ranks()
 
     # -- validation -----------------------------------------------------------------------
+    def _validate_pipeline(self):
+        pp = self.pipeline_model_parallel_size
+        if self.virtual_pipeline_model_parallel_size is not None:
+            raise _bad("virtual_pipeline_model_parallel_size",
+                       self.virtual_pipeline_model_parallel_size,
+                       "interleaved pipelining is not supported: Megatron's interleaved schedule "
+                       "sizes P2P buffers from hidden_size and takes no adjust_tensor_shapes_fn, "
+                       "but CR-Net stages must also carry the chain tensors; use None (1F1B)")
+        if pp > self.num_layers:
+            raise _bad("pipeline_model_parallel_size", pp,
+                       f"more stages than layers (num_layers={self.num_layers})")
+        uneven = (self.num_layers_in_first_pipeline_stage is not None
+                  or self.num_layers_in_last_pipeline_stage is not None
+                  or self.pipeline_model_parallel_layout is not None)
+        if pp > 1 and not uneven and self.num_layers % pp:
+            raise _bad("num_layers", self.num_layers,
+                       f"not divisible by pipeline_model_parallel_size={pp}; use a divisible "
+                       "count or set num_layers_in_first/last_pipeline_stage")
+        if pp > 1 and self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype
+
     def _validate_crnet(self):
         tp = self.tensor_model_parallel_size
         if self.crnet_beta_init == 0:

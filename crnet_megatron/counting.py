@@ -109,3 +109,16 @@ def summary(shape: ModelShape, rank, seq_len: int = 256) -> Dict:
                 training_flops_per_token=cr_f["training"],
                 dense_training_flops_per_token=dn_f["training"],
                 linear_flop_ratio=cr_f["linear_forward"] / dn_f["linear_forward"])
+
+
+def pipeline_boundary(shape: ModelShape, seq_len: int, micro_batch_size: int, tp: int = 1,
+                      sequence_parallel: bool = False, dtype_bytes: int = 2) -> Dict:
+    """Bytes one stage sends per micro-batch (forward; backward sends the same in gradients),
+    per TP rank: dense = the residual stream; CR-Net = residual + the four fused chains."""
+    tokens = seq_len * micro_batch_size
+    hidden_tokens = tokens // tp if sequence_parallel else tokens
+    dense = hidden_tokens * shape.hidden * dtype_bytes
+    sharded = tokens * (shape.q_size + 2 * shape.kv_size + 2 * shape.ffn) // tp  # qkv, fc1 chains
+    replicated_layout = hidden_tokens * 2 * shape.hidden  # o/down chains: residual layout
+    crnet = dense + (sharded + replicated_layout) * dtype_bytes
+    return dict(dense_bytes=dense, crnet_bytes=crnet, ratio=crnet / dense)

@@ -44,3 +44,25 @@ def test_dense_and_crnet_flops_differ_by_linear_part():
     assert cr["attention_forward"] == dn["attention_forward"]
     assert cr["training"] == 3 * cr["forward"]
     assert cr["linear_forward"] < 0.3 * dn["linear_forward"]
+
+
+def test_pipeline_boundary_ratio_matches_llama_formula():
+    from crnet_megatron.counting import pipeline_boundary
+
+    for size in ("1b", "7b"):
+        s = LLAMA_SHAPES[size]
+        got = pipeline_boundary(s, 1024, 1)["ratio"]
+        assert got == pytest.approx(1 + (5 * s.hidden + 2 * s.ffn) / s.hidden)
+
+
+def test_pipeline_boundary_bytes_equal_packed_payload(megatron_single):
+    """The counting module's bytes equal the tensor the pipeline really packs (TP=1)."""
+    import torch
+
+    from crnet_megatron.counting import pipeline_boundary
+    from crnet_megatron.pipeline import payload_width
+
+    config = tiny_config()
+    shape = ModelShape.from_config(config, VOCAB)
+    got = pipeline_boundary(shape, SEQ, 2, dtype_bytes=4)["crnet_bytes"]
+    assert got == SEQ * 2 * payload_width(config) * torch.float32.itemsize
