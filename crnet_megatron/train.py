@@ -9,6 +9,7 @@ It is the first, small entry point: datasets, checkpoints and the full driver co
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -23,11 +24,13 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
                   num_query_groups=None, crnet_rank=32, crnet_rank_schedule="uniform",
                   crnet_dense_layers=1, crnet_beta_init=1.0, crnet_lowrank_init="cola",
                   seq_length=128, vocab_size=2048, bf16=False),
-    "parallel": dict(tensor_model_parallel_size=1, sequence_parallel=False),
-    "training": dict(train_iters=60, micro_batch_size=8, lr=3e-3, min_lr_ratio=0.1,
+    "parallel": dict(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                     sequence_parallel=False),
+    "training": dict(train_iters=60, micro_batch_size=8, num_microbatches=1, lr=3e-3, min_lr_ratio=0.1,
                      warmup_fraction=0.1, weight_decay=0.01, clip_grad=1.0, seed=1234,
                      eval_batches=4, log_interval=10),
     "data": dict(cache_dir="~/.cache/crnet_megatron"),
+    "logging": dict(result_json=None),
 }
 
 
@@ -80,8 +83,8 @@ def _grad_norm(model) -> "torch.Tensor":
     sq = sum((p.grad.float() ** 2).sum() for p in model.parameters()
              if p.grad is not None and param_is_not_tensor_parallel_duplicate(p))
     sq = torch.as_tensor(sq, dtype=torch.float32)
-    if ps.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(sq, group=ps.get_tensor_model_parallel_group())
+    if ps.get_model_parallel_group().size() > 1:  # TP shards and PP stages
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
     return sq.sqrt()
 
 
@@ -100,21 +103,50 @@ def _reduce_grads(model) -> None:
                 p.grad.div_(dp)
 
 
-def _eval_loss(model, batches) -> float:
+def _forward_step(data_iterator, model):
+    """Megatron forward-step function: loss per token, averaged over the micro-batch."""
+    import torch
+
+    tokens, labels = next(data_iterator)
+    pos = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
+    output = model(tokens, pos, None, labels=labels)
+
+    def loss_func(out):
+        loss = out.float().mean()
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def _run_schedule(model, batches, seq_len: int, forward_only: bool) -> float:
+    """Forward(/backward) over the micro-batches with Megatron's schedule (1F1B when PP > 1);
+    returns the mean loss, broadcast from the last pipeline stage to every rank."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from .pipeline import forward_backward
+
+    out = forward_backward(forward_step_func=_forward_step, data_iterator=iter(batches),
+                           model=model, num_microbatches=len(batches), seq_length=seq_len,
+                           micro_batch_size=batches[0][0].shape[0], forward_only=forward_only)
+    loss = torch.zeros((), dtype=torch.float32, device=batches[0][0].device)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss += sum(o["lm loss"].float() for o in out) / len(out)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return loss.item()
+
+
+def _eval_loss(model, batches, seq_len: int) -> float:
     import torch
 
     model.eval()
     with torch.no_grad():
-        losses = [_forward(model, x, y).mean().item() for x, y in batches]
+        loss = _run_schedule(model, batches, seq_len, forward_only=True)
     model.train()
-    return sum(losses) / len(losses)
-
-
-def _forward(model, tokens, labels):
-    import torch
-
-    pos = torch.arange(tokens.shape[1], device=tokens.device)[None].expand_as(tokens)
-    return model(tokens, pos, None, labels=labels)
+    return loss
 
 
 def run(cfg: Dict[str, Dict[str, Any]], show_progress: bool = True) -> Dict[str, Any]:
@@ -128,13 +160,14 @@ def run(cfg: Dict[str, Dict[str, Any]], show_progress: bool = True) -> Dict[str,
     from tqdm import tqdm
 
     from .config import CRNetConfig
-    from .counting import ModelShape, flops_per_token
+    from .counting import ModelShape, flops_per_token, pipeline_boundary
     from .data.builtin import WindowSampler, builtin_tokens
     from .model import build_model
     from .parallel import destroy_distributed, init_distributed
 
     m, par, tr = cfg["model"], cfg["parallel"], cfg["training"]
-    init_distributed(par["tensor_model_parallel_size"], 1, seed=tr["seed"])
+    init_distributed(par["tensor_model_parallel_size"], par["pipeline_model_parallel_size"],
+                     seed=tr["seed"])
     try:
         config = CRNetConfig(
             num_layers=m["num_layers"], hidden_size=m["hidden_size"],
@@ -143,6 +176,7 @@ def run(cfg: Dict[str, Dict[str, Any]], show_progress: bool = True) -> Dict[str,
             crnet_rank_schedule=m["crnet_rank_schedule"], crnet_dense_layers=m["crnet_dense_layers"],
             crnet_beta_init=m["crnet_beta_init"], crnet_lowrank_init=m["crnet_lowrank_init"],
             tensor_model_parallel_size=par["tensor_model_parallel_size"],
+            pipeline_model_parallel_size=par["pipeline_model_parallel_size"],
             sequence_parallel=par["sequence_parallel"], bf16=m["bf16"],
             params_dtype=torch.bfloat16 if m["bf16"] else torch.float32,
             use_cpu_initialization=not torch.cuda.is_available())
@@ -163,22 +197,29 @@ def run(cfg: Dict[str, Dict[str, Any]], show_progress: bool = True) -> Dict[str,
         flops_tok = flops_per_token(shape, config.crnet_layer_ranks, m["seq_length"])["training"]
         n_params = sum(p.numel() for p in model.parameters())
 
-        initial = _eval_loss(model, evals)
+        seq, mbs, n_mb = m["seq_length"], tr["micro_batch_size"], tr["num_microbatches"]
+        initial = _eval_loss(model, evals, seq)
         if rank0:
             print(f"CR-Net model: {n_params / 1e6:.2f}M parameters on this rank, "
                   f"ranks {config.crnet_layer_ranks}, TP={config.tensor_model_parallel_size}, "
-                  f"SP={config.sequence_parallel}, DP={ps.get_data_parallel_world_size()}, "
-                  f"{len(tokens):,} corpus tokens", flush=True)
-        tokens_per_step = tr["micro_batch_size"] * m["seq_length"] * ps.get_data_parallel_world_size()
+                  f"PP={config.pipeline_model_parallel_size}, SP={config.sequence_parallel}, "
+                  f"DP={ps.get_data_parallel_world_size()}, {len(tokens):,} corpus tokens",
+                  flush=True)
+            if config.pipeline_model_parallel_size > 1:
+                b = pipeline_boundary(shape, seq, mbs, config.tensor_model_parallel_size,
+                                      config.sequence_parallel, 2 if m["bf16"] else 4)
+                print(f"pipeline boundary per micro-batch per rank: {b['crnet_bytes'] / 2**20:.2f} "
+                      f"MiB (dense model: {b['dense_bytes'] / 2**20:.2f} MiB, "
+                      f"{b['ratio']:.2f}x)", flush=True)
+        tokens_per_step = mbs * n_mb * seq * ps.get_data_parallel_world_size()
         losses, step_times = [], []
         bar = tqdm(range(total), disable=not (rank0 and show_progress), desc="train",
                    dynamic_ncols=True)
         for step in bar:
             t0 = time.perf_counter()
-            x, y = (t.to(device) for t in sampler.next_batch(tr["micro_batch_size"]))
-            loss = _forward(model, x, y).mean()
+            batches = [tuple(t.to(device) for t in sampler.next_batch(mbs)) for _ in range(n_mb)]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = _run_schedule(model, batches, seq, forward_only=False)
             _reduce_grads(model)
             gnorm = _grad_norm(model)
             if tr["clip_grad"] and gnorm > tr["clip_grad"]:
@@ -188,11 +229,11 @@ def run(cfg: Dict[str, Dict[str, Any]], show_progress: bool = True) -> Dict[str,
             opt.step()
             sched.step()
             step_times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
+            losses.append(loss)
             tps = tokens_per_step / step_times[-1]
             bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tps:,.0f}",
                             lr=f"{sched.get_last_lr()[0]:.2e}")
-        final = _eval_loss(model, evals)
+        final = _eval_loss(model, evals, seq)
         steady = step_times[len(step_times) // 5:] or step_times
         tok_s = tokens_per_step * len(steady) / sum(steady)
         result = dict(initial_loss=initial, final_loss=final, train_losses=losses,
@@ -203,6 +244,9 @@ def run(cfg: Dict[str, Dict[str, Any]], show_progress: bool = True) -> Dict[str,
                   f"(ppl {math.exp(initial):.1f} -> {math.exp(final):.1f}); "
                   f"{tok_s:,.0f} tokens/s, {result['tflops']:.3f} TFLOP/s (CR-Net FLOPs)",
                   flush=True)
+            if cfg["logging"]["result_json"]:
+                with open(cfg["logging"]["result_json"], "w") as f:
+                    json.dump(result, f, indent=1)
         return result
     finally:
         destroy_distributed()

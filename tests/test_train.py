@@ -26,9 +26,13 @@ def _tp_worker(rank, world, cfg):
     return run(cfg, show_progress=False)
 
 
-def test_tiny_run_tp2_sp_learns_and_ranks_agree(tmp_path):
-    cfg = _cfg(tmp_path, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"])
-    results = run_distributed(_tp_worker, 2, cfg, timeout=400)
+@pytest.mark.parametrize("extra", [
+    ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+    ["parallel.pipeline_model_parallel_size=2", "model.num_layers=4",
+     "training.num_microbatches=2"],
+], ids=["tp2-sp", "pp2-1f1b"])
+def test_tiny_parallel_run_learns_and_ranks_agree(tmp_path, extra):
+    results = run_distributed(_tp_worker, 2, _cfg(tmp_path, extra), timeout=400)
     assert results[0]["final_loss"] < 0.9 * results[0]["initial_loss"]
     assert results[0]["train_losses"] == results[1]["train_losses"]
 
