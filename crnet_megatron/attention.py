@@ -4,7 +4,8 @@
 ``core_attention``, ``linear_proj`` from the spec) and replaces only ``forward`` so the chain
 inputs go in, and the chain outputs come out, explicitly. It splits the fused QKV output in
 Megatron's GQA layout (``[ng, (np/ng + 2) * hn]`` per rank). RoPE is applied after the
-projection, so the q/k chains run on pre-RoPE activations, as in the paper.
+projection, so the q/k chains run on pre-RoPE activations, as in the paper. Megatron's
+``selective`` recompute of ``core_attn`` is honoured (``tensor_parallel.checkpoint``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
@@ -46,9 +48,9 @@ class CRNetSelfAttention(SelfAttention):
     """Megatron SelfAttention with chain-carrying ``linear_qkv`` and ``linear_proj``."""
 
     def forward(self, hidden_states: torch.Tensor, rotary_pos_emb=None,
-                chains: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+                chains: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, recompute=None):
         qkv_prev, proj_prev = chains if chains is not None else (None, None)
-        mixed = project(self.linear_qkv, hidden_states, qkv_prev)
+        mixed = project(self.linear_qkv, hidden_states, qkv_prev, recompute)
 
         s, b = mixed.shape[:2]
         groups = self.num_query_groups_per_partition
@@ -64,7 +66,13 @@ class CRNetSelfAttention(SelfAttention):
             query = apply_rotary_pos_emb(query, q_emb, config=self.config)
             key = apply_rotary_pos_emb(key, k_emb, config=self.config)
 
-        context = self.core_attention(query, key, value, None, attn_mask_type=self.attn_mask_type)
+        if self.checkpoint_core_attention and self.training and recompute is None:
+            context = tensor_parallel.checkpoint(self._core_attention, False, query, key, value)
+        else:
+            context = self._core_attention(query, key, value)
         context = context.reshape(s, b, -1)
-        output = project(self.linear_proj, context, proj_prev)
+        output = project(self.linear_proj, context, proj_prev, recompute)
         return output, (mixed, output)
+
+    def _core_attention(self, query, key, value):
+        return self.core_attention(query, key, value, None, attn_mask_type=self.attn_mask_type)

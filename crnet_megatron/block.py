@@ -17,6 +17,7 @@ from megatron.core.utils import WrappedTensor
 
 from . import pipeline
 from .layer import Chains
+from .recompute import crnet_recompute, megatron_full_recompute
 
 
 class CRNetTransformerBlock(TransformerBlock):
@@ -38,7 +39,15 @@ class CRNetTransformerBlock(TransformerBlock):
         chains = None
         if not self.pre_process:  # chains enter from the previous pipeline stage
             hidden_states, chains = pipeline.unpack_stage_input(self.input_tensor, self.config)
-        hidden_states, chains = self.run_layers(hidden_states, chains, rotary_pos_emb)
+        granularity = self.config.recompute_granularity
+        if self.training and torch.is_grad_enabled() and granularity == "crnet":
+            hidden_states, chains = crnet_recompute(self.layers, hidden_states, chains,
+                                                    rotary_pos_emb, self.config)
+        elif self.training and torch.is_grad_enabled() and granularity == "full":
+            hidden_states, chains = megatron_full_recompute(self.layers, hidden_states, chains,
+                                                            rotary_pos_emb, self.config)
+        else:
+            hidden_states, chains = self.run_layers(hidden_states, chains, rotary_pos_emb)
         if not self.post_process:  # chains leave for the next pipeline stage
             return pipeline.pack_stage_output(hidden_states, chains, self.config)
         if self.final_layernorm is not None:

@@ -33,6 +33,9 @@ class CRNetConfig(TransformerConfig):
     crnet_beta_init: initial beta; 0 is rejected because sign(0) = 0 freezes the parameter.
     crnet_dense_layers: leading dense layers (the paper uses 1: the high-rank anchor).
     crnet_lowrank_init: "cola" gives Var(AB) ~ 1/(h_in + h_out); "megatron" uses init_method_std.
+    recompute_granularity: Megatron's "full" / "selective", or "crnet" (the paper's Algorithm 1,
+        ``recompute.py``) with crnet_checkpoint_every (Y stored every 8th layer) and
+        crnet_recompute_min_scale (chains whose next |s(beta)| is smaller are stored, not inverted).
     """
 
     # LLaMA-2 defaults (override TransformerConfig's GPT defaults).
@@ -51,10 +54,23 @@ class CRNetConfig(TransformerConfig):
     crnet_beta_init: float = 1.0
     crnet_dense_layers: int = 1
     crnet_lowrank_init: str = "cola"
+    crnet_checkpoint_every: int = 8
+    crnet_recompute_min_scale: float = 1e-2
 
     def __post_init__(self):
         self._validate_pipeline()
+        # "crnet" (Algorithm 1) sits beside Megatron's "full"/"selective", which Megatron's own
+        # validation knows; hide it from that validation only.
+        crnet_recompute = self.recompute_granularity == "crnet"
+        if crnet_recompute:
+            self.recompute_granularity = None
         super().__post_init__()
+        if crnet_recompute:
+            self.recompute_granularity = "crnet"
+        if self.crnet_checkpoint_every < 1:
+            raise _bad("crnet_checkpoint_every", self.crnet_checkpoint_every, "must be >= 1")
+        if not self.crnet_recompute_min_scale >= 0:
+            raise _bad("crnet_recompute_min_scale", self.crnet_recompute_min_scale, "must be >= 0")
         self._validate_crnet()
         self.crnet_layer_ranks = self._resolve_ranks()
         self._validate_ranks()

@@ -122,3 +122,53 @@ def pipeline_boundary(shape: ModelShape, seq_len: int, micro_batch_size: int, tp
     replicated_layout = hidden_tokens * 2 * shape.hidden  # o/down chains: residual layout
     crnet = dense + (sharded + replicated_layout) * dtype_bytes
     return dict(dense_bytes=dense, crnet_bytes=crnet, ratio=crnet / dense)
+
+
+def checkpoint_count(layers: int, dense_layers: int, every: int) -> int:
+    """|A|: the last layer, then every ``every``-th layer before it, never a dense layer."""
+    return 1 + sum(1 for i in range(layers - 1 - every, -1, -every) if i >= dense_layers)
+
+
+def chain_width(shape: ModelShape) -> int:
+    """Elements per token of one layer's seven chain outputs (5h + 2h_ff for LLaMA MHA)."""
+    return sum(o for _, _, o in shape.projections())
+
+
+def recompute_saved_elements(shape: ModelShape, rank, mode: str, every: int = 8) -> int:
+    """Per token, elements the decoder layers keep for backward under a recompute mode.
+
+    full: Megatron per-layer checkpoints of the residual stream and incoming chains.
+    crnet: Algorithm 1 (block inputs, 7 codes of r per CR-Net layer, Y at |A| layers).
+    """
+    ranks = layer_ranks(shape, rank)
+    crnet_layers = [r for r in ranks if r is not None]
+    if mode == "full":
+        return shape.layers * shape.hidden + (shape.layers - 1) * chain_width(shape)
+    if mode == "crnet":
+        a = checkpoint_count(shape.layers, shape.dense_layers, every)
+        return (shape.layers * shape.hidden + 7 * sum(crnet_layers)
+                + a * chain_width(shape))
+    raise ValueError(f"mode={mode!r}: expected 'full' or 'crnet'")
+
+
+def recompute_flops(shape: ModelShape, rank, mode: str, seq_len: int, every: int = 8) -> int:
+    """Per token, FLOPs spent in backward re-creating activations.
+
+    full: one more forward of every layer. selective: core attention again. crnet: one Z B
+    matmul per position of each layer whose Y is inverted, core attention of every layer, and
+    the dense layers' projections (recomputed as they are); norms and SwiGLU are elementwise.
+    """
+    ranks = layer_ranks(shape, rank)
+    attention = 4 * seq_len * shape.q_size
+    if mode == "full":
+        return sum(layer_linear_flops(shape, r) for r in ranks) + shape.layers * attention
+    if mode == "selective":
+        return shape.layers * attention
+    if mode == "crnet":
+        n = shape.layers
+        stored = {n - 1} | {i for i in range(n - 1 - every, -1, -every) if ranks[i] is not None}
+        inverse = sum(sum(2 * ranks[i] * o for _, _, o in shape.projections())
+                      for i in range(1, n) if ranks[i] is not None and (i - 1) not in stored)
+        dense = sum(layer_linear_flops(shape, r) for r in ranks if r is None)
+        return inverse + dense + n * attention
+    raise ValueError(f"mode={mode!r}: expected 'full', 'selective' or 'crnet'")

@@ -36,10 +36,13 @@ from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
 
 from .config import CRNetConfig
+from .replay_ops import gather_seq_grad, replay_linear, split_last_dim_grad
 
 
 def signed_scale(beta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -146,15 +149,53 @@ class CRNetColumnParallelLinear(MegatronModule):
         v = v.reshape(*lead, groups, hn)
         return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
 
-    def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
-        z, _ = self.linear_a(x)
-        ys = [b(zp)[0] for b, zp in zip(self.linear_b.values(), z.split(self.rank, dim=-1))]
-        y = self._assemble(ys)
+    def _disassemble(self, y: torch.Tensor) -> List[torch.Tensor]:
+        """Inverse of ``_assemble``: per-position pieces of a fused local output."""
+        if self.layout == "glu":
+            return list(y.chunk(2, dim=-1))
+        hn, lead = self.config.kv_channels, y.shape[:-1]
+        q_width = self.config.num_attention_heads // self.config.num_query_groups * hn
+        q, k, v = y.reshape(*lead, -1, q_width + 2 * hn).split([q_width, hn, hn], dim=-1)
+        return [t.reshape(*lead, -1) for t in (q, k, v)]
+
+    def scale(self) -> torch.Tensor:
+        """s(beta) per local output channel; beta's gradient is summed over TP (sharded output)."""
         beta = self.beta
         if _tp_size(self.linear_a.tp_group) > 1:
             beta = copy_to_tensor_model_parallel_region(beta)
-        scale = signed_scale(beta, self.eps)[self.beta_index]
-        return y + scale * chain_prev, None
+        return signed_scale(beta, self.eps)[self.beta_index]
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Local shard of Z = X A (this rank's r/t columns of every position)."""
+        return self.linear_a(x, runtime_gather_output=False)[0]
+
+    def gather_codes(self, z_local: torch.Tensor) -> torch.Tensor:
+        return gather_from_tensor_model_parallel_region(z_local)
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """Z B (local output shard, fused layout) from the full codes Z."""
+        zs = z.split(self.rank, dim=-1)
+        return self._assemble([b(zp)[0] for b, zp in zip(self.linear_b.values(), zs)])
+
+    def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
+        return self.forward_with_codes(x, chain_prev)[0], None
+
+    def forward_with_codes(self, x, chain_prev):
+        z_local = self.codes(x)
+        y = self.expand(self.gather_codes(z_local)) + self.scale() * chain_prev
+        return y, z_local
+
+    def replay(self, x, chain_prev, z_full, zb):
+        """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""
+        a = self.linear_a
+        x_full = (gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
+                  if a.sequence_parallel else copy_to_tensor_model_parallel_region(x))
+        z = replay_linear(x_full, a.weight, z_full, split_last_dim_grad)
+        pieces = []
+        for b, zp, out in zip(self.linear_b.values(), z.split(self.rank, dim=-1),
+                              self._disassemble(zb)):
+            pieces.append(replay_linear(copy_to_tensor_model_parallel_region(zp), b.weight, out))
+        return self._assemble(pieces) + self.scale() * chain_prev
 
 
 class CRNetRowParallelLinear(MegatronModule):
@@ -179,21 +220,52 @@ class CRNetRowParallelLinear(MegatronModule):
         # Under SP each rank holds a sequence shard: B and beta see partial gradients.
         self.sum_grads_over_tp = self.linear_a.sequence_parallel and _tp_size(tp_group) > 1
 
-    def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
-        z, _ = self.linear_a(x)
+    def _b_and_beta(self):
         b, beta = self.linear_b.weight, self.beta
         if self.sum_grads_over_tp:
             b = copy_to_tensor_model_parallel_region(b)
             beta = copy_to_tensor_model_parallel_region(beta)
-        return F.linear(z, b) + signed_scale(beta, self.eps) * chain_prev, None
+        return b, beta
+
+    def scale(self) -> torch.Tensor:
+        return signed_scale(self._b_and_beta()[1], self.eps)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Z = X A, reduced over TP (all-reduce, or reduce-scatter along the sequence under SP)."""
+        return self.linear_a(x)[0]
+
+    def gather_codes(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, self.linear_b.weight)
+
+    def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
+        return self.forward_with_codes(x, chain_prev)[0], None
+
+    def forward_with_codes(self, x, chain_prev):
+        z = self.codes(x)
+        b, beta = self._b_and_beta()
+        return F.linear(z, b) + signed_scale(beta, self.eps) * chain_prev, z
+
+    def replay(self, x, chain_prev, z_full, zb):
+        """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""
+        grad_transform = gather_seq_grad if self.linear_a.sequence_parallel else None
+        z = replay_linear(x, self.linear_a.weight, z_full, grad_transform)
+        b, beta = self._b_and_beta()
+        return replay_linear(z, b, zb) + signed_scale(beta, self.eps) * chain_prev
 
 
 def is_crnet_linear(module) -> bool:
     return isinstance(module, (CRNetColumnParallelLinear, CRNetRowParallelLinear))
 
 
-def project(linear, x: torch.Tensor, chain_prev):
-    """Run a dense or CR-Net projection; its output is also the chain handed to the next layer."""
+def project(linear, x: torch.Tensor, chain_prev, recompute=None):
+    """Run a dense or CR-Net projection; its output is also the chain handed to the next layer.
+
+    ``recompute`` (see ``recompute.py``) records or replays CR-Net projections."""
+    if recompute is not None:
+        return recompute.project(linear, x, chain_prev)
     if is_crnet_linear(linear):
         y, _ = linear(x, chain_prev)
     else:

@@ -48,7 +48,7 @@ def _train_step(model):
     return [o["lm loss"] for o in out], grads
 
 
-def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains):
+def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains, config_kw=CONFIG):
     from megatron.core import parallel_state as ps
 
     from crnet_megatron import pipeline
@@ -61,7 +61,7 @@ def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains):
             h, Chains(*(torch.zeros_like(t) for t in c)), cfg)
     init_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp)
     config = tiny_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp,
-                         sequence_parallel=sequence_parallel, **CONFIG)
+                         sequence_parallel=sequence_parallel, **config_kw)
     model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -79,25 +79,25 @@ def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains):
                 last=ps.is_pipeline_last_stage())
 
 
-def _reference():
-    model = build_model(tiny_config(**CONFIG), vocab_size=VOCAB, max_sequence_length=SEQ)
+def _reference(config_kw=CONFIG):
+    model = build_model(tiny_config(**config_kw), vocab_size=VOCAB, max_sequence_length=SEQ)
     randomize_betas(model)
     full = {n: p.detach().clone() for n, p in model.named_parameters()}
     return full, *_train_step(model)
 
 
-def _mismatches(results, ref_losses, ref_grads, tp):
+def _mismatches(results, ref_losses, ref_grads, tp, tol=TOL):
     from crnet_megatron.tp_layout import shard_for_tp
 
     bad = []
     for res in results:
         if res["last"]:
             for i, (a, b) in enumerate(zip(res["losses"], ref_losses)):
-                if not torch.allclose(a, b, **TOL):
+                if not torch.allclose(a, b, **tol):
                     bad.append(f"loss[{i}] {a.item()} != {b.item()}")
         for name, g in res["grads"].items():
             expect = shard_for_tp(name, ref_grads[name], res["tp_rank"], tp)
-            if not torch.allclose(g, expect, **TOL):
+            if not torch.allclose(g, expect, **tol):
                 bad.append(name)
     return bad
 

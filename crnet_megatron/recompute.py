@@ -1,0 +1,210 @@
+"""Activation recomputation for the CR-Net block.
+
+``recompute_granularity: crnet`` is the paper's Algorithm 1. One autograd function spans the
+stage's layers. Forward (no graph) stores, per layer: the block input h_l, the low-rank codes
+Z = X A of every CR-Net projection (this rank's shard), and the chain outputs Y only at the
+checkpoint set (the stage's last layer and every ``crnet_checkpoint_every``-th layer before it;
+dense layers never). Backward walks the layers down: it recovers each missing
+``Y_{l-1} = (Y_l - Z_l B_l) / s(beta_l)`` (fp32; one r x h_out matmul per position), rebuilds
+the layer's graph from h_l, Y_{l-1} and the saved codes with ``ReplayLinear`` (no X A and no
+Z B matmul is re-run: their outputs are known), recomputing only norms, RoPE, attention and
+SwiGLU, and backpropagates through it. Dense layers are recomputed as they are. A chain whose
+next-layer ``|s(beta)|`` is below ``crnet_recompute_min_scale`` is stored instead of inverted.
+No RNG is involved (the model has no dropout), so nothing depends on the CUDA RNG tracker.
+
+``recompute_granularity: full`` is Megatron's uniform/block layer checkpointing
+(``tensor_parallel.checkpoint``) where the saved inputs are the residual stream and the
+incoming chain tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence
+
+import torch
+from megatron.core import tensor_parallel
+
+from .layer import Chains
+from .linears import is_crnet_linear
+
+logger = logging.getLogger(__name__)
+
+
+def chain_modules(layer) -> List[torch.nn.Module]:
+    """The four projections of a layer, in ``Chains`` order."""
+    att, mlp = layer.self_attention, layer.mlp
+    return [att.linear_qkv, att.linear_proj, mlp.linear_fc1, mlp.linear_fc2]
+
+
+def is_crnet_layer(layer) -> bool:
+    return is_crnet_linear(layer.self_attention.linear_qkv)
+
+
+def checkpoint_set(layers: Sequence, every: int) -> set:
+    """Stage-local indices whose Y is stored: the last layer, then every ``every``-th before it,
+    CR-Net layers only (|A| = ceil(n / every) when all are CR-Net)."""
+    n = len(layers)
+    keep = {n - 1}
+    keep.update(i for i in range(n - 1 - every, -1, -every) if is_crnet_layer(layers[i]))
+    return keep
+
+
+class _Record:
+    """Forward: CR-Net projections run normally and hand over their codes."""
+
+    def __init__(self):
+        self.codes = {}
+
+    def project(self, linear, x, prev):
+        if is_crnet_linear(linear):
+            y, self.codes[linear] = linear.forward_with_codes(x, prev)
+            return y
+        return linear(x)[0]
+
+
+class _Replay:
+    """Backward: CR-Net projections rebuild their graph from known codes and Z B."""
+
+    def __init__(self, z_full, zb):
+        self.z_full, self.zb = z_full, zb
+
+    def project(self, linear, x, prev):
+        if is_crnet_linear(linear):
+            return linear.replay(x, prev, self.z_full[linear], self.zb[linear])
+        return linear(x)[0]
+
+
+class CRNetRecomputeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stage, hidden, *chains_in):
+        layers, rope, config = stage
+        n = len(layers)
+        store = checkpoint_set(layers, config.crnet_checkpoint_every)
+        chains = Chains(*chains_in) if chains_in else None
+        # saved[:len(chains_in)] = stage input chains; then per layer, layout[i] =
+        # (h index, {module: code index}, [Y index or None] * 4)
+        saved, layout = list(chains_in), []
+        for i, layer in enumerate(layers):
+            rec = _Record()
+            h_idx = len(saved)
+            saved.append(hidden)
+            hidden, chains = layer(hidden, chains, rotary_pos_emb=rope, recompute=rec)
+            code_idx = {}
+            for m, z in rec.codes.items():
+                code_idx[m] = len(saved)
+                saved.append(z)
+            y_idx = [None] * 4
+            nxt = layers[i + 1] if i + 1 < n else None
+            for c in range(4):
+                small = (nxt is not None and is_crnet_layer(nxt) and _min_scale(
+                    chain_modules(nxt)[c]) < config.crnet_recompute_min_scale)
+                if small:
+                    _log_fallback(layer.layer_number, c, config.crnet_recompute_min_scale)
+                if i in store or small:
+                    y_idx[c] = len(saved)
+                    saved.append(chains[c])
+            layout.append((h_idx, code_idx, y_idx))
+        ctx.save_for_backward(*saved)
+        ctx.stage, ctx.layout, ctx.n_chains_in = stage, layout, len(chains_in)
+        return (hidden, *chains)
+
+    @staticmethod
+    def backward(ctx, grad_hidden, *grad_chains):
+        layers, rope, _ = ctx.stage
+        saved = ctx.saved_tensors
+        y_cur: Optional[List[torch.Tensor]] = [saved[j] for j in ctx.layout[-1][2]]
+        g_h, g_y = grad_hidden, list(grad_chains)
+        for i in range(len(layers) - 1, -1, -1):
+            layer = layers[i]
+            h_idx, code_idx, _ = ctx.layout[i]
+            crnet = is_crnet_layer(layer)
+            with torch.no_grad():
+                prev, z_full, zb = _recover(layer, i, ctx, saved, y_cur, code_idx) if crnet \
+                    else (None, None, None)
+            with torch.enable_grad():
+                h_leaf = saved[h_idx].detach().requires_grad_(True)
+                leaves = None
+                if crnet:
+                    leaves = [p.detach().to(h_leaf.dtype).requires_grad_(True) for p in prev]
+                replay = _Replay(z_full, zb) if crnet else None
+                h_out, c_out = layer(h_leaf, Chains(*leaves) if crnet else None,
+                                     rotary_pos_emb=rope, recompute=replay)
+                outs, grads = [h_out], [g_h]
+                for t, g in zip(c_out, g_y):
+                    if g is not None and t.requires_grad:
+                        outs.append(t)
+                        grads.append(g)
+                torch.autograd.backward(outs, grads)
+            g_h = h_leaf.grad
+            g_y = [leaf.grad for leaf in leaves] if crnet else [None] * 4
+            y_cur = prev
+        g_in = [g if g is not None else torch.zeros_like(c)
+                for g, c in zip(g_y, saved[:ctx.n_chains_in])]
+        return (None, g_h, *g_in)
+
+
+def _min_scale(module) -> float:
+    return (module.beta.detach().abs().min().item() + module.eps)
+
+
+def _log_fallback(layer_number: int, chain: int, threshold: float, _seen=set()) -> None:
+    key = (layer_number, chain)
+    if key not in _seen:
+        _seen.add(key)
+        logger.warning("CR-Net recompute: |s(beta)| < %g after layer %d chain %s; storing that "
+                       "chain instead of inverting it", threshold, layer_number,
+                       Chains._fields[chain])
+
+
+def _recover(layer, i, ctx, saved, y_cur, code_idx):
+    """Y_{l-1} for the four chains (stored, stage input, or inverted), full codes and Z B."""
+    mods = chain_modules(layer)
+    prev, z_full, zb = [], {}, {}
+    for c, m in enumerate(mods):
+        z_full[m] = m.gather_codes(saved[code_idx[m]])
+        stored = ctx.layout[i - 1][2][c] if i > 0 else None
+        if i == 0:
+            p = saved[c]  # the stage's input chains (pipeline stage > 0)
+        elif stored is not None:
+            p = saved[stored]
+        else:
+            zb[m] = m.expand(z_full[m])
+            p = ((y_cur[c].float() - zb[m].float()) / m.scale().float()).to(y_cur[c].dtype)
+        if m not in zb:
+            zb[m] = (y_cur[c].float() - m.scale().float() * p.float()).to(y_cur[c].dtype)
+        prev.append(p)
+    return prev, z_full, zb
+
+
+def crnet_recompute(layers, hidden, chains: Optional[Chains], rope, config):
+    """Run the stage's layers under Algorithm 1; returns (hidden, Chains)."""
+    chains_in = tuple(chains) if chains is not None else ()
+    out = CRNetRecomputeFunction.apply((list(layers), rope, config), hidden, *chains_in)
+    return out[0], Chains(*out[1:])
+
+
+def megatron_full_recompute(layers, hidden, chains: Optional[Chains], rope, config):
+    """Megatron ``full`` recompute (uniform or block) with the chains as checkpoint inputs."""
+    n, k = len(layers), config.recompute_num_layers or 1
+
+    def run(start, end):
+        def fn(h, *c):
+            cs = Chains(*c) if c else None
+            for layer in layers[start:end]:
+                h, cs = layer(h, cs, rotary_pos_emb=rope)
+            return (h, *cs)
+        return fn
+
+    start = 0
+    while start < n:
+        end = min(n, start + k)
+        if config.recompute_method == "block" and start >= k:
+            out = run(start, n)(hidden, *(chains or ()))
+            end = n
+        else:
+            out = tensor_parallel.checkpoint(run(start, end), False, hidden, *(chains or ()))
+        hidden, chains = out[0], Chains(*out[1:])
+        start = end
+    return hidden, chains
+
