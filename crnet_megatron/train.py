@@ -29,6 +29,8 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "training": dict(train_iters=60, micro_batch_size=8, num_microbatches=1, lr=3e-3, min_lr_ratio=0.1,
                      warmup_fraction=0.1, weight_decay=0.01, clip_grad=1.0, seed=1234,
                      eval_batches=4, log_interval=10),
+    "recompute": dict(recompute_granularity=None, recompute_method=None,
+                      recompute_num_layers=None, crnet_checkpoint_every=8),
     "data": dict(cache_dir="~/.cache/crnet_megatron"),
     "logging": dict(result_json=None),
 }
@@ -179,7 +181,7 @@ def run(cfg: Dict[str, Dict[str, Any]], show_progress: bool = True) -> Dict[str,
             pipeline_model_parallel_size=par["pipeline_model_parallel_size"],
             sequence_parallel=par["sequence_parallel"], bf16=m["bf16"],
             params_dtype=torch.bfloat16 if m["bf16"] else torch.float32,
-            use_cpu_initialization=not torch.cuda.is_available())
+            use_cpu_initialization=not torch.cuda.is_available(), **cfg["recompute"])
         rank0 = dist.get_rank() == 0
         tokens = builtin_tokens(m["vocab_size"], cfg["data"]["cache_dir"])
         sampler = WindowSampler(tokens, m["seq_length"], tr["seed"], ps.get_data_parallel_rank())
