@@ -23,6 +23,12 @@ from .recompute import crnet_recompute, megatron_full_recompute
 class CRNetTransformerBlock(TransformerBlock):
     """Megatron TransformerBlock construction (layer specs, PP slicing, final norm)."""
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Checkpoint keys per global layer: dense and CR-Net layers (and per-layer ranks) have
+        different parameters, so they cannot be stacked along a layer axis."""
+        metadata = dict(metadata or {}, non_homogeneous_layers=True)
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
     def run_layers(self, hidden_states: torch.Tensor, chains: Optional[Chains],
                    rotary_pos_emb=None) -> Tuple[torch.Tensor, Chains]:
         for layer in self.layers:

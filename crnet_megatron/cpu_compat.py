@@ -12,8 +12,11 @@ Without CUDA it makes these adaptations (file:line are megatron-core 0.16.1):
 3. The CUDA RNG state get/set used by ``tensor_parallel/random.py:55,235`` (RNG tracker,
    ``tensor_parallel.checkpoint``) falls through to the CPU generator.
 4. A ``TorchFunctionMode`` (``cuda_device_rewrite()``) rewrites hard-coded ``device="cuda"``
-   arguments to the CPU and makes ``Tensor.cuda()`` an identity; entered only around calls that
-   need it (``pipeline_parallel/schedules.py:2138``, ``optimizer/optimizer.py:907``).
+   arguments to the CPU, makes ``Tensor.cuda()`` an identity and lets ``Tensor.type()`` report
+   CPU tensors as ``torch.cuda.*`` (the CUDA-type asserts of ``optimizer/clip_grads.py:167`` and
+   ``optimizer/distrib_optimizer.py:~415-431``); entered only around calls that need it
+   (``pipeline_parallel/schedules.py:2138``, ``optimizer/optimizer.py:907``, DDP and optimizer
+   construction, ``optimizer.step``, ``finalize_model_grads``).
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ class _CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # type checks such as ``param.grad.type() == 'torch.cuda.FloatTensor'``
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else name
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):

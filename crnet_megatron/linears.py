@@ -71,6 +71,17 @@ def _normal(std: float):
     return lambda t: torch.nn.init.normal_(t, mean=0.0, std=std)
 
 
+class _Factors(MegatronModule):
+    """Named B factors; a MegatronModule so ``sharded_state_dict`` recurses into each
+    (``torch.nn.ModuleDict`` would be checkpointed as replicated)."""
+
+    def values(self):
+        return list(self._modules.values())
+
+    def __getitem__(self, name: str):
+        return self._modules[name]
+
+
 class CRNetColumnParallelLinear(MegatronModule):
     """CR-Net ``linear_qkv`` (layout="qkv") or ``linear_fc1`` (layout="glu")."""
 
@@ -96,7 +107,7 @@ class CRNetColumnParallelLinear(MegatronModule):
         with torch.no_grad():
             self.linear_a.weight.mul_(stds[rows].to(self.linear_a.weight)[:, None])
 
-        self.linear_b = torch.nn.ModuleDict()
+        self.linear_b = _Factors(config)
         for name, size in zip(self.names, sizes):
             b = ColumnParallelLinear(
                 rank, size, config=config, gather_output=False, bias=False, skip_bias_add=True,
@@ -105,7 +116,7 @@ class CRNetColumnParallelLinear(MegatronModule):
             # Z is already full-sequence and replicated: no SP gather; sum dZ over TP instead.
             b.sequence_parallel = False
             b.allreduce_dgrad = t > 1
-            self.linear_b[name] = b
+            self.linear_b.add_module(name, b)
 
         self.beta = torch.nn.Parameter(torch.full(
             (n,), float(config.crnet_beta_init), dtype=config.params_dtype, device=_device(config)))

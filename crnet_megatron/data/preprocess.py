@@ -1,0 +1,154 @@
+"""jsonl -> Megatron indexed dataset (``PREFIX_{key}_document.bin/.idx``) with an HF tokenizer.
+
+Megatron-LM's ``tools/preprocess_data.py`` layout and naming; Megatron-Core's
+``IndexedDatasetBuilder`` writes the files. Tokenization runs in ``workers`` processes. Outputs
+are written under temporary names and renamed when complete; existing outputs are never
+overwritten unless asked.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
+
+
+class HFTokenizer:
+    """An HF ``tokenizers`` tokenizer with the attributes Megatron's GPTDataset reads."""
+
+    def __init__(self, path: str, eod_token: Optional[str] = None):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+        self.path = path
+        self.tok = Tokenizer.from_file(path)
+        names = (eod_token,) if eod_token else EOD_NAMES
+        ids = [self.tok.token_to_id(n) for n in names]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise ValueError(f"tokenizer {path!r} has no end-of-document token among {names}; "
+                             "pass eod_token")
+        self.eod = self.pad = found[0]
+        self.vocab_size = self.tok.get_vocab_size()
+        self.unique_identifiers = {"class": "HFTokenizer", "path": os.path.abspath(path)}
+
+    def tokenize(self, text: str) -> List[int]:
+        return self.tok.encode(text).ids
+
+    def detokenize(self, ids) -> str:
+        return self.tok.decode(list(ids))
+
+
+def output_paths(prefix: str, key: str) -> Tuple[str, str]:
+    base = f"{prefix}_{key}_document"
+    return base + ".bin", base + ".idx"
+
+
+_WORKER_TOK: Optional[HFTokenizer] = None
+
+
+def _init_worker(path: str, eod_token: Optional[str]):
+    global _WORKER_TOK
+    _WORKER_TOK = HFTokenizer(path, eod_token)
+
+
+def _encode(item: Tuple[int, str, str, bool]) -> List[int]:
+    line_no, line, key, append_eod = item
+    try:
+        doc = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"line {line_no}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or key not in doc or not isinstance(doc[key], str):
+        raise ValueError(f"line {line_no}: no string field {key!r}")
+    ids = _WORKER_TOK.tokenize(doc[key])
+    if append_eod:
+        ids.append(_WORKER_TOK.eod)
+    return ids
+
+
+def _lines(paths: Sequence[str], key: str, append_eod: bool) -> Iterator[Tuple]:
+    n = 0
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                n += 1
+                if line.strip():
+                    yield (n, line, key, append_eod)
+
+
+def preprocess_jsonl(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,
+                     json_keys: Sequence[str] = ("text",), append_eod: bool = False,
+                     workers: int = 1, eod_token: Optional[str] = None, overwrite: bool = False,
+                     progress: bool = True) -> Dict[str, str]:
+    """Tokenize jsonl files into one indexed dataset per json key; returns {key: prefix}."""
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    for path in inputs:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"input file {path!r} does not exist")
+    tok = HFTokenizer(tokenizer_path, eod_token)
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    result = {}
+    for key in json_keys:
+        bin_path, idx_path = output_paths(output_prefix, key)
+        if not overwrite and (os.path.exists(bin_path) or os.path.exists(idx_path)):
+            raise FileExistsError(f"{bin_path} / {idx_path} exist; pass overwrite=True "
+                                  "(--overwrite) to replace them")
+        tmp_bin, tmp_idx = bin_path + f".tmp{os.getpid()}", idx_path + f".tmp{os.getpid()}"
+        builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(tok.vocab_size))
+        items = _lines(inputs, key, append_eod)
+        docs = tokens = 0
+        try:
+            with mp.get_context("fork").Pool(workers, _init_worker, (tokenizer_path, eod_token)) \
+                    if workers > 1 else _Serial(tokenizer_path, eod_token) as pool:
+                for ids in tqdm(pool.imap(_encode, items, chunksize=32), disable=not progress,
+                                desc=f"tokenize {key}", unit="doc"):
+                    builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+                    docs += 1
+                    tokens += len(ids)
+            builder.finalize(tmp_idx)
+        except BaseException:
+            for p in (tmp_bin, tmp_idx):
+                if os.path.exists(p):
+                    os.remove(p)
+            raise
+        if docs == 0:
+            os.remove(tmp_bin), os.remove(tmp_idx)
+            raise ValueError(f"no documents with field {key!r} in {list(inputs)}")
+        os.replace(tmp_bin, bin_path)
+        os.replace(tmp_idx, idx_path)
+        result[key] = bin_path[:-4]
+        if progress:
+            print(f"wrote {docs:,} documents, {tokens:,} tokens to {bin_path[:-4]}.{{bin,idx}}")
+    return result
+
+
+class _Serial:
+    """In-process stand-in for a worker pool (workers=1)."""
+
+    def __init__(self, path, eod_token):
+        _init_worker(path, eod_token)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def read_documents(prefix: str) -> List[np.ndarray]:
+    """All documents of an indexed dataset (for checks and tests)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(prefix)
+    return [np.asarray(ds[i]) for i in range(len(ds))]

@@ -1,0 +1,1 @@
+"""The production training driver: config, data, optimizer, checkpoints, metrics, loop."""

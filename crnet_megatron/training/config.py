@@ -1,0 +1,191 @@
+"""Run configuration: one YAML file with sections, Megatron key names, dotted overrides.
+
+``load_run_config(path, ["optimizer.lr=3e-3", ...])`` merges defaults <- file <- overrides;
+an unknown section or key, or a value of the wrong type, is a ``ValueError`` naming the key.
+``to_crnet_config`` / ``to_optimizer_config`` turn the sections into Megatron-Core configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+NUM = (int, float)
+OPT_INT, OPT_NUM, OPT_STR = (int, type(None)), (int, float, type(None)), (str, type(None))
+
+# section -> key -> (default, allowed types)
+SCHEMA: Dict[str, Dict[str, tuple]] = {
+    "model": {
+        "num_layers": (4, int), "hidden_size": (128, int), "ffn_hidden_size": (344, int),
+        "num_attention_heads": (4, int), "num_query_groups": (None, OPT_INT),
+        "kv_channels": (None, OPT_INT), "seq_length": (128, int),
+        "crnet_rank": (32, (int, list)), "crnet_rank_schedule": ("uniform", str),
+        "crnet_dense_layers": (1, int), "crnet_beta_init": (1.0, NUM), "crnet_eps": (1e-6, NUM),
+        "crnet_lowrank_init": ("cola", str), "init_method_std": (0.02, NUM),
+        "rotary_base": (10000, int), "layernorm_epsilon": (1e-6, NUM),
+    },
+    "parallel": {
+        "tensor_model_parallel_size": (1, int), "pipeline_model_parallel_size": (1, int),
+        "sequence_parallel": (False, bool), "use_distributed_optimizer": (False, bool),
+        "num_layers_in_first_pipeline_stage": (None, OPT_INT),
+        "num_layers_in_last_pipeline_stage": (None, OPT_INT),
+        "overlap_grad_reduce": (False, bool),
+    },
+    "optimizer": {
+        "optimizer": ("adam", str), "lr": (3e-3, NUM), "min_lr": (3e-4, NUM),
+        "weight_decay": (0.01, NUM), "adam_beta1": (0.9, NUM), "adam_beta2": (0.95, NUM),
+        "adam_eps": (1e-8, NUM), "clip_grad": (1.0, NUM), "bf16": (False, bool),
+    },
+    "schedule": {
+        "train_iters": (100, int), "micro_batch_size": (8, int), "global_batch_size": (8, int),
+        "lr_warmup_fraction": (0.1, NUM), "lr_decay_style": ("cosine", str), "seed": (1234, int),
+        "exit_interval": (None, OPT_INT),
+    },
+    "data": {
+        "data_path": (None, (list, type(None))), "split": ("969,30,1", str),
+        "tokenizer": (None, OPT_STR), "builtin_vocab_size": (2048, int),
+        "cache_dir": ("~/.cache/crnet_megatron", str),
+    },
+    "checkpoint": {
+        "save": (None, OPT_STR), "load": (None, OPT_STR), "save_interval": (None, OPT_INT),
+        "keep_last": (2, int), "ckpt_format": ("torch_dist", str), "no_load_optim": (False, bool),
+    },
+    "eval": {"eval_interval": (50, int), "eval_iters": (4, int)},
+    "logging": {
+        "log_interval": (10, int), "metrics_jsonl": (None, OPT_STR),
+        "tensorboard_dir": (None, OPT_STR), "peak_tflops": (None, OPT_NUM),
+        "progress_bar": (True, bool), "plot": (True, bool),
+    },
+    "recompute": {
+        "recompute_granularity": (None, OPT_STR), "recompute_method": (None, OPT_STR),
+        "recompute_num_layers": (None, OPT_INT), "recompute_modules": (None, (list, type(None))),
+        "crnet_checkpoint_every": (8, int), "crnet_recompute_min_scale": (1e-2, NUM),
+    },
+    "safety": {"max_nonfinite_in_a_row": (5, int), "exit_on_signal": (True, bool)},
+}
+
+
+def defaults() -> Dict[str, Dict[str, Any]]:
+    return {s: {k: copy.deepcopy(v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()}
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check(section: str, key: str, value):
+    if section not in SCHEMA:
+        raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
+    if key not in SCHEMA[section]:
+        raise ValueError(f"unknown config key {section}.{key}; valid keys of {section}: "
+                         f"{sorted(SCHEMA[section])}")
+    types = SCHEMA[section][key][1]
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in (
+        types if isinstance(types, tuple) else (types,)))
+    if not ok:
+        raise ValueError(f"config key {section}.{key} = {value!r} has type "
+                         f"{type(value).__name__}; expected {_type_names(types)}")
+
+
+def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+    """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML)."""
+    cfg = defaults()
+    updates: Dict[str, Dict[str, Any]] = {}
+    if path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            updates = yaml.safe_load(f) or {}
+        if not isinstance(updates, dict):
+            raise ValueError(f"config file {path!r} must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        section, name = key.split(".", 1)
+        updates.setdefault(section, {})[name] = yaml.safe_load(value)
+    for section, values in updates.items():
+        if section not in SCHEMA:
+            raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping")
+        for name, value in values.items():
+            _check(section, name, value)
+            cfg[section][name] = value
+    return cfg
+
+
+def dump(cfg: Dict[str, Dict[str, Any]]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def to_crnet_config(cfg, params_dtype=None):
+    """The CRNetConfig (a Megatron TransformerConfig) of a run."""
+    import torch
+
+    from ..config import CRNetConfig
+
+    m, p, o, r = cfg["model"], cfg["parallel"], cfg["optimizer"], cfg["recompute"]
+    bf16 = o["bf16"]
+    return CRNetConfig(
+        num_layers=m["num_layers"], hidden_size=m["hidden_size"],
+        ffn_hidden_size=m["ffn_hidden_size"], num_attention_heads=m["num_attention_heads"],
+        num_query_groups=m["num_query_groups"], kv_channels=m["kv_channels"],
+        crnet_rank=m["crnet_rank"], crnet_rank_schedule=m["crnet_rank_schedule"],
+        crnet_dense_layers=m["crnet_dense_layers"], crnet_beta_init=float(m["crnet_beta_init"]),
+        crnet_eps=float(m["crnet_eps"]), crnet_lowrank_init=m["crnet_lowrank_init"],
+        init_method_std=float(m["init_method_std"]),
+        layernorm_epsilon=float(m["layernorm_epsilon"]),
+        tensor_model_parallel_size=p["tensor_model_parallel_size"],
+        pipeline_model_parallel_size=p["pipeline_model_parallel_size"],
+        sequence_parallel=p["sequence_parallel"],
+        num_layers_in_first_pipeline_stage=p["num_layers_in_first_pipeline_stage"],
+        num_layers_in_last_pipeline_stage=p["num_layers_in_last_pipeline_stage"],
+        bf16=bf16, params_dtype=params_dtype or (torch.bfloat16 if bf16 else torch.float32),
+        use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity=r["recompute_granularity"], recompute_method=r["recompute_method"],
+        recompute_num_layers=r["recompute_num_layers"],
+        recompute_modules=r["recompute_modules"] or ["core_attn"],
+        crnet_checkpoint_every=r["crnet_checkpoint_every"],
+        crnet_recompute_min_scale=float(r["crnet_recompute_min_scale"]),
+    )
+
+
+def to_optimizer_config(cfg, on_cuda: bool):
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+
+    o = cfg["optimizer"]
+    if o["optimizer"] not in ("adam", "sgd"):
+        raise ValueError(f"optimizer.optimizer={o['optimizer']!r}: expected 'adam' or 'sgd'")
+    return OptimizerConfig(
+        optimizer=o["optimizer"], lr=float(o["lr"]), min_lr=float(o["min_lr"]),
+        weight_decay=float(o["weight_decay"]), adam_beta1=float(o["adam_beta1"]),
+        adam_beta2=float(o["adam_beta2"]), adam_eps=float(o["adam_eps"]),
+        clip_grad=float(o["clip_grad"]), bf16=o["bf16"],
+        params_dtype=torch.bfloat16 if o["bf16"] else torch.float32,
+        use_distributed_optimizer=cfg["parallel"]["use_distributed_optimizer"],
+    )
+
+
+def shape_keys(cfg) -> Dict[str, Any]:
+    """The model keys a checkpoint must agree on to be loadable."""
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "kv_channels", "crnet_rank", "crnet_rank_schedule",
+            "crnet_dense_layers")
+    return {k: cfg["model"][k] for k in keys}
+
+
+def validate_batch(cfg, dp_size: int) -> int:
+    """Number of micro-batches per step; global batch must split over DP and micro-batches."""
+    s = cfg["schedule"]
+    per_step = s["micro_batch_size"] * dp_size
+    if s["global_batch_size"] % per_step:
+        raise ValueError(f"schedule.global_batch_size={s['global_batch_size']} is not divisible by "
+                         f"micro_batch_size x data_parallel_size = {per_step}")
+    return s["global_batch_size"] // per_step
+

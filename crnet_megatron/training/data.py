@@ -1,0 +1,127 @@
+"""Training data: Megatron indexed datasets read through Megatron-Core's ``GPTDataset`` and
+``BlendedMegatronDatasetBuilder`` (train/valid/test split, blends of prefixes), and a
+resumable per-DP-rank sample iterator. With no ``data.data_path`` the built-in corpus is
+preprocessed into the cache through the same path as ``tools/preprocess_data.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..data.corpus import EOS, builtin_corpus, load_or_train_tokenizer
+from ..data.preprocess import HFTokenizer, output_paths, preprocess_jsonl
+
+IDX_MAGIC = b"MMIDIDX\x00\x00"
+
+
+def prepare_builtin(cache_dir: str, vocab_size: int) -> Tuple[List[str], str]:
+    """Built-in corpus -> jsonl -> BPE tokenizer -> indexed dataset (once, on global rank 0)."""
+    root = os.path.join(os.path.expanduser(cache_dir), "builtin")
+    tok_path = os.path.join(root, f"builtin_bpe_{vocab_size}.json")
+    prefix = os.path.join(root, f"builtin_v{vocab_size}")
+    bin_path, _ = output_paths(prefix, "text")
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not os.path.exists(bin_path):
+        os.makedirs(root, exist_ok=True)
+        docs = builtin_corpus()
+        jsonl = os.path.join(root, "builtin.jsonl")
+        with open(jsonl + ".tmp", "w", encoding="utf-8") as f:
+            for d in docs:
+                f.write(json.dumps({"text": d}) + "\n")
+        os.replace(jsonl + ".tmp", jsonl)
+        load_or_train_tokenizer(docs, vocab_size, root)
+        preprocess_jsonl([jsonl], prefix, tok_path, ["text"], append_eod=True, workers=1,
+                         eod_token=EOS, overwrite=True, progress=False)
+    if dist.is_initialized():
+        dist.barrier()
+    return [bin_path[:-4]], tok_path
+
+
+def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron's ``--data-path`` format: ``[p1, p2]`` or ``[w1, p1, w2, p2]``."""
+    items = [str(x) for x in data_path]
+    if not items:
+        raise ValueError("data.data_path is empty")
+    try:
+        weights = [float(x) for x in items[0::2]]
+        prefixes = items[1::2]
+        if len(weights) != len(prefixes):
+            raise ValueError
+    except ValueError:
+        return items, None
+    return prefixes, weights
+
+
+def check_prefix(prefix: str) -> None:
+    """One clear error for a missing or corrupt indexed dataset."""
+    for ext in (".bin", ".idx"):
+        if not os.path.exists(prefix + ext):
+            raise FileNotFoundError(f"data prefix {prefix!r}: {prefix + ext} does not exist "
+                                    "(make it with tools/preprocess_data.py)")
+    with open(prefix + ".idx", "rb") as f:
+        if f.read(len(IDX_MAGIC)) != IDX_MAGIC:
+            raise ValueError(f"data prefix {prefix!r}: {prefix}.idx is not a Megatron index "
+                             "file (corrupt or wrong format)")
+
+
+def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
+                   weights: Optional[List[float]], sizes: List[int]):
+    """(train, valid, test) GPTDatasets; rank 0 builds the index caches first."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    for p in prefixes:
+        check_prefix(p)
+    config = GPTDatasetConfig(
+        random_seed=cfg["schedule"]["seed"], sequence_length=cfg["model"]["seq_length"],
+        blend=(prefixes, weights), split=cfg["data"]["split"], tokenizer=tokenizer,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+        create_attention_mask=False,
+        path_to_cache=os.path.join(os.path.expanduser(cfg["data"]["cache_dir"]), "index_cache"))
+
+    def build():
+        try:
+            return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+        except (AssertionError, ValueError, OSError) as e:
+            raise ValueError(f"could not read datasets {prefixes}: {e}") from e
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        out = build()
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        out = build()
+    return out
+
+
+class SampleIterator:
+    """Micro-batches of this DP rank, resumable from a global ``consumed`` sample count.
+
+    Global sample i of a step goes to DP rank (i // micro_batch) % dp; the dataset's own
+    shuffle (GPTDataset) makes sequential indices a random order.
+    """
+
+    KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+    def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 consumed: int = 0, device=None):
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("empty dataset split; check data.split and the data size")
+        self.ds, self.mbs, self.dp_rank, self.dp = dataset, micro_batch_size, dp_rank, dp_size
+        self.consumed, self.device = consumed, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        start = self.consumed + self.dp_rank * self.mbs
+        samples = [self.ds[(start + i) % len(self.ds)] for i in range(self.mbs)]
+        self.consumed += self.mbs * self.dp
+        return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(self.device)
+                for k in self.KEYS}

@@ -1,0 +1,388 @@
+"""The training driver: set-up, the step, evaluation, checkpoints, metrics and safety.
+
+Order of set-up (one place): distributed groups -> data (built-in corpus or indexed prefixes)
+-> CR-Net model on its TP/PP shard -> Megatron DDP -> Megatron optimizer (+ param scheduler)
+-> resume. Each step runs Megatron's forward/backward schedule over the micro-batches (1F1B
+under PP, chains carried between stages), ``finalize_model_grads`` through the schedule, a
+non-finite check, then the optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import config as run_config
+
+log = logging.getLogger(__name__)
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+
+    def loss_func(out):
+        loss = (out.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs: int,
+                 forward_only: bool) -> float:
+    """Megatron's schedule over the micro-batches; mean loss, broadcast from the last stage."""
+    from megatron.core import parallel_state as ps
+
+    from ..pipeline import forward_backward
+
+    out = forward_backward(forward_step_func=_forward_step, data_iterator=data_iterator,
+                           model=model, num_microbatches=num_microbatches, seq_length=seq_len,
+                           micro_batch_size=mbs, forward_only=forward_only)
+    device = next(model.parameters()).device
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss += sum(o["lm loss"].float() for o in out) / len(out)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    return loss.item()
+
+
+def grad_norm(model) -> float:
+    """Global L2 norm of the DDP main grads (TP shards and PP stages, duplicates once)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    device = next(model.parameters()).device
+    sq = torch.zeros((), dtype=torch.float32, device=device)
+    for p in model.parameters():
+        g = getattr(p, "main_grad", None)
+        if g is None:
+            g = p.grad
+        if g is not None and param_is_not_tensor_parallel_duplicate(p):
+            sq += g.float().pow(2).sum()
+    if ps.get_model_parallel_group().size() > 1:
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    return sq.sqrt().item()
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0],
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+class _Signals:
+    """SIGTERM (Slurm's warning before the time limit) and SIGINT request a save and exit."""
+
+    def __init__(self, enabled: bool):
+        self.received: Optional[int] = None
+        self.previous = {}
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    def __init__(self, cfg: Dict[str, Dict[str, Any]]):
+        warnings.filterwarnings("ignore")
+        logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
+        self.cfg = cfg
+        self._setup()
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _setup(self):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import (DistributedDataParallel,
+                                               DistributedDataParallelConfig,
+                                               finalize_model_grads)
+        from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from .. import cpu_compat
+        from ..counting import ModelShape, flops_per_token, pipeline_boundary
+        from ..data.preprocess import HFTokenizer
+        from ..model import build_model
+        from ..parallel import init_distributed
+        from .data import build_datasets, parse_blend, prepare_builtin
+        from .metrics import MetricsWriter, detect_peak_tflops
+
+        cfg = self.cfg
+        m, p, s, d = cfg["model"], cfg["parallel"], cfg["schedule"], cfg["data"]
+        init_distributed(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"],
+                         seed=s["seed"])
+        self.rank0 = dist.get_rank() == 0
+        self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        self.num_microbatches = run_config.validate_batch(cfg, self.dp_size)
+        self.config = run_config.to_crnet_config(cfg)
+
+        if d["data_path"]:
+            prefixes, weights = parse_blend(d["data_path"])
+            if not d["tokenizer"]:
+                raise ValueError("data.tokenizer (a tokenizer.json) is required with data.data_path")
+            tok_path = d["tokenizer"]
+        else:
+            (prefixes, tok_path), weights = prepare_builtin(d["cache_dir"], d["builtin_vocab_size"]), None
+        self.tokenizer = HFTokenizer(tok_path)
+        e = cfg["eval"]
+        evals = s["train_iters"] // e["eval_interval"] + 1
+        gbs = s["global_batch_size"]
+        sizes = [s["train_iters"] * gbs, evals * e["eval_iters"] * gbs, e["eval_iters"] * gbs]
+        self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer, prefixes, weights,
+                                                         sizes)
+        multiple = 64 * p["tensor_model_parallel_size"]
+        self.vocab = int(math.ceil(self.tokenizer.vocab_size / multiple) * multiple)
+
+        model = build_model(self.config, vocab_size=self.vocab, max_sequence_length=m["seq_length"])
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
+            use_distributed_optimizer=p["use_distributed_optimizer"])
+        on_cuda = torch.cuda.is_available()
+        with cpu_compat.cuda_device_rewrite():
+            self.model = DistributedDataParallel(self.config, ddp_config, model)
+            ocfg = run_config.to_optimizer_config(cfg, on_cuda)
+            self.optimizer = get_megatron_optimizer(
+                ocfg, [self.model], config_overrides=get_standard_config_overrides(ocfg))
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model.no_sync
+        o = cfg["optimizer"]
+        warmup = int(s["lr_warmup_fraction"] * s["train_iters"])
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=float(o["lr"]), min_lr=float(o["min_lr"]),
+            lr_warmup_steps=warmup, lr_decay_steps=s["train_iters"],
+            lr_decay_style=s["lr_decay_style"], start_wd=float(o["weight_decay"]),
+            end_wd=float(o["weight_decay"]), wd_incr_steps=s["train_iters"],
+            wd_incr_style="constant")
+
+        shape = ModelShape.from_config(self.config, self.vocab)
+        ranks = self.config.crnet_layer_ranks
+        self.flops = flops_per_token(shape, ranks, m["seq_length"])["training"]
+        self.dense_flops = flops_per_token(shape, None, m["seq_length"])["training"]
+        self.peak = detect_peak_tflops(cfg["logging"]["peak_tflops"])
+        self.boundary = (pipeline_boundary(shape, m["seq_length"], s["micro_batch_size"],
+                                           p["tensor_model_parallel_size"], p["sequence_parallel"],
+                                           2 if o["bf16"] else 4)
+                         if p["pipeline_model_parallel_size"] > 1 else None)
+        save = cfg["checkpoint"]["save"]
+        jsonl = cfg["logging"]["metrics_jsonl"] or (os.path.join(save, "metrics.jsonl") if save else None)
+        self.metrics_path = jsonl
+        self.writer = MetricsWriter(jsonl, cfg["logging"]["tensorboard_dir"], self.rank0)
+        self.iteration, self.consumed, self.skipped_total, self.skipped_in_a_row = 0, 0, 0, 0
+        self._resume()
+
+    def _resume(self):
+        from .checkpointing import check_compatible, load_checkpoint, load_common
+
+        ck = self.cfg["checkpoint"]
+        root = ck["load"] or ck["save"]
+        if not root or not os.path.isdir(root):
+            if ck["load"]:
+                raise FileNotFoundError(f"checkpoint.load={ck['load']!r} does not exist")
+            return
+        common = load_common(root)
+        if common is None:
+            if ck["load"]:
+                raise FileNotFoundError(f"checkpoint.load={ck['load']!r} holds no checkpoint "
+                                        "(no latest_checkpointed_iteration.txt)")
+            return
+        check_compatible(common, run_config.shape_keys(self.cfg))
+        optimizer = None if ck["no_load_optim"] else self.optimizer
+        self.rng_restored = load_checkpoint(common, self.model, optimizer)
+        if optimizer is not None:
+            self.scheduler.load_state_dict(common["scheduler"])
+        self.iteration, self.consumed = common["iteration"], common["consumed_samples"]
+        self.skipped_total = common.get("skipped_iterations", 0)
+        if self.rank0:
+            print(f"resumed from {common['path']} at iteration {self.iteration}", flush=True)
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _iterator(self, dataset, consumed: int):
+        from .data import SampleIterator
+
+        device = next(self.model.parameters()).device
+        return SampleIterator(dataset, self.cfg["schedule"]["micro_batch_size"], self.dp_rank,
+                              self.dp_size, consumed, device)
+
+    def evaluate(self) -> float:
+        """Loss on a fixed validation budget: eval_iters global batches from the split start."""
+        it = self._iterator(self.valid_ds, 0)
+        s = self.cfg["schedule"]
+        self.model.eval()
+        with torch.no_grad():
+            losses = [run_schedule(self.model, it, self.num_microbatches, self.cfg["model"]["seq_length"],
+                                   s["micro_batch_size"], forward_only=True)
+                      for _ in range(self.cfg["eval"]["eval_iters"])]
+        self.model.train()
+        loss = sum(losses) / len(losses)
+        if self.dp_size > 1:
+            from megatron.core import parallel_state as ps
+
+            t = torch.tensor([loss], device=next(self.model.parameters()).device)
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+            loss = t.item() / self.dp_size
+        return loss
+
+    def save(self):
+        from .checkpointing import save_checkpoint
+
+        ck = self.cfg["checkpoint"]
+        common = dict(consumed_samples=self.consumed, scheduler=self.scheduler.state_dict(),
+                      skipped_iterations=self.skipped_total, config=self.cfg,
+                      model_shape=run_config.shape_keys(self.cfg))
+        path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer, common,
+                               ck["keep_last"])
+        if self.rank0:
+            print(f"saved checkpoint {path}", flush=True)
+
+    def train_step(self, data_iterator) -> Dict[str, float]:
+        from .. import cpu_compat
+
+        s = self.cfg["schedule"]
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = run_schedule(self.model, data_iterator, self.num_microbatches,
+                            self.cfg["model"]["seq_length"], s["micro_batch_size"], False)
+        self.consumed += s["global_batch_size"]
+        norm = grad_norm(self.model)
+        if _any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
+            self.skipped_total += 1
+            self.skipped_in_a_row += 1
+            limit = self.cfg["safety"]["max_nonfinite_in_a_row"]
+            if self.skipped_in_a_row >= limit:
+                raise RuntimeError(f"non-finite loss or grad norm in {self.skipped_in_a_row} "
+                                   f"iterations in a row (last: iteration {self.iteration + 1}, "
+                                   f"loss {loss}, grad norm {norm}); stopping "
+                                   "(safety.max_nonfinite_in_a_row)")
+            return dict(loss=loss, grad_norm=norm, skipped=1)
+        self.skipped_in_a_row = 0
+        with cpu_compat.cuda_device_rewrite():
+            self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return dict(loss=loss, grad_norm=norm, skipped=0)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> Dict[str, Any]:
+        from tqdm import tqdm
+
+        from .checkpointing import iteration_dir
+        from .metrics import peak_memory_gb, throughput
+
+        cfg = self.cfg
+        s, lg, ck, ev = cfg["schedule"], cfg["logging"], cfg["checkpoint"], cfg["eval"]
+        if self.rank0:
+            print("resolved config:\n" + run_config.dump(cfg), flush=True)
+            if ck["save"]:
+                os.makedirs(ck["save"], exist_ok=True)
+                with open(os.path.join(ck["save"], "config.yaml"), "w") as f:
+                    f.write(run_config.dump(cfg))
+            print(f"CR-Net: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
+                  f"on this rank; ranks {self.config.crnet_layer_ranks}; {self.flops / 1e9:.3f} "
+                  f"GFLOP/token (dense equivalent {self.dense_flops / 1e9:.3f}); MFU peak "
+                  f"{self.peak or 'n/a'} TFLOP/s", flush=True)
+            if self.boundary:
+                b = self.boundary
+                print(f"pipeline boundary per micro-batch per rank: {b['crnet_bytes'] / 2**20:.2f}"
+                      f" MiB ({b['ratio']:.2f}x the dense model's {b['dense_bytes'] / 2**20:.2f} "
+                      "MiB)", flush=True)
+        signals = _Signals(cfg["safety"]["exit_on_signal"])
+        data = self._iterator(self.train_ds, self.consumed)
+        world = dist.get_world_size()
+        history: List[Dict[str, Any]] = []
+        evals: List[Dict[str, Any]] = []
+        bar = tqdm(total=s["train_iters"], initial=self.iteration, desc="train",
+                   disable=not (self.rank0 and lg["progress_bar"]), dynamic_ncols=True)
+        window_t, window_tokens = time.perf_counter(), 0
+        stopped_by = None
+        exit_at = s.get("exit_interval")
+        try:
+            while self.iteration < s["train_iters"]:
+                out = self.train_step(data)
+                self.iteration += 1
+                window_tokens += s["global_batch_size"] * cfg["model"]["seq_length"]
+                history.append(dict(iteration=self.iteration, **out))
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}")
+                if self.iteration % lg["log_interval"] == 0 or self.iteration == s["train_iters"]:
+                    dt = time.perf_counter() - window_t
+                    rec = dict(split="train", iteration=self.iteration, loss=out["loss"],
+                               ppl=math.exp(min(out["loss"], 50)), lr=self._lr(),
+                               grad_norm=out["grad_norm"], skipped_total=self.skipped_total,
+                               peak_memory_gb=peak_memory_gb(),
+                               **throughput(window_tokens, dt, self.flops, self.dense_flops,
+                                            world, self.peak))
+                    self.writer.write(rec)
+                    bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}",
+                                    tok_s=f"{rec['tokens_per_s']:,.0f}")
+                    window_t, window_tokens = time.perf_counter(), 0
+                if self.iteration % ev["eval_interval"] == 0:
+                    evals.append(self._eval_record())
+                if ck["save"] and ck["save_interval"] and self.iteration % ck["save_interval"] == 0:
+                    self.save()
+                if _any_rank(signals.received is not None):
+                    stopped_by = "signal"
+                    break
+                if exit_at and self.iteration >= exit_at:
+                    stopped_by = "exit_interval"
+                    break
+        finally:
+            bar.close()
+            signals.restore()
+        if stopped_by is None and (not evals or evals[-1]["iteration"] != self.iteration):
+            evals.append(self._eval_record())
+        if ck["save"] and not os.path.isdir(iteration_dir(ck["save"], self.iteration)):
+            self.save()
+        if self.rank0 and stopped_by == "signal":
+            print(f"stopped by signal at iteration {self.iteration}; checkpoint saved", flush=True)
+        self.writer.close()
+        if self.rank0 and lg["plot"] and self.metrics_path and os.path.exists(self.metrics_path):
+            from .plot import plot_metrics
+
+            png = plot_metrics(self.metrics_path)
+            print(f"loss curves: {png}", flush=True)
+        return dict(history=history, evals=evals, iteration=self.iteration,
+                    skipped_total=self.skipped_total, stopped_by=stopped_by)
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _eval_record(self) -> Dict[str, Any]:
+        loss = self.evaluate()
+        rec = dict(split="valid", iteration=self.iteration, loss=loss, ppl=math.exp(min(loss, 50)))
+        self.writer.write(rec)
+        if self.rank0:
+            from tqdm import tqdm
+
+            tqdm.write(f"iteration {self.iteration}: validation loss {loss:.4f}, "
+                       f"perplexity {rec['ppl']:.2f}")
+        return rec
+
+
+def run(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Set up, train, and tear down the process groups."""
+    from ..parallel import destroy_distributed
+
+    try:
+        return Trainer(cfg).train()
+    finally:
+        destroy_distributed()

@@ -1,0 +1,87 @@
+"""Per-step metrics: throughput, TFLOP/s and MFU from CR-Net's own FLOP count (with the dense
+equivalent beside it), peak memory; written to a JSONL file and TensorBoard when installed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, Optional
+
+import torch
+
+# Dense BF16 peak TFLOP/s per GPU (no 2:4 sparsity), as Megatron reports MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def detect_peak_tflops(configured: Optional[float]) -> Optional[float]:
+    """The configured peak, else the known BF16 dense peak of this GPU, else None (CPU)."""
+    if configured:
+        return float(configured)
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    except ImportError:
+        return float("nan")
+
+
+class MetricsWriter:
+    """JSONL (rank 0) and optional TensorBoard."""
+
+    def __init__(self, jsonl_path: Optional[str], tensorboard_dir: Optional[str], enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if not enabled:
+            return
+        if jsonl_path:
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            self.file = open(jsonl_path, "a", encoding="utf-8")
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(tensorboard_dir)
+            except ImportError:
+                print("tensorboard is not installed: TensorBoard logging is off")
+
+    def write(self, record: Dict) -> None:
+        if not self.enabled:
+            return
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.tb:
+            step = record.get("iteration", 0)
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iteration" and math.isfinite(v):
+                    self.tb.add_scalar(f"{record.get('split', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+def throughput(tokens: int, seconds: float, flops_per_token: float,
+               dense_flops_per_token: float, world: int, peak: Optional[float]) -> Dict:
+    tok_s = tokens / seconds
+    tflops = tok_s * flops_per_token / world / 1e12  # per GPU/process
+    out = dict(tokens_per_s=tok_s, tflops_per_device=tflops,
+               dense_equiv_tflops_per_device=tok_s * dense_flops_per_token / world / 1e12)
+    if peak:
+        out["mfu"] = tflops / peak
+    return out

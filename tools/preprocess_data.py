@@ -1,0 +1,56 @@
+"""Preprocess jsonl into Megatron indexed datasets with an HF tokenizer.
+
+    # train a BPE tokenizer on the input, then tokenize it
+    python tools/preprocess_data.py --input data.jsonl --output-prefix data/my \\
+        --vocab-size 32000 --tokenizer-out data/tokenizer.json --append-eod --workers 4
+    # or use any tokenizer.json
+    python tools/preprocess_data.py --input data.jsonl --output-prefix data/my \\
+        --tokenizer data/tokenizer.json --append-eod
+
+Writes ``PREFIX_{key}_document.bin/.idx`` for each ``--json-keys`` field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from crnet_megatron.data.corpus import train_tokenizer  # noqa: E402
+from crnet_megatron.data.preprocess import preprocess_jsonl  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", nargs="+", required=True, help="jsonl file(s)")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--json-keys", nargs="+", default=["text"])
+    p.add_argument("--tokenizer", help="an HF tokenizer.json")
+    p.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size instead")
+    p.add_argument("--tokenizer-out", help="where to save the trained tokenizer")
+    p.add_argument("--eod-token", help="name of the end-of-document token")
+    p.add_argument("--append-eod", action="store_true")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if bool(args.tokenizer) == bool(args.vocab_size):
+        p.error("give exactly one of --tokenizer or --vocab-size")
+    tokenizer = args.tokenizer
+    if args.vocab_size:
+        if not args.tokenizer_out:
+            p.error("--vocab-size needs --tokenizer-out")
+        docs = []
+        for path in args.input:
+            with open(path, encoding="utf-8") as f:
+                docs += [json.loads(line)[args.json_keys[0]] for line in f if line.strip()]
+        train_tokenizer(docs, args.vocab_size).save(args.tokenizer_out)
+        tokenizer = args.tokenizer_out
+    preprocess_jsonl(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
+                     args.workers, args.eod_token, args.overwrite)
+
+
+if __name__ == "__main__":
+    main()
