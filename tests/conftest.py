@@ -17,3 +17,24 @@ def megatron_single():
     init_distributed(1, 1, seed=1234)
     yield
     destroy_distributed()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small real-English jsonl (stdlib docstrings), a BPE-512 tokenizer, and its indexed
+    dataset: (prefix, tokenizer_path, jsonl_path)."""
+    import json
+
+    from crnet_megatron.data.corpus import builtin_corpus, train_tokenizer
+    from crnet_megatron.data.preprocess import preprocess_jsonl
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    docs = builtin_corpus(max_chars=150_000)
+    jsonl = root / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = train_tokenizer(docs, 512)
+    tok_path = str(root / "tokenizer.json")
+    tok.save(tok_path)
+    prefix = preprocess_jsonl([str(jsonl)], str(root / "docs"), tok_path, ["text"],
+                              append_eod=True, progress=False)["text"]
+    return prefix, tok_path, str(jsonl)

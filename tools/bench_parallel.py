@@ -1,5 +1,6 @@
 """Side-by-side step time of one CR-Net model under several parallel layouts (torchrun, gloo
-on CPU or NCCL on GPU). Same model, same global batch per step; prints a table, writes JSON.
+on CPU or NCCL on GPU). Same model, same global batch per step (tiny_cpu.yaml, seq 128);
+throughput is read from the second half of each run. Prints a table, writes JSON.
 
     python tools/bench_parallel.py --iters 30 --json bench_parallel.json
 """
@@ -20,6 +21,7 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tensor_model_parallel_size=2"], 1),
     "tp2-sp": (2, ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"], 1),
     "pp2": (2, ["parallel.pipeline_model_parallel_size=2"], 1),
+    "dp2": (2, [], 1),
 }
 
 
@@ -35,19 +37,27 @@ def main(argv=None):
     for name in args.layouts:
         nproc, sets, _ = LAYOUTS[name]
         with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "r.json")
+            # same global batch everywhere: micro-batches x DP = args.microbatches
+            mbs = 8
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={nproc}", "-m", "crnet_megatron.train", args.config,
-                   "--set", f"training.train_iters={args.iters}",
-                   "--set", f"training.num_microbatches={args.microbatches}",
-                   "--set", f"logging.result_json={out}"]
+                   "--set", f"schedule.train_iters={args.iters}",
+                   "--set", f"schedule.micro_batch_size={mbs}",
+                   "--set", f"schedule.global_batch_size={mbs * args.microbatches}",
+                   "--set", f"checkpoint.save={d}", "--set", "checkpoint.save_interval=null",
+                   "--set", f"logging.log_interval={args.iters // 2}",
+                   "--set", f"eval.eval_interval={args.iters}", "--set", "logging.plot=false",
+                   "--set", "logging.progress_bar=false"]
             for s in sets:
                 cmd += ["--set", s]
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=1800)
-            r = json.loads(Path(out).read_text())
-        rows.append(dict(layout=name, processes=nproc, step_time_s=r["step_time_s"],
-                         tokens_per_s=r["tokens_per_s"], final_loss=r["final_loss"]))
+            recs = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
+        train = [r for r in recs if r["split"] == "train"][-1]  # second half: warmed up
+        valid = [r for r in recs if r["split"] == "valid"][-1]
+        tokens = mbs * args.microbatches * 128
+        rows.append(dict(layout=name, processes=nproc, step_time_s=tokens / train["tokens_per_s"],
+                         tokens_per_s=train["tokens_per_s"], final_loss=valid["loss"]))
     base = rows[0]["step_time_s"]
     print(f"{'layout':>8} {'procs':>5} {'step s':>8} {'vs ' + rows[0]['layout']:>8} "
           f"{'tokens/s':>9} {'final loss':>10}")

@@ -151,4 +151,4 @@ def read_documents(prefix: str) -> List[np.ndarray]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(prefix)
-    return [np.asarray(ds[i]) for i in range(len(ds))]
+    return [np.array(ds[i], copy=True) for i in range(len(ds))]  # copies: ds unmaps on close

@@ -59,7 +59,10 @@ def _sharded_state(model, optimizer, is_loading: bool, with_rng: bool):
     model_sd = getattr(model, "module", model).sharded_state_dict()  # unwrap Megatron DDP
     state = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        # fully_reshardable: distributed-optimizer state loadable at any TP/PP/DP layout
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if with_rng:
         state["rng_state"] = _rng_object()
     return state
@@ -82,9 +85,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    state = _sharded_state(model, optimizer, is_loading=False, with_rng=True)
-    state["common"] = dict(common, iteration=iteration, layout=layout())
     with cpu_compat.cuda_device_rewrite():
+        state = _sharded_state(model, optimizer, is_loading=False, with_rng=True)
+        state["common"] = dict(common, iteration=iteration, layout=layout())
         dist_checkpointing.save(state, tmp)
     _barrier()
     if rank0:
@@ -127,18 +130,31 @@ def check_compatible(common: Dict[str, Any], shape: Dict[str, Any]) -> None:
         raise ValueError(f"checkpoint {common['path']} is for another model shape ({detail})")
 
 
+def _ensure_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam state, but building its sharded state for
+    loading reads the step count; give it placeholder states (as Megatron-LM does), which the
+    load then overwrites, like the model parameters."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
+
+
 def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
     """Load model (+ optimizer) state; returns whether the RNG state was restored."""
     same_layout = common.get("layout") == layout()
-    state = _sharded_state(model, optimizer, is_loading=True, with_rng=same_layout)
-    try:
-        with cpu_compat.cuda_device_rewrite():
+    with cpu_compat.cuda_device_rewrite():
+        if optimizer is not None:
+            _ensure_optimizer_state(optimizer)
+        state = _sharded_state(model, optimizer, is_loading=True, with_rng=same_layout)
+        try:
             loaded = dist_checkpointing.load(state, common["path"])
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"could not load checkpoint {common['path']}: {e}") from e
-    getattr(model, "module", model).load_state_dict(loaded["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"could not load checkpoint {common['path']}: {e}") from e
+        getattr(model, "module", model).load_state_dict(loaded["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["torch"])

@@ -91,6 +91,18 @@ def _check(section: str, key: str, value):
                          f"{type(value).__name__}; expected {_type_names(types)}")
 
 
+def _coerce_float(section: str, key: str, value):
+    """YAML reads ``3e-3`` (no dot) as a string; accept it where a number is expected."""
+    types = SCHEMA.get(section, {}).get(key, (None, ()))[1]
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, str) and float in types:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
     """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML)."""
     cfg = defaults()
@@ -114,6 +126,7 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
         if not isinstance(values, dict):
             raise ValueError(f"config section {section!r} must be a mapping")
         for name, value in values.items():
+            value = _coerce_float(section, name, value)
             _check(section, name, value)
             cfg[section][name] = value
     return cfg
@@ -155,7 +168,25 @@ def to_crnet_config(cfg, params_dtype=None):
     )
 
 
-def to_optimizer_config(cfg, on_cuda: bool):
+def distributed_optimizer_supported() -> bool:
+    """Megatron-Core 0.16.1's distributed optimizer saves checkpoints without Apex/TE but cannot
+    load them back (its non-Apex path drops the Adam step count), so it is used only with them."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    return bool(HAVE_APEX_OR_TE)
+
+
+def use_distributed_optimizer(cfg) -> bool:
+    if not cfg["parallel"]["use_distributed_optimizer"]:
+        return False
+    if distributed_optimizer_supported():
+        return True
+    print("note: parallel.use_distributed_optimizer ignored (no Apex/Transformer Engine); "
+          "using the non-distributed Megatron optimizer", flush=True)
+    return False
+
+
+def to_optimizer_config(cfg, distributed: bool):
     import torch
     from megatron.core.optimizer import OptimizerConfig
 
@@ -168,7 +199,7 @@ def to_optimizer_config(cfg, on_cuda: bool):
         adam_beta2=float(o["adam_beta2"]), adam_eps=float(o["adam_eps"]),
         clip_grad=float(o["clip_grad"]), bf16=o["bf16"],
         params_dtype=torch.bfloat16 if o["bf16"] else torch.float32,
-        use_distributed_optimizer=cfg["parallel"]["use_distributed_optimizer"],
+        use_distributed_optimizer=distributed,
     )
 
 

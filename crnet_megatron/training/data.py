@@ -67,6 +67,26 @@ def check_prefix(prefix: str) -> None:
                              "file (corrupt or wrong format)")
 
 
+def check_splits(prefixes: List[str], split: str) -> None:
+    """Every split with a non-zero weight must get documents from every prefix (Megatron's
+    split rule); an empty one would make GPTDataset loop forever looking for tokens."""
+    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    weights = parse_and_normalize_split(split)
+    for prefix in prefixes:
+        n = len(IndexedDataset(prefix))
+        bounds = [0]
+        for w in weights:
+            bounds.append(bounds[-1] + int(round(w * float(n))))
+        bounds[-1] = n
+        for name, w, lo, hi in zip(("train", "valid", "test"), weights, bounds, bounds[1:]):
+            if w > 0 and hi <= lo:
+                raise ValueError(f"data.split={split!r} gives the {name} split no documents of "
+                                 f"{prefix!r} ({n} documents); use a larger dataset or a split "
+                                 f"such as '90,10,0'")
+
+
 def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
                    weights: Optional[List[float]], sizes: List[int]):
     """(train, valid, test) GPTDatasets; rank 0 builds the index caches first."""
@@ -77,6 +97,7 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
 
     for p in prefixes:
         check_prefix(p)
+    check_splits(prefixes, cfg["data"]["split"])
     config = GPTDatasetConfig(
         random_seed=cfg["schedule"]["seed"], sequence_length=cfg["model"]["seq_length"],
         blend=(prefixes, weights), split=cfg["data"]["split"], tokenizer=tokenizer,

@@ -155,13 +155,13 @@ class Trainer:
         self.vocab = int(math.ceil(self.tokenizer.vocab_size / multiple) * multiple)
 
         model = build_model(self.config, vocab_size=self.vocab, max_sequence_length=m["seq_length"])
+        dist_opt = run_config.use_distributed_optimizer(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
-            use_distributed_optimizer=p["use_distributed_optimizer"])
-        on_cuda = torch.cuda.is_available()
+            use_distributed_optimizer=dist_opt)
         with cpu_compat.cuda_device_rewrite():
             self.model = DistributedDataParallel(self.config, ddp_config, model)
-            ocfg = run_config.to_optimizer_config(cfg, on_cuda)
+            ocfg = run_config.to_optimizer_config(cfg, dist_opt)
             self.optimizer = get_megatron_optimizer(
                 ocfg, [self.model], config_overrides=get_standard_config_overrides(ocfg))
         self.config.finalize_model_grads_func = finalize_model_grads

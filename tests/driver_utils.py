@@ -1,0 +1,36 @@
+"""Config and launch helpers for the training-driver tests."""
+
+from __future__ import annotations
+
+from crnet_megatron.training.config import load_run_config
+
+TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=172",
+        "model.crnet_rank=16", "model.seq_length=32", "schedule.train_iters=8",
+        "schedule.micro_batch_size=4", "schedule.global_batch_size=4", "eval.eval_interval=4",
+        "eval.eval_iters=2", "logging.log_interval=2", "logging.progress_bar=false", "data.split=90,10,0",
+        "logging.plot=false", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4"]
+
+
+def driver_cfg(data, cache, save=None, *extra):
+    prefix, tok, _ = data
+    sets = TINY + [f"data.data_path=[{prefix}]", f"data.tokenizer={tok}",
+                   f"data.cache_dir={cache}"]
+    if save:
+        sets.append(f"checkpoint.save={save}")
+    return load_run_config(None, sets + list(extra))
+
+
+def run_in_process(cfg, monkeypatch=None):
+    import os
+
+    from tests.helpers import free_port
+    from crnet_megatron.training.loop import run
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    return run(cfg)
+
+
+def run_worker(rank, world, cfg):
+    from crnet_megatron.training.loop import run
+
+    return run(cfg)

@@ -1,0 +1,61 @@
+"""Run configs: sections, Megatron key names, dotted overrides, errors that name the key, and a
+checkpoint of another model shape refused before anything is loaded or written."""
+
+import os
+
+import pytest
+
+from crnet_megatron.training.config import load_run_config
+from tests.driver_utils import driver_cfg, run_in_process
+
+
+def test_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_size: 96\noptimizer:\n  lr: 1.0e-3\n")
+    cfg = load_run_config(str(path), ["optimizer.lr=3e-3", "model.crnet_rank=[8, 16]",
+                                      "parallel.sequence_parallel=true"])
+    assert cfg["model"]["hidden_size"] == 96
+    assert cfg["optimizer"]["lr"] == 3e-3
+    assert cfg["model"]["crnet_rank"] == [8, 16]
+    assert cfg["parallel"]["sequence_parallel"] is True
+    assert cfg["schedule"]["train_iters"] == 100  # default kept
+
+
+@pytest.mark.parametrize("sets,pattern", [
+    (["model.hiden_size=3"], r"unknown config key model.hiden_size"),
+    (["modle.x=3"], r"unknown config section 'modle'"),
+    (["schedule.train_iters=ten"], r"schedule.train_iters = 'ten' has type str; expected int"),
+    (["parallel.sequence_parallel=3"], r"parallel.sequence_parallel = 3 has type int; expected bool"),
+    (["schedule.train_iters=true"], r"schedule.train_iters = True has type bool"),
+    (["optimizer.lr"], r"expected section.key=value"),
+])
+def test_bad_keys_and_types(sets, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        load_run_config(None, sets)
+
+
+def test_missing_config_file():
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_run_config("nope.yaml")
+
+
+def test_checkpoint_of_another_shape_is_refused(tiny_dataset, tmp_path):
+    save = tmp_path / "ck"
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
+    listing = sorted(os.listdir(save))
+    with pytest.raises(ValueError, match=r"another model shape \(model.hidden_size: checkpoint "
+                                         r"64 vs config 96"):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4",
+                                  "model.hidden_size=96"))
+    assert sorted(os.listdir(save)) == listing
+
+
+def test_corrupt_tracker_is_a_clear_error(tiny_dataset, tmp_path):
+    save = tmp_path / "ck"
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt").write_text("garbage")
+    with pytest.raises(ValueError, match="corrupt checkpoint tracker"):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save))
+    (save / "latest_checkpointed_iteration.txt").write_text("7")
+    with pytest.raises(ValueError, match=r"iter_0000007 is missing or incomplete"):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save))
