@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from launch_utils import ROOT, run_training  # noqa: E402
 LAYOUTS = {
     "tp1": (1, [], 1),
     "tp2": (2, ["parallel.tensor_model_parallel_size=2"], 1),
@@ -36,25 +35,10 @@ def main(argv=None):
     rows = []
     for name in args.layouts:
         nproc, sets, _ = LAYOUTS[name]
-        with tempfile.TemporaryDirectory() as d:
-            # same global batch everywhere: micro-batches x DP = args.microbatches
-            mbs = 8
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={nproc}", "-m", "crnet_megatron.train", args.config,
-                   "--set", f"schedule.train_iters={args.iters}",
-                   "--set", f"schedule.micro_batch_size={mbs}",
-                   "--set", f"schedule.global_batch_size={mbs * args.microbatches}",
-                   "--set", f"checkpoint.save={d}", "--set", "checkpoint.save_interval=null",
-                   "--set", f"logging.log_interval={args.iters // 2}",
-                   "--set", f"eval.eval_interval={args.iters}", "--set", "logging.plot=false",
-                   "--set", "logging.progress_bar=false"]
-            for s in sets:
-                cmd += ["--set", s]
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, timeout=1800)
-            recs = [json.loads(x) for x in open(os.path.join(d, "metrics.jsonl"))]
-        train = [r for r in recs if r["split"] == "train"][-1]  # second half: warmed up
-        valid = [r for r in recs if r["split"] == "valid"][-1]
+        mbs = 8  # same global batch everywhere: micro-batches x DP = args.microbatches
+        train, valid, _ = run_training(nproc, args.config, [
+            f"schedule.micro_batch_size={mbs}",
+            f"schedule.global_batch_size={mbs * args.microbatches}", *sets], args.iters)
         tokens = mbs * args.microbatches * 128
         rows.append(dict(layout=name, processes=nproc, step_time_s=tokens / train["tokens_per_s"],
                          tokens_per_s=train["tokens_per_s"], final_loss=valid["loss"]))
