@@ -14,6 +14,7 @@ import torch
 
 from crnet_megatron import build_model
 from crnet_megatron.counting import ModelShape, recompute_saved_elements
+from crnet_megatron.profiling import saved_activation_bytes
 from crnet_megatron.recompute import crnet_recompute, megatron_full_recompute
 from tests.helpers import (BATCH, SEQ, VOCAB, batch, load_full_weights, randomize_betas,
                            run_distributed, tiny_config)
@@ -92,25 +93,11 @@ def test_crnet_recompute_pp2(megatron_single):
     assert _mismatches(results, ref_losses, ref_grads, 1, INVERSE) == []
 
 
-def _saved_bytes(fn):
-    seen, total = set(), [0]
-
-    def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total[0]
-
-
 def _decoder_saved_bytes(model, mode_fn):
     h = torch.randn(SEQ, BATCH, model.config.hidden_size, requires_grad=True)
     rope = model.rotary_pos_emb(SEQ)
-    return _saved_bytes(lambda: mode_fn(model.decoder.layers, h, None, rope, model.config))
+    return saved_activation_bytes(
+        lambda: mode_fn(model.decoder.layers, h, None, rope, model.config))[0]
 
 
 def test_saved_bytes_below_full_and_match_formula(megatron_single):

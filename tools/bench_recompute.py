@@ -30,23 +30,6 @@ MODES = {
 }
 
 
-def saved_bytes(fn):
-    import torch
-
-    seen, total = set(), [0]
-
-    def pack(t):
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
-            seen.add(key)
-            total[0] += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return total[0], out
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=512)
@@ -68,6 +51,7 @@ def main(argv=None):
     from crnet_megatron.counting import (LLAMA_SHAPES, ModelShape, recompute_flops,
                                          recompute_saved_elements)
     from crnet_megatron.parallel import destroy_distributed, init_distributed
+    from crnet_megatron.profiling import saved_activation_bytes
 
     os.environ.setdefault("MASTER_PORT", "29517")
     init_distributed(1, 1, seed=1)
@@ -91,7 +75,8 @@ def main(argv=None):
                     t.copy_(weights[n])
         h = model.embedding(ids, pos).detach().requires_grad_(True)
         rope = model.rotary_pos_emb(args.seq_len)
-        nbytes, out = saved_bytes(lambda: model.decoder(h, None, rotary_pos_emb=rope))
+        nbytes, out = saved_activation_bytes(
+            lambda: model.decoder(h, None, rotary_pos_emb=rope))
         del out
         times = []
         for _ in range(args.steps):
