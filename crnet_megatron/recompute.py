@@ -79,8 +79,8 @@ class CRNetRecomputeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage, hidden, *chains_in):
         layers, rope, config = stage
-        n = len(layers)
         store = checkpoint_set(layers, config.crnet_checkpoint_every)
+        small = _small_scale_chains(layers, config.crnet_recompute_min_scale)
         chains = Chains(*chains_in) if chains_in else None
         # saved[:len(chains_in)] = stage input chains; then per layer, layout[i] =
         # (h index, {module: code index}, [Y index or None] * 4)
@@ -95,13 +95,10 @@ class CRNetRecomputeFunction(torch.autograd.Function):
                 code_idx[m] = len(saved)
                 saved.append(z)
             y_idx = [None] * 4
-            nxt = layers[i + 1] if i + 1 < n else None
             for c in range(4):
-                small = (nxt is not None and is_crnet_layer(nxt) and _min_scale(
-                    chain_modules(nxt)[c]) < config.crnet_recompute_min_scale)
-                if small:
+                if small[i][c]:
                     _log_fallback(layer.layer_number, c, config.crnet_recompute_min_scale)
-                if i in store or small:
+                if i in store or small[i][c]:
                     y_idx[c] = len(saved)
                     saved.append(chains[c])
             layout.append((h_idx, code_idx, y_idx))
@@ -144,14 +141,29 @@ class CRNetRecomputeFunction(torch.autograd.Function):
         return (None, g_h, *g_in)
 
 
-def _min_scale(module) -> float:
-    return (module.beta.detach().abs().min().item() + module.eps)
+def _small_scale_chains(layers, threshold: float) -> List[List[bool]]:
+    """[i][c]: recovering layer i's chain c would divide by a |s(beta)| of layer i+1 below
+    ``threshold`` (one host sync for the whole stage)."""
+    mins = []
+    for i in range(len(layers)):
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if nxt is None or not is_crnet_layer(nxt):
+            mins.append(None)
+            continue
+        mins.append(torch.stack([m.beta.detach().abs().min().float() + m.eps
+                                 for m in chain_modules(nxt)]))
+    present = [m for m in mins if m is not None]
+    flags = iter((torch.stack(present) < threshold).tolist() if present else [])
+    return [[False] * 4 if m is None else next(flags) for m in mins]
 
 
-def _log_fallback(layer_number: int, chain: int, threshold: float, _seen=set()) -> None:
+_WARNED = set()  # (layer, chain) pairs already logged: the fallback is reported once
+
+
+def _log_fallback(layer_number: int, chain: int, threshold: float) -> None:
     key = (layer_number, chain)
-    if key not in _seen:
-        _seen.add(key)
+    if key not in _WARNED:
+        _WARNED.add(key)
         logger.warning("CR-Net recompute: |s(beta)| < %g after layer %d chain %s; storing that "
                        "chain instead of inverting it", threshold, layer_number,
                        Chains._fields[chain])
