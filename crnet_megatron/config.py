@@ -35,7 +35,9 @@ class CRNetConfig(TransformerConfig):
     crnet_lowrank_init: "cola" gives Var(AB) ~ 1/(h_in + h_out); "megatron" uses init_method_std.
     recompute_granularity: Megatron's "full" / "selective", or "crnet" (the paper's Algorithm 1,
         ``recompute.py``) with crnet_checkpoint_every (Y stored every 8th layer) and
-        crnet_recompute_min_scale (chains whose next |s(beta)| is smaller are stored, not inverted).
+        crnet_recompute_min_scale (chains whose next |s(beta)| is smaller are stored, not inverted)
+        and crnet_recompute_max_ratio (16-bit chains whose next update is larger than this many
+        times the carried term are stored; None disables the check and its per-layer sync).
     """
 
     # LLaMA-2 defaults (override TransformerConfig's GPT defaults).
@@ -56,6 +58,7 @@ class CRNetConfig(TransformerConfig):
     crnet_lowrank_init: str = "cola"
     crnet_checkpoint_every: int = 8
     crnet_recompute_min_scale: float = 1e-2
+    crnet_recompute_max_ratio: Optional[float] = 16.0
 
     def __post_init__(self):
         self._validate_pipeline()

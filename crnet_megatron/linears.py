@@ -192,9 +192,10 @@ class CRNetColumnParallelLinear(MegatronModule):
         return self.forward_with_codes(x, chain_prev)[0], None
 
     def forward_with_codes(self, x, chain_prev):
+        """(Y, this rank's codes Z, Z B) for recompute."""
         z_local = self.codes(x)
-        y = self.expand(self.gather_codes(z_local)) + self.scale() * chain_prev
-        return y, z_local
+        zb = self.expand(self.gather_codes(z_local))
+        return zb + self.scale() * chain_prev, z_local, zb
 
     def replay(self, x, chain_prev, z_full, zb):
         """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""
@@ -255,9 +256,11 @@ class CRNetRowParallelLinear(MegatronModule):
         return self.forward_with_codes(x, chain_prev)[0], None
 
     def forward_with_codes(self, x, chain_prev):
+        """(Y, codes Z, Z B) for recompute."""
         z = self.codes(x)
         b, beta = self._b_and_beta()
-        return F.linear(z, b) + signed_scale(beta, self.eps) * chain_prev, z
+        zb = F.linear(z, b)
+        return zb + signed_scale(beta, self.eps) * chain_prev, z, zb
 
     def replay(self, x, chain_prev, z_full, zb):
         """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""

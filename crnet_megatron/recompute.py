@@ -9,7 +9,9 @@ dense layers never). Backward walks the layers down: it recovers each missing
 the layer's graph from h_l, Y_{l-1} and the saved codes with ``ReplayLinear`` (no X A and no
 Z B matmul is re-run: their outputs are known), recomputing only norms, RoPE, attention and
 SwiGLU, and backpropagates through it. Dense layers are recomputed as they are. A chain whose
-next-layer ``|s(beta)|`` is below ``crnet_recompute_min_scale`` is stored instead of inverted.
+next-layer ``|s(beta)|`` is below ``crnet_recompute_min_scale``, or (16-bit chains) whose
+next-layer update dwarfs it (``||Z B|| > crnet_recompute_max_ratio * ||s(beta) Y||``, measured
+in the forward with one host sync per layer), is stored instead of inverted.
 No RNG is involved (the model has no dropout), so nothing depends on the CUDA RNG tracker.
 
 ``recompute_granularity: full`` is Megatron's uniform/block layer checkpointing
@@ -51,14 +53,19 @@ def checkpoint_set(layers: Sequence, every: int) -> set:
 
 
 class _Record:
-    """Forward: CR-Net projections run normally and hand over their codes."""
+    """Forward: CR-Net projections run normally and hand over their codes (and, when asked,
+    how ill-conditioned inverting them would be: ||Z B|| / ||s(beta) Y_prev||)."""
 
-    def __init__(self):
-        self.codes = {}
+    def __init__(self, measure: bool):
+        self.codes, self.ratios, self.measure = {}, {}, measure
 
     def project(self, linear, x, prev):
         if is_crnet_linear(linear):
-            y, self.codes[linear] = linear.forward_with_codes(x, prev)
+            y, self.codes[linear], zb = linear.forward_with_codes(x, prev)
+            if self.measure:
+                zb32 = zb.float()
+                carried = (y.float() - zb32).norm().clamp_min(1e-30)
+                self.ratios[linear] = zb32.norm() / carried
             return y
         return linear(x)[0]
 
@@ -81,23 +88,34 @@ class CRNetRecomputeFunction(torch.autograd.Function):
         layers, rope, config = stage
         store = checkpoint_set(layers, config.crnet_checkpoint_every)
         small = _small_scale_chains(layers, config.crnet_recompute_min_scale)
+        max_ratio = _max_ratio(config, hidden)
         chains = Chains(*chains_in) if chains_in else None
         # saved[:len(chains_in)] = stage input chains; then per layer, layout[i] =
         # (h index, {module: code index}, [Y index or None] * 4)
         saved, layout = list(chains_in), []
         for i, layer in enumerate(layers):
-            rec = _Record()
+            rec = _Record(measure=max_ratio is not None and i > 0 and is_crnet_layer(layer))
             h_idx = len(saved)
             saved.append(hidden)
+            prev = chains
             hidden, chains = layer(hidden, chains, rotary_pos_emb=rope, recompute=rec)
             code_idx = {}
             for m, z in rec.codes.items():
                 code_idx[m] = len(saved)
                 saved.append(z)
+            if rec.ratios:  # Y_{i-1} is still alive: keep it where inverting layer i is unsafe
+                ratios = torch.stack([rec.ratios[m] for m in chain_modules(layer)]).tolist()
+                for c, ratio in enumerate(ratios):
+                    if ratio > max_ratio and layout[i - 1][2][c] is None:
+                        _log_fallback(layer.layer_number - 1, c,
+                                      f"||Z B|| / ||s(beta) Y|| = {ratio:.0f} > {max_ratio:g}")
+                        layout[i - 1][2][c] = len(saved)
+                        saved.append(prev[c])
             y_idx = [None] * 4
             for c in range(4):
                 if small[i][c]:
-                    _log_fallback(layer.layer_number, c, config.crnet_recompute_min_scale)
+                    _log_fallback(layer.layer_number, c,
+                                  f"|s(beta)| < {config.crnet_recompute_min_scale:g}")
                 if i in store or small[i][c]:
                     y_idx[c] = len(saved)
                     saved.append(chains[c])
@@ -157,16 +175,23 @@ def _small_scale_chains(layers, threshold: float) -> List[List[bool]]:
     return [[False] * 4 if m is None else next(flags) for m in mins]
 
 
+def _max_ratio(config, hidden) -> Optional[float]:
+    """The conditioning guard applies to 16-bit chains (8-bit mantissa: inverting a chain whose
+    carried term is 2^k times smaller than Z B loses k of them); fp32 has 24 bits to spare."""
+    if config.crnet_recompute_max_ratio is None or hidden.dtype == torch.float32:
+        return None
+    return float(config.crnet_recompute_max_ratio)
+
+
 _WARNED = set()  # (layer, chain) pairs already logged: the fallback is reported once
 
 
-def _log_fallback(layer_number: int, chain: int, threshold: float) -> None:
+def _log_fallback(layer_number: int, chain: int, reason: str) -> None:
     key = (layer_number, chain)
     if key not in _WARNED:
         _WARNED.add(key)
-        logger.warning("CR-Net recompute: |s(beta)| < %g after layer %d chain %s; storing that "
-                       "chain instead of inverting it", threshold, layer_number,
-                       Chains._fields[chain])
+        logger.warning("CR-Net recompute: storing layer %d's %s chain instead of inverting it "
+                       "(%s)", layer_number, Chains._fields[chain], reason)
 
 
 def _recover(layer, i, ctx, saved, y_cur, code_idx):
@@ -182,9 +207,9 @@ def _recover(layer, i, ctx, saved, y_cur, code_idx):
             p = saved[stored]
         else:
             zb[m] = m.expand(z_full[m])
-            p = ((y_cur[c].float() - zb[m].float()) / m.scale().float()).to(y_cur[c].dtype)
+            p = (y_cur[c].float() - zb[m].float()) / m.scale().float()  # fp32 across inversions
         if m not in zb:
-            zb[m] = (y_cur[c].float() - m.scale().float() * p.float()).to(y_cur[c].dtype)
+            zb[m] = (y_cur[c].float() - m.scale().float() * p.float()).to(z_full[m].dtype)
         prev.append(p)
     return prev, z_full, zb
 

@@ -63,6 +63,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "recompute_granularity": (None, OPT_STR), "recompute_method": (None, OPT_STR),
         "recompute_num_layers": (None, OPT_INT), "recompute_modules": (None, (list, type(None))),
         "crnet_checkpoint_every": (8, int), "crnet_recompute_min_scale": (1e-2, NUM),
+        "crnet_recompute_max_ratio": (16.0, OPT_NUM),
     },
     "safety": {"max_nonfinite_in_a_row": (5, int), "exit_on_signal": (True, bool)},
 }
@@ -165,6 +166,7 @@ def to_crnet_config(cfg, params_dtype=None):
         recompute_modules=r["recompute_modules"] or ["core_attn"],
         crnet_checkpoint_every=r["crnet_checkpoint_every"],
         crnet_recompute_min_scale=float(r["crnet_recompute_min_scale"]),
+        crnet_recompute_max_ratio=r["crnet_recompute_max_ratio"],
     )
 
 
@@ -181,8 +183,11 @@ def use_distributed_optimizer(cfg) -> bool:
         return False
     if distributed_optimizer_supported():
         return True
-    print("note: parallel.use_distributed_optimizer ignored (no Apex/Transformer Engine); "
-          "using the non-distributed Megatron optimizer", flush=True)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("note: parallel.use_distributed_optimizer ignored (no Apex/Transformer Engine); "
+              "using the non-distributed Megatron optimizer", flush=True)
     return False
 
 
