@@ -335,10 +335,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}",
                                     tok_s=f"{rec['tokens_per_s']:,.0f}")
                     window_t, window_tokens = time.perf_counter(), 0
+                paused = time.perf_counter()  # eval and saves are not training throughput
                 if self.iteration % ev["eval_interval"] == 0:
                     evals.append(self._eval_record())
                 if ck["save"] and ck["save_interval"] and self.iteration % ck["save_interval"] == 0:
                     self.save()
+                window_t += time.perf_counter() - paused
                 if _any_rank(signals.received is not None):
                     stopped_by = "signal"
                     break

@@ -1,0 +1,43 @@
+"""The command-line tools: calculator numbers, preprocessing CLI, metrics plot."""
+
+import json
+import subprocess
+import sys
+
+from crnet_megatron.data.preprocess import HFTokenizer, read_documents
+
+
+def _tool(*args, cwd="."):
+    return subprocess.run([sys.executable, *args], cwd=cwd, check=True, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_param_calculator_json(tmp_path):
+    out = tmp_path / "p.json"
+    _tool("tools/param_calculator.py", "--size", "1b", "7b", "--rank", "448", "512",
+          "--json", str(out))
+    rows = {(r["size"], r["rank"]): r for r in json.loads(out.read_text())}
+    assert round(rows[("1b", 448)]["params"] / 1e6, 1) == 582.4
+    assert round(rows[("7b", 512)]["params"] / 1e6, 1) == 1704.1
+    assert round(rows[("1b", 448)]["dense_params"] / 1e6, 1) == 1339.1
+
+
+def test_preprocess_cli_trains_a_tokenizer(tiny_dataset, tmp_path):
+    _, _, jsonl = tiny_dataset
+    tok = tmp_path / "tok.json"
+    _tool("tools/preprocess_data.py", "--input", jsonl, "--output-prefix", str(tmp_path / "d"),
+          "--vocab-size", "300", "--tokenizer-out", str(tok), "--append-eod", "--workers", "2")
+    docs = read_documents(str(tmp_path / "d_text_document"))
+    t = HFTokenizer(str(tok))
+    first = json.loads(open(jsonl).readline())["text"]
+    assert t.vocab_size == 300 and docs[0].tolist() == t.tokenize(first) + [t.eod]
+
+
+def test_plot_metrics(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        dict(split="train", iteration=1, loss=5.0, ppl=148.4),
+        dict(split="train", iteration=2, loss=4.0, ppl=54.6),
+        dict(split="valid", iteration=2, loss=4.2, ppl=66.7)]))
+    _tool("tools/plot_metrics.py", str(path), "--out", str(tmp_path / "m.png"))
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
