@@ -38,13 +38,14 @@ class CRNetGPTModel(GPTModel):
 
 
 def build_model(config: CRNetConfig, vocab_size: int, max_sequence_length: int,
-                backend: Optional[str] = None, vp_stage: Optional[int] = None) -> CRNetGPTModel:
+                backend: Optional[str] = None, vp_stage: Optional[int] = None,
+                rotary_base: int = 10000) -> CRNetGPTModel:
     """Build this rank's part of the model (its pipeline stage, its TP shards) on its device."""
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     spec = get_crnet_decoder_block_spec(config, backend=backend, vp_stage=vp_stage)
     model = CRNetGPTModel(config, spec, vocab_size, max_sequence_length, pre_process=pre,
-                          post_process=post, vp_stage=vp_stage)
+                          post_process=post, vp_stage=vp_stage, rotary_base=rotary_base)
     if torch.cuda.is_available():
         model = model.cuda()
     if config.bf16:

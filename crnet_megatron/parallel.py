@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -33,6 +34,8 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     cpu_compat.activate()
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+            os.environ["MASTER_PORT"] = str(free_port())  # two single runs on one host
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -51,6 +54,13 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size)
     set_seed(seed)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a single-process run's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def set_seed(seed: int) -> None:

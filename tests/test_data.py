@@ -62,7 +62,7 @@ def test_missing_and_bad_inputs(tiny_dataset, tmp_path):
         preprocess_jsonl([str(tmp_path / "nope.jsonl")], str(tmp_path / "x"), tok_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    with pytest.raises(ValueError, match=r"line 2: no string field 'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'text'"):
         preprocess_jsonl([str(bad)], str(tmp_path / "bad"), tok_path, progress=False)
     assert not list(tmp_path.glob("bad_text_document*"))  # nothing half-written
     out = preprocess_jsonl([jsonl], str(tmp_path / "keep"), tok_path, progress=False)["text"]
@@ -73,7 +73,7 @@ def test_missing_and_bad_inputs(tiny_dataset, tmp_path):
 
 
 def test_missing_prefix_and_corrupt_index(tiny_dataset, tmp_path):
-    from crnet_megatron.training.data import check_prefix
+    from crnet_megatron.data.validate import read_index as check_prefix
 
     prefix, _, _ = tiny_dataset
     with pytest.raises(FileNotFoundError, match=r"data prefix '.*missing'.*does not exist"):

@@ -60,9 +60,11 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_dataset, tmp_path, mon
             raise OSError("injected crash after the files were written")  # ... then it dies
 
     monkeypatch.setattr(checkpointing.dist_checkpointing, "save", crashing_save)
-    with pytest.raises(OSError, match="injected crash"):
+    with pytest.raises(checkpointing.CheckpointSaveError,
+                       match=r"injected crash.*iteration 2\) is still the latest"):
         run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save,
                                   "checkpoint.save_interval=2"))
+    assert not list(save.glob("*.tmp"))
     monkeypatch.setattr(checkpointing.dist_checkpointing, "save", real_save)
     assert read_latest(str(save)) == 2
     assert not (save / "iter_0000004").exists()

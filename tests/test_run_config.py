@@ -54,8 +54,9 @@ def test_corrupt_tracker_is_a_clear_error(tiny_dataset, tmp_path):
     save = tmp_path / "ck"
     save.mkdir()
     (save / "latest_checkpointed_iteration.txt").write_text("garbage")
-    with pytest.raises(ValueError, match="corrupt checkpoint tracker"):
+    with pytest.raises(ValueError, match="no readable checkpoint .* corrupt checkpoint tracker"):
         run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save))
     (save / "latest_checkpointed_iteration.txt").write_text("7")
     with pytest.raises(ValueError, match=r"iter_0000007 is missing or incomplete"):
         run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save))
+    assert sorted(os.listdir(save)) == ["latest_checkpointed_iteration.txt"]  # nothing touched

@@ -13,14 +13,14 @@ Writes ``PREFIX_{key}_document.bin/.idx`` for each ``--json-keys`` field.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from crnet_megatron.data.corpus import train_tokenizer  # noqa: E402
-from crnet_megatron.data.preprocess import preprocess_jsonl  # noqa: E402
+from crnet_megatron.data.preprocess import iter_texts, preprocess_jsonl  # noqa: E402
 
 
 def main(argv=None):
@@ -36,16 +36,24 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    try:
+        run(p, args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"preprocess_data: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(p, args):
     if bool(args.tokenizer) == bool(args.vocab_size):
         p.error("give exactly one of --tokenizer or --vocab-size")
     tokenizer = args.tokenizer
     if args.vocab_size:
         if not args.tokenizer_out:
             p.error("--vocab-size needs --tokenizer-out")
-        docs = []
         for path in args.input:
-            with open(path, encoding="utf-8") as f:
-                docs += [json.loads(line)[args.json_keys[0]] for line in f if line.strip()]
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"input file {path!r} does not exist")
+        docs = list(iter_texts(args.input, args.json_keys[0]))
         train_tokenizer(docs, args.vocab_size).save(args.tokenizer_out)
         tokenizer = args.tokenizer_out
     preprocess_jsonl(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,

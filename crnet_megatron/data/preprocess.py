@@ -8,6 +8,7 @@ overwritten unless asked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -28,16 +29,25 @@ class HFTokenizer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
         self.path = path
-        self.tok = Tokenizer.from_file(path)
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ValueError(f"tokenizer file {path!r} is not a valid HF tokenizers JSON "
+                             f"({str(e).splitlines()[0][:200]})") from None
         names = (eod_token,) if eod_token else EOD_NAMES
         ids = [self.tok.token_to_id(n) for n in names]
         found = [i for i in ids if i is not None]
         if not found:
-            raise ValueError(f"tokenizer {path!r} has no end-of-document token among {names}; "
-                             "pass eod_token")
+            raise ValueError(f"tokenizer {path!r} has no end-of-document token among "
+                             f"{list(names)}; name it with data.eod_token (--eod-token)")
         self.eod = self.pad = found[0]
         self.vocab_size = self.tok.get_vocab_size()
         self.unique_identifiers = {"class": "HFTokenizer", "path": os.path.abspath(path)}
+
+    def fingerprint(self) -> dict:
+        """What a checkpoint must agree on: vocabulary size and a hash of the tokenizer."""
+        digest = hashlib.sha256(self.tok.to_str().encode("utf-8")).hexdigest()
+        return {"vocab_size": self.vocab_size, "sha256": digest}
 
     def tokenize(self, text: str) -> List[int]:
         return self.tok.encode(text).ids
@@ -60,27 +70,51 @@ def _init_worker(path: str, eod_token: Optional[str]):
 
 
 def _encode(item: Tuple[int, str, str, bool]) -> List[int]:
-    line_no, line, key, append_eod = item
-    try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"line {line_no}: not valid JSON ({e})") from None
-    if not isinstance(doc, dict) or key not in doc or not isinstance(doc[key], str):
-        raise ValueError(f"line {line_no}: no string field {key!r}")
-    ids = _WORKER_TOK.tokenize(doc[key])
+    where, line, key, append_eod = item
+    path, _, n = where.rpartition(":")
+    ids = _WORKER_TOK.tokenize(_field(json_line(path, int(n), line), key, where))
     if append_eod:
         ids.append(_WORKER_TOK.eod)
     return ids
 
 
-def _lines(paths: Sequence[str], key: str, append_eod: bool) -> Iterator[Tuple]:
-    n = 0
+def read_lines(path: str) -> Iterator[Tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; bad bytes are an error naming file and line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte "
+                                 f"{e.start}); jsonl input must be UTF-8") from None
+
+
+def iter_texts(paths: Sequence[str], key: str) -> Iterator[str]:
+    """The ``key`` field of every document of jsonl files, with errors naming file and line."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                n += 1
-                if line.strip():
-                    yield (n, line, key, append_eod)
+        for n, line in read_lines(path):
+            if line.strip():
+                yield _field(json_line(path, n, line), key, f"{path}:{n}")
+
+
+def json_line(path: str, n: int, line: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _field(doc, key: str, where: str) -> str:
+    if not isinstance(doc, dict) or not isinstance(doc.get(key), str):
+        raise ValueError(f"{where}: no string field {key!r}")
+    return doc[key]
+
+
+def _lines(paths: Sequence[str], key: str, append_eod: bool) -> Iterator[Tuple]:
+    for path in paths:
+        for n, line in read_lines(path):
+            if line.strip():
+                yield (f"{path}:{n}", line, key, append_eod)
 
 
 def preprocess_jsonl(inputs: Sequence[str], output_prefix: str, tokenizer_path: str,

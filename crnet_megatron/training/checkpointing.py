@@ -1,28 +1,42 @@
-"""Megatron distributed checkpoints (``torch_dist``) with a crash-safe ``latest`` pointer.
+"""Megatron distributed checkpoints (``torch_dist``): crash-safe saves, safe and fault-tolerant loads.
 
 Layout: ``SAVE/iter_0000100/`` (written as ``iter_0000100.tmp`` and renamed once every rank has
 finished) and ``SAVE/latest_checkpointed_iteration.txt``, replaced atomically only after the
-rename. A crash during a save therefore leaves ``latest`` at the previous, complete checkpoint.
-The model's ``sharded_state_dict`` (CR-Net A/B sharded like their Megatron linears, betas and
-row B replicated with TP replica ids) makes checkpoints loadable at another TP/PP layout; the
-per-rank RNG state is restored only when the layout is unchanged.
+rename. A crash or a full disk during a save therefore leaves ``latest`` at the previous,
+complete checkpoint. The model's ``sharded_state_dict`` makes checkpoints loadable at another
+TP/PP layout; the per-rank RNG state (plain tensors) is restored only when the layout is
+unchanged. Nothing in a checkpoint is pickled, and reading one never unpickles code
+(``safe_checkpoint``). On resume, a newest checkpoint that is missing or unreadable is moved
+aside (``iter_N.broken``) and the newest complete one is used, with a loud message.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import queue
+import re
 import shutil
-from typing import Any, Dict, Optional
+import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state as ps
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import cpu_compat
+from .safe_checkpoint import (IncompleteCheckpointError, UnsafeCheckpointError, safe_reads,
+                              strip_pickled_objects, verify_checkpoint)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed; the previous checkpoint is still the latest."""
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -35,7 +49,8 @@ def read_latest(root: str) -> Optional[int]:
         return None
     text = open(path).read().strip()
     if not text.isdigit():
-        raise ValueError(f"corrupt checkpoint tracker {path}: {text!r} is not an iteration")
+        raise IncompleteCheckpointError(f"corrupt checkpoint tracker {path}: {text!r} is not an "
+                                        "iteration")
     return int(text)
 
 
@@ -45,26 +60,32 @@ def layout() -> Dict[str, int]:
                 dp=ps.get_data_parallel_world_size())
 
 
-def _rng_object() -> ShardedObject:
-    state = {"torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    shape = (ps.get_pipeline_model_parallel_world_size(),
-             ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size())
-    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-              ps.get_data_parallel_rank())
-    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+def _rng_tensors() -> Dict[str, ShardedTensor]:
+    """This rank's RNG states as uint8 tensors, one slot per (PP, TP, DP) rank."""
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state().cpu()
+    pp, tp, dp = (ps.get_pipeline_model_parallel_world_size(),
+                  ps.get_tensor_model_parallel_world_size(), ps.get_data_parallel_world_size())
+    ranks = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {name: ShardedTensor.from_rank_offsets(
+        f"rng_state.{name}", state.to(device).view(1, 1, 1, -1),
+        (0, ranks[0], pp), (1, ranks[1], tp), (2, ranks[2], dp), replica_id=0)
+        for name, state in states.items()}
 
 
 def _sharded_state(model, optimizer, is_loading: bool, with_rng: bool):
-    model_sd = getattr(model, "module", model).sharded_state_dict()  # unwrap Megatron DDP
+    model_sd = strip_pickled_objects(getattr(model, "module", model).sharded_state_dict())
     state = {"model": model_sd}
     if optimizer is not None:
         # fully_reshardable: distributed-optimizer state loadable at any TP/PP/DP layout
-        state["optimizer"] = optimizer.sharded_state_dict(
+        state["optimizer"] = strip_pickled_objects(optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"}))
     if with_rng:
-        state["rng_state"] = _rng_object()
+        state["rng_state"] = _rng_tensors()
     return state
 
 
@@ -73,22 +94,62 @@ def _barrier():
         dist.barrier()
 
 
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _in_process_write_results():
+    """Megatron's checkpoint writer collects write results through a queue it creates with a
+    ``multiprocessing.Manager()`` (a server process that outlives a killed trainer). Saves are
+    synchronous here, so an in-process queue does the same job and leaves no process behind."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _failure_reason(exc: BaseException) -> str:
+    """'no space left on device' when that is what happened anywhere in a (wrapped) failure."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e):
+            return "no space left on device"
+        todo += [e.__cause__, e.__context__]
+        for value in (getattr(e, "failures", None) or {}).values():
+            todo.append(value[0] if isinstance(value, tuple) else value)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[str, Any],
                     keep_last: int) -> str:
     """Save, then rename into place, then move ``latest``; keep the newest ``keep_last``."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    rank0 = _rank0()
     if rank0:
         os.makedirs(root, exist_ok=True)
         for stale in glob.glob(os.path.join(root, "iter_*.tmp")):
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    with cpu_compat.cuda_device_rewrite():
-        state = _sharded_state(model, optimizer, is_loading=False, with_rng=True)
-        state["common"] = dict(common, iteration=iteration, layout=layout())
-        dist_checkpointing.save(state, tmp)
+    _in_process_write_results()
+    try:
+        with cpu_compat.cuda_device_rewrite():
+            state = _sharded_state(model, optimizer, is_loading=False, with_rng=True)
+            state["common"] = dict(common, iteration=iteration, layout=layout(),
+                                   rng_format="tensors", rng_cuda=torch.cuda.is_available())
+            dist_checkpointing.save(state, tmp)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - one message, then stop
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        latest = read_latest(root) if os.path.exists(os.path.join(root, TRACKER)) else None
+        raise CheckpointSaveError(
+            f"could not save checkpoint {final}: {_failure_reason(e)}; the previous checkpoint "
+            f"(iteration {latest}) is still the latest") from None
     _barrier()
     if rank0:
         if os.path.exists(final):  # re-saving an iteration: replace the old copy last
@@ -105,29 +166,106 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
     return final
 
 
-def load_common(root: str, iteration: Optional[int] = None) -> Optional[Dict[str, Any]]:
-    """The non-sharded state of the latest (or given) checkpoint; None when there is none."""
-    if iteration is None:
-        iteration = read_latest(root)
-        if iteration is None:
-            return None
-    path = iteration_dir(root, iteration)
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The non-sharded state of one checkpoint, after checking it is complete and safe."""
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "metadata.json")):
-        raise ValueError(f"checkpoint {path} is missing or incomplete (no metadata.json)")
+        raise IncompleteCheckpointError(f"checkpoint {path} is missing or incomplete (no "
+                                        "metadata.json)")
+    verify_checkpoint(path)
     try:
-        common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as e:  # noqa: BLE001 - any read failure is a corrupt checkpoint
-        raise ValueError(f"checkpoint {path} is corrupt: {e}") from e
+        with safe_reads():
+            common = dist_checkpointing.load_common_state_dict(path)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable common state
+        raise IncompleteCheckpointError(f"checkpoint {path} is unreadable: {e}") from None
+    if not isinstance(common, dict) or not isinstance(common.get("common"), dict):
+        raise IncompleteCheckpointError(f"checkpoint {path} has no training state in common.pt")
     return dict(common["common"], path=path)
 
 
-def check_compatible(common: Dict[str, Any], shape: Dict[str, Any]) -> None:
-    """A checkpoint of another model shape is refused before anything is loaded."""
+def _candidates(root: str) -> Tuple[List[int], List[str]]:
+    """Iterations to try, newest first (the tracker's and every iter_N directory)."""
+    notes, iters = [], set()
+    try:
+        latest = read_latest(root)
+        if latest is not None:
+            iters.add(latest)
+    except IncompleteCheckpointError as e:
+        notes.append(str(e))
+    for name in os.listdir(root):
+        m = _ITER_DIR.match(name)
+        if m and os.path.isdir(os.path.join(root, name)):
+            iters.add(int(m.group(1)))
+    return sorted(iters, reverse=True), notes
+
+
+def find_resumable(root: str) -> Optional[Dict[str, Any]]:
+    """The newest complete checkpoint under ``root`` (None when there is none at all).
+
+    Newer ones that are missing or unreadable are moved aside to ``iter_N.broken`` and the
+    tracker is pointed at the one used, so a requeued job resumes instead of dying. A checkpoint
+    that would execute code is never skipped quietly: it stops the run.
+    """
+    if not os.path.isdir(root):
+        return None
+    iterations, problems = _candidates(root)
+    broken: List[int] = []
+    chosen = None
+    for it in iterations:
+        try:
+            chosen = read_checkpoint(iteration_dir(root, it))
+            break
+        except UnsafeCheckpointError:
+            raise
+        except IncompleteCheckpointError as e:
+            problems.append(str(e))
+            broken.append(it)
+    if chosen is None:
+        if problems:
+            raise IncompleteCheckpointError(f"no readable checkpoint in {root}: "
+                                            + "; ".join(problems))
+        return None
+    if problems:
+        _barrier()  # every rank has read the directory before rank 0 changes it
+        if _rank0():
+            for it in broken:
+                path = iteration_dir(root, it)
+                if os.path.isdir(path):
+                    aside = path + ".broken"
+                    shutil.rmtree(aside, ignore_errors=True)
+                    os.replace(path, aside)
+            tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+            with open(tracker_tmp, "w") as f:
+                f.write(str(chosen["iteration"]))
+            os.replace(tracker_tmp, os.path.join(root, TRACKER))
+            print("WARNING: " + "; ".join(problems) + f". Unreadable checkpoints moved aside "
+                  f"(iter_N.broken); resuming from {chosen['path']}.", file=sys.stderr,
+                  flush=True)
+        _barrier()
+    return chosen
+
+
+def load_common(root: str, iteration: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """The non-sharded state of the given iteration, or of the newest complete checkpoint."""
+    if iteration is not None:
+        return read_checkpoint(iteration_dir(root, iteration))
+    return find_resumable(root)
+
+
+def check_compatible(common: Dict[str, Any], shape: Dict[str, Any],
+                     tokenizer: Optional[Dict[str, Any]] = None) -> None:
+    """A checkpoint of another model shape or tokenizer is refused before anything is loaded."""
     saved = common.get("model_shape", {})
-    diff = {k: (saved.get(k), v) for k, v in shape.items() if saved.get(k) != v}
+    diff = {k: (saved[k], v) for k, v in shape.items() if k in saved and saved[k] != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint {common['path']} is for another model shape ({detail})")
+    saved_tok = common.get("tokenizer")
+    if tokenizer is not None and saved_tok is not None and saved_tok != tokenizer:
+        raise ValueError(
+            f"checkpoint {common['path']} was trained with another tokenizer (checkpoint: "
+            f"vocabulary {saved_tok.get('vocab_size')}, sha256 {saved_tok.get('sha256', '')[:12]}"
+            f"; data.tokenizer: vocabulary {tokenizer['vocab_size']}, sha256 "
+            f"{tokenizer['sha256'][:12]}); its embedding rows would mean other tokens")
 
 
 def _ensure_optimizer_state(optimizer) -> None:
@@ -143,21 +281,30 @@ def _ensure_optimizer_state(optimizer) -> None:
 
 def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
     """Load model (+ optimizer) state; returns whether the RNG state was restored."""
-    same_layout = common.get("layout") == layout()
+    restore_rng = (common.get("layout") == layout() and common.get("rng_format") == "tensors"
+                   and bool(common.get("rng_cuda")) == torch.cuda.is_available())
+    module = getattr(model, "module", model)
     with cpu_compat.cuda_device_rewrite():
         if optimizer is not None:
             _ensure_optimizer_state(optimizer)
-        state = _sharded_state(model, optimizer, is_loading=True, with_rng=same_layout)
+        state = _sharded_state(model, optimizer, is_loading=True, with_rng=restore_rng)
         try:
-            loaded = dist_checkpointing.load(state, common["path"])
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"could not load checkpoint {common['path']}: {e}") from e
-        getattr(model, "module", model).load_state_dict(loaded["model"])
+            with safe_reads():
+                loaded = dist_checkpointing.load(state, common["path"])
+        except UnsafeCheckpointError:
+            raise
+        except (Exception, CheckpointException) as e:  # noqa: BLE001
+            raise ValueError(f"could not load checkpoint {common['path']}: {e}") from None
+        result = module.load_state_dict(loaded["model"], strict=False)
+        bad = [k for k in list(result.missing_keys) + list(result.unexpected_keys)
+               if not k.endswith("_extra_state")]
+        if bad:
+            raise ValueError(f"checkpoint {common['path']} does not match the model: {bad[:5]}")
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
-    if same_layout:
+    if restore_rng:
         rng = loaded["rng_state"]
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return same_layout
+        torch.set_rng_state(rng["cpu"].reshape(-1).cpu())
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"].reshape(-1).cpu())
+    return restore_rng

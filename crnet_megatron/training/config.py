@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
+from ..config import LOWRANK_INITS, RANK_SCHEDULES
+
 NUM = (int, float)
 OPT_INT, OPT_NUM, OPT_STR = (int, type(None)), (int, float, type(None)), (str, type(None))
 
@@ -46,12 +48,13 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
     },
     "data": {
         "data_path": (None, (list, type(None))), "split": ("969,30,1", str),
-        "tokenizer": (None, OPT_STR), "builtin_vocab_size": (2048, int),
+        "tokenizer": (None, OPT_STR), "eod_token": (None, OPT_STR),
+        "builtin_vocab_size": (2048, int),
         "cache_dir": ("~/.cache/crnet_megatron", str),
     },
     "checkpoint": {
         "save": (None, OPT_STR), "load": (None, OPT_STR), "save_interval": (None, OPT_INT),
-        "keep_last": (2, int), "ckpt_format": ("torch_dist", str), "no_load_optim": (False, bool),
+        "keep_last": (2, int), "no_load_optim": (False, bool),
     },
     "eval": {"eval_interval": (50, int), "eval_iters": (4, int)},
     "logging": {
@@ -67,6 +70,85 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
     },
     "safety": {"max_nonfinite_in_a_row": (5, int), "exit_on_signal": (True, bool)},
 }
+
+
+# Stated ranges: (lowest, highest, lowest is open, highest is open); None = unbounded.
+_POS, _NONNEG = (1, None, False, False), (0, None, False, False)
+RANGES: Dict[str, tuple] = {
+    "model.num_layers": _POS, "model.hidden_size": _POS, "model.ffn_hidden_size": _POS,
+    "model.num_attention_heads": _POS, "model.num_query_groups": _POS, "model.kv_channels": _POS,
+    "model.seq_length": _POS, "model.crnet_dense_layers": _POS, "model.crnet_eps": _NONNEG,
+    "model.init_method_std": (0, None, True, False), "model.rotary_base": (1, None, False, False),
+    "model.layernorm_epsilon": (0, None, True, False),
+    "parallel.tensor_model_parallel_size": _POS, "parallel.pipeline_model_parallel_size": _POS,
+    "parallel.num_layers_in_first_pipeline_stage": _POS,
+    "parallel.num_layers_in_last_pipeline_stage": _POS,
+    "optimizer.lr": _NONNEG, "optimizer.min_lr": _NONNEG, "optimizer.weight_decay": _NONNEG,
+    "optimizer.adam_beta1": (0, 1, False, True), "optimizer.adam_beta2": (0, 1, False, True),
+    "optimizer.adam_eps": (0, None, True, False), "optimizer.clip_grad": _NONNEG,
+    "schedule.train_iters": _POS, "schedule.micro_batch_size": _POS,
+    "schedule.global_batch_size": _POS, "schedule.lr_warmup_fraction": (0, 1, False, True),
+    "schedule.seed": _NONNEG, "schedule.exit_interval": _POS,
+    "data.builtin_vocab_size": (260, None, False, False),
+    "checkpoint.save_interval": _POS, "checkpoint.keep_last": _POS,
+    "eval.eval_interval": _POS, "eval.eval_iters": _POS,
+    "logging.log_interval": _POS, "logging.peak_tflops": (0, None, True, False),
+    "recompute.recompute_num_layers": _POS, "recompute.crnet_checkpoint_every": _POS,
+    "recompute.crnet_recompute_min_scale": _NONNEG,
+    "recompute.crnet_recompute_max_ratio": (0, None, True, False),
+    "safety.max_nonfinite_in_a_row": _POS,
+}
+CHOICES: Dict[str, tuple] = {
+    "model.crnet_rank_schedule": RANK_SCHEDULES,
+    "model.crnet_lowrank_init": LOWRANK_INITS,
+    "optimizer.optimizer": ("adam", "sgd"),
+    "schedule.lr_decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
+    "recompute.recompute_granularity": ("full", "selective", "crnet", None),
+    "recompute.recompute_method": ("uniform", "block", None),
+}
+
+
+def _range_text(lo, hi, lo_open, hi_open) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi}")
+    return " and ".join(parts)
+
+
+def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
+    """Every numeric key within its stated range, every choice valid, cross-key rules."""
+    for dotted, (lo, hi, lo_open, hi_open) in RANGES.items():
+        section, key = dotted.split(".")
+        v = cfg[section][key]
+        if v is None:
+            continue
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
+              (hi is not None and (v >= hi if hi_open else v > hi))
+        if bad:
+            raise ValueError(f"config key {dotted} = {v!r} is out of range; it must be "
+                             f"{_range_text(lo, hi, lo_open, hi_open)}")
+    for dotted, options in CHOICES.items():
+        section, key = dotted.split(".")
+        if cfg[section][key] not in options:
+            raise ValueError(f"config key {dotted} = {cfg[section][key]!r} is not one of "
+                             f"{[o for o in options if o is not None]}")
+    o, s, m = cfg["optimizer"], cfg["schedule"], cfg["model"]
+    if o["min_lr"] > o["lr"]:
+        raise ValueError(f"config key optimizer.min_lr = {o['min_lr']} must be <= optimizer.lr "
+                         f"= {o['lr']}")
+    if s["global_batch_size"] < s["micro_batch_size"]:
+        raise ValueError(f"config key schedule.global_batch_size = {s['global_batch_size']} "
+                         f"must be >= schedule.micro_batch_size = {s['micro_batch_size']}")
+    if m["crnet_dense_layers"] > m["num_layers"]:
+        raise ValueError(f"config key model.crnet_dense_layers = {m['crnet_dense_layers']} must "
+                         f"be <= model.num_layers = {m['num_layers']}")
+    rank = m["crnet_rank"]
+    ranks = rank if isinstance(rank, list) else [rank]
+    if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
+        raise ValueError(f"config key model.crnet_rank = {rank!r} must be a positive int or a "
+                         "list of positive ints (one per layer)")
 
 
 def defaults() -> Dict[str, Dict[str, Any]]:
@@ -111,8 +193,15 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
     if path:
         if not os.path.exists(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            updates = yaml.safe_load(f) or {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                updates = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: "
+                             f"{str(e).splitlines()[0]}") from None
+        if updates is None:
+            raise ValueError(f"config file {path!r} is empty; it needs at least one section "
+                             f"(valid: {sorted(SCHEMA)})")
         if not isinstance(updates, dict):
             raise ValueError(f"config file {path!r} must be a mapping of sections")
     for item in overrides:
@@ -120,7 +209,10 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
         if not sep or "." not in key:
             raise ValueError(f"--set {item!r}: expected section.key=value")
         section, name = key.split(".", 1)
-        updates.setdefault(section, {})[name] = yaml.safe_load(value)
+        try:
+            updates.setdefault(section, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML") from None
     for section, values in updates.items():
         if section not in SCHEMA:
             raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
@@ -130,6 +222,7 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
             value = _coerce_float(section, name, value)
             _check(section, name, value)
             cfg[section][name] = value
+    validate(cfg)
     return cfg
 
 
@@ -212,7 +305,7 @@ def shape_keys(cfg) -> Dict[str, Any]:
     """The model keys a checkpoint must agree on to be loadable."""
     keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
             "num_query_groups", "kv_channels", "crnet_rank", "crnet_rank_schedule",
-            "crnet_dense_layers")
+            "crnet_dense_layers", "rotary_base")
     return {k: cfg["model"][k] for k in keys}
 
 

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from ..data.corpus import EOS, builtin_corpus, load_or_train_tokenizer
 from ..data.preprocess import HFTokenizer, output_paths, preprocess_jsonl
-
-IDX_MAGIC = b"MMIDIDX\x00\x00"
-
+from ..data.validate import check_batch_tokens, check_index_cache, validate_prefix
 
 def prepare_builtin(cache_dir: str, vocab_size: int) -> Tuple[List[str], str]:
     """Built-in corpus -> jsonl -> BPE tokenizer -> indexed dataset (once, on global rank 0)."""
@@ -55,18 +53,6 @@ def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
     return prefixes, weights
 
 
-def check_prefix(prefix: str) -> None:
-    """One clear error for a missing or corrupt indexed dataset."""
-    for ext in (".bin", ".idx"):
-        if not os.path.exists(prefix + ext):
-            raise FileNotFoundError(f"data prefix {prefix!r}: {prefix + ext} does not exist "
-                                    "(make it with tools/preprocess_data.py)")
-    with open(prefix + ".idx", "rb") as f:
-        if f.read(len(IDX_MAGIC)) != IDX_MAGIC:
-            raise ValueError(f"data prefix {prefix!r}: {prefix}.idx is not a Megatron index "
-                             "file (corrupt or wrong format)")
-
-
 def check_splits(prefixes: List[str], split: str) -> None:
     """Every split with a non-zero weight must get documents from every prefix (Megatron's
     split rule); an empty one would make GPTDataset loop forever looking for tokens."""
@@ -96,14 +82,16 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     for p in prefixes:
-        check_prefix(p)
+        validate_prefix(p, tokenizer.vocab_size)
     check_splits(prefixes, cfg["data"]["split"])
+    cache = os.path.join(os.path.expanduser(cfg["data"]["cache_dir"]), "index_cache")
+    check_index_cache(cache)
     config = GPTDatasetConfig(
         random_seed=cfg["schedule"]["seed"], sequence_length=cfg["model"]["seq_length"],
         blend=(prefixes, weights), split=cfg["data"]["split"], tokenizer=tokenizer,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False,
-        path_to_cache=os.path.join(os.path.expanduser(cfg["data"]["cache_dir"]), "index_cache"))
+        path_to_cache=cache)
 
     def build():
         try:
@@ -131,11 +119,13 @@ class SampleIterator:
     KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 consumed: int = 0, device=None):
+                 consumed: int = 0, device=None, vocab_size: Optional[int] = None,
+                 prefixes: Sequence[str] = ()):
         if dataset is None or len(dataset) == 0:
             raise ValueError("empty dataset split; check data.split and the data size")
         self.ds, self.mbs, self.dp_rank, self.dp = dataset, micro_batch_size, dp_rank, dp_size
         self.consumed, self.device = consumed, device
+        self.vocab_size, self.prefixes = vocab_size, prefixes
 
     def __iter__(self):
         return self
@@ -144,5 +134,8 @@ class SampleIterator:
         start = self.consumed + self.dp_rank * self.mbs
         samples = [self.ds[(start + i) % len(self.ds)] for i in range(self.mbs)]
         self.consumed += self.mbs * self.dp
-        return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(self.device)
-                for k in self.KEYS}
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in self.KEYS}
+        if self.vocab_size is not None:
+            check_batch_tokens(torch.cat([batch["tokens"], batch["labels"]]), self.vocab_size,
+                               self.prefixes)
+        return {k: v.to(self.device) for k, v in batch.items()}

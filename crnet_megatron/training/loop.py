@@ -54,6 +54,9 @@ def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs:
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
+    if ps.get_data_parallel_world_size() > 1:  # the global batch's loss, as Megatron logs it
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        loss /= ps.get_data_parallel_world_size()
     return loss.item()
 
 
@@ -128,6 +131,9 @@ class Trainer:
         from .data import build_datasets, parse_blend, prepare_builtin
         from .metrics import MetricsWriter, detect_peak_tflops
 
+        from .faults import children_die_with_parent
+
+        children_die_with_parent()
         cfg = self.cfg
         m, p, s, d = cfg["model"], cfg["parallel"], cfg["schedule"], cfg["data"]
         init_distributed(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"],
@@ -144,7 +150,8 @@ class Trainer:
             tok_path = d["tokenizer"]
         else:
             (prefixes, tok_path), weights = prepare_builtin(d["cache_dir"], d["builtin_vocab_size"]), None
-        self.tokenizer = HFTokenizer(tok_path)
+        self.prefixes = prefixes
+        self.tokenizer = HFTokenizer(tok_path, d["eod_token"])
         e = cfg["eval"]
         evals = s["train_iters"] // e["eval_interval"] + 1
         gbs = s["global_batch_size"]
@@ -154,7 +161,8 @@ class Trainer:
         multiple = 64 * p["tensor_model_parallel_size"]
         self.vocab = int(math.ceil(self.tokenizer.vocab_size / multiple) * multiple)
 
-        model = build_model(self.config, vocab_size=self.vocab, max_sequence_length=m["seq_length"])
+        model = build_model(self.config, vocab_size=self.vocab, max_sequence_length=m["seq_length"],
+                            rotary_base=m["rotary_base"])
         dist_opt = run_config.use_distributed_optimizer(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
@@ -187,12 +195,13 @@ class Trainer:
         save = cfg["checkpoint"]["save"]
         jsonl = cfg["logging"]["metrics_jsonl"] or (os.path.join(save, "metrics.jsonl") if save else None)
         self.metrics_path = jsonl
-        self.writer = MetricsWriter(jsonl, cfg["logging"]["tensorboard_dir"], self.rank0)
         self.iteration, self.consumed, self.skipped_total, self.skipped_in_a_row = 0, 0, 0, 0
         self._resume()
+        self.writer = MetricsWriter(jsonl, cfg["logging"]["tensorboard_dir"], self.rank0)
 
     def _resume(self):
         from .checkpointing import check_compatible, load_checkpoint, load_common
+        from .metrics import truncate_metrics
 
         ck = self.cfg["checkpoint"]
         root = ck["load"] or ck["save"]
@@ -206,7 +215,7 @@ class Trainer:
                 raise FileNotFoundError(f"checkpoint.load={ck['load']!r} holds no checkpoint "
                                         "(no latest_checkpointed_iteration.txt)")
             return
-        check_compatible(common, run_config.shape_keys(self.cfg))
+        check_compatible(common, run_config.shape_keys(self.cfg), self.tokenizer.fingerprint())
         optimizer = None if ck["no_load_optim"] else self.optimizer
         self.rng_restored = load_checkpoint(common, self.model, optimizer)
         if optimizer is not None:
@@ -214,6 +223,8 @@ class Trainer:
         self.iteration, self.consumed = common["iteration"], common["consumed_samples"]
         self.skipped_total = common.get("skipped_iterations", 0)
         if self.rank0:
+            if self.metrics_path:  # rows a crashed run logged past this checkpoint are dropped
+                truncate_metrics(self.metrics_path, self.iteration)
             print(f"resumed from {common['path']} at iteration {self.iteration}", flush=True)
 
     # -- pieces ------------------------------------------------------------------------------
@@ -222,7 +233,8 @@ class Trainer:
 
         device = next(self.model.parameters()).device
         return SampleIterator(dataset, self.cfg["schedule"]["micro_batch_size"], self.dp_rank,
-                              self.dp_size, consumed, device)
+                              self.dp_size, consumed, device, self.tokenizer.vocab_size,
+                              self.prefixes)
 
     def evaluate(self) -> float:
         """Loss on a fixed validation budget: eval_iters global batches from the split start."""
@@ -249,7 +261,8 @@ class Trainer:
         ck = self.cfg["checkpoint"]
         common = dict(consumed_samples=self.consumed, scheduler=self.scheduler.state_dict(),
                       skipped_iterations=self.skipped_total, config=self.cfg,
-                      model_shape=run_config.shape_keys(self.cfg))
+                      model_shape=run_config.shape_keys(self.cfg),
+                      tokenizer=self.tokenizer.fingerprint())
         path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer, common,
                                ck["keep_last"])
         if self.rank0:

@@ -76,6 +76,26 @@ class MetricsWriter:
             self.tb.close()
 
 
+def truncate_metrics(path: str, iteration: int) -> None:
+    """Drop rows past ``iteration`` (logged by a run that crashed after its last checkpoint),
+    so a resumed run's rows do not repeat; the file is replaced atomically."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a row cut short by the crash
+            if isinstance(rec, dict) and rec.get("iteration", 0) <= iteration:
+                kept.append(json.dumps(rec) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 def throughput(tokens: int, seconds: float, flops_per_token: float,
                dense_flops_per_token: float, world: int, peak: Optional[float]) -> Dict:
     tok_s = tokens / seconds

@@ -1,0 +1,116 @@
+"""Start-up checks of untrusted data files, in bounded time and memory.
+
+* ``validate_prefix``: a Megatron indexed dataset (``.idx`` + ``.bin``) is checked before
+  megatron-core maps it: header, version, dtype, counts against the file size (a flipped count
+  would make megatron-core allocate without bound), sequence lengths and pointers consistent
+  and monotone, document boundaries monotone, ``.bin`` exactly as long as the index implies,
+  and token ids below the vocabulary on an evenly spread sample of the ``.bin`` (never the
+  whole file; every batch is checked again in training).
+* ``check_index_cache``: megatron-core loads its dataset index caches with
+  ``numpy.load(allow_pickle=True)``; a cache whose header is not a plain numeric array (an
+  object array runs code when loaded) is refused before megatron-core reads it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import struct
+
+import numpy as np
+
+IDX_MAGIC = b"MMIDIDX\x00\x00"
+_HEADER = len(IDX_MAGIC) + 8 + 1 + 8 + 8
+# megatron.core.datasets.indexed_dataset.DType codes
+_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+_SAMPLE_CHUNKS, _CHUNK_TOKENS = 64, 1 << 16
+
+
+def _fail(path: str, problem: str):
+    raise ValueError(f"data file {path}: {problem}")
+
+
+def read_index(prefix: str):
+    """Validated (dtype, sequence lengths, sequence pointers, document indices) of a prefix."""
+    idx, bin_path = prefix + ".idx", prefix + ".bin"
+    for path in (idx, bin_path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data prefix {prefix!r}: {path} does not exist (make it "
+                                    "with tools/preprocess_data.py)")
+    size = os.path.getsize(idx)
+    with open(idx, "rb") as f:
+        head = f.read(_HEADER)
+    if len(head) < _HEADER or head[:len(IDX_MAGIC)] != IDX_MAGIC:
+        _fail(idx, "not a Megatron index file (bad header; corrupt or another format)")
+    version, code, seqs, docs = struct.unpack("<QBQQ", head[len(IDX_MAGIC):])
+    if version != 1:
+        _fail(idx, f"index version {version}; only version 1 is supported")
+    if code not in _DTYPES:
+        _fail(idx, f"token dtype code {code} is not an integer type "
+                   f"(valid: {sorted(_DTYPES)})")
+    expect = _HEADER + 12 * seqs + 8 * docs
+    if expect != size:
+        _fail(idx, f"{seqs} sequences and {docs} document boundaries need {expect} bytes, "
+                   f"the file has {size} (corrupt or truncated)")
+    dtype = np.dtype(_DTYPES[code])
+    lengths = np.memmap(idx, np.int32, "r", _HEADER, (seqs,))
+    pointers = np.memmap(idx, np.int64, "r", _HEADER + 4 * seqs, (seqs,))
+    doc_idx = np.memmap(idx, np.int64, "r", _HEADER + 12 * seqs, (docs,))
+    if seqs == 0:
+        _fail(idx, "holds no sequences")
+    if (lengths < 0).any():
+        _fail(idx, "negative sequence length")
+    if pointers[0] != 0 or (np.diff(pointers) != lengths[:-1].astype(np.int64) * dtype.itemsize).any():
+        _fail(idx, "sequence pointers do not follow the sequence lengths (corrupt)")
+    if docs < 2 or doc_idx[0] != 0 or doc_idx[-1] != seqs or (np.diff(doc_idx) < 0).any():
+        _fail(idx, "document boundaries are not monotone from 0 to the sequence count")
+    bin_bytes = int(pointers[-1]) + int(lengths[-1]) * dtype.itemsize
+    if os.path.getsize(bin_path) != bin_bytes:
+        _fail(bin_path, f"has {os.path.getsize(bin_path)} bytes, its index {idx} implies "
+                        f"{bin_bytes} (truncated, or paired with another corpus's index)")
+    return dtype, lengths, pointers, doc_idx
+
+
+def validate_prefix(prefix: str, vocab_size: int) -> None:
+    """Raise one clear error naming the file when a prefix is unusable with this vocabulary."""
+    dtype, _, _, _ = read_index(prefix)
+    bin_path = prefix + ".bin"
+    if np.iinfo(dtype).max < vocab_size and np.iinfo(dtype).min >= 0:
+        return  # no id this dtype can hold is out of range
+    tokens = os.path.getsize(bin_path) // dtype.itemsize
+    data = np.memmap(bin_path, dtype, "r")
+    step = max(1, tokens // _SAMPLE_CHUNKS)
+    for start in range(0, tokens, step):
+        chunk = np.asarray(data[start:start + _CHUNK_TOKENS])
+        lo, hi = int(chunk.min()), int(chunk.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            _fail(bin_path, f"token id {bad} near token {start} is outside the tokenizer's "
+                            f"vocabulary [0, {vocab_size}) (another tokenizer's data?)")
+
+
+def check_batch_tokens(tokens, vocab_size: int, prefixes) -> None:
+    """Every training batch: ids must index the embedding (a clear error, not IndexError)."""
+    hi, lo = int(tokens.max()), int(tokens.min())
+    if hi >= vocab_size or lo < 0:
+        raise ValueError(f"a batch from {list(prefixes)} holds token id {hi if hi >= vocab_size else lo}"
+                         f", outside the tokenizer's vocabulary [0, {vocab_size}); the data "
+                         "was made with another tokenizer")
+
+
+def check_index_cache(cache_dir: str) -> None:
+    """Refuse index-cache ``.npy`` files that are not plain numeric arrays."""
+    for path in sorted(glob.glob(os.path.join(cache_dir, "**", "*.npy"), recursive=True)):
+        try:
+            with open(path, "rb") as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if major == 1
+                        else np.lib.format.read_array_header_2_0)
+                _, _, dtype = read(f)
+        except Exception as e:  # noqa: BLE001 - any unreadable header is refused
+            raise ValueError(f"dataset index cache {path} is not a valid .npy file ({e}); "
+                             "delete it and it is rebuilt") from None
+        if dtype.hasobject or dtype.kind not in "iuf":
+            raise ValueError(f"dataset index cache {path} holds {dtype} data, not a numeric "
+                             "index; refusing to load it (object arrays run code when read). "
+                             "Delete it and it is rebuilt")

@@ -1,0 +1,34 @@
+"""Process hygiene: a killed trainer leaves no helper processes behind.
+
+Megatron-Core's checkpoint writer forks worker processes during a save. If the trainer is
+killed (SIGKILL, OOM killer, a node agent) in the middle of a save, those workers would live on
+as orphans. ``children_die_with_parent`` asks Linux to SIGKILL every process this trainer forks
+as soon as the trainer dies (``PR_SET_PDEATHSIG``); elsewhere it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+_INSTALLED = False
+
+
+def _set_pdeathsig():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def children_die_with_parent() -> None:
+    """Install once per process: every forked child is killed when this process dies."""
+    global _INSTALLED
+    if _INSTALLED or not sys.platform.startswith("linux"):
+        return
+    os.register_at_fork(after_in_child=_set_pdeathsig)
+    _INSTALLED = True

@@ -1,0 +1,154 @@
+"""Reading checkpoints without executing code from them.
+
+A ``torch_dist`` checkpoint is read by torch's ``FileSystemReader.read_metadata`` (a plain
+``pickle.load`` of ``.metadata``) and by its default planner, which ``torch.load``s any item the
+metadata marks as bytes with ``weights_only=False``. Checkpoints are copied between users and
+clusters, so neither may run. Here:
+
+* ``.metadata`` is unpickled by ``MetadataUnpickler``, which knows only the classes torch's
+  distributed-checkpoint metadata is made of and refuses everything else, naming the file and
+  the class (``safe_reads()`` puts it in place of torch's reader while a load runs);
+* the checkpoints this project writes hold no pickled objects (``strip_pickled_objects``: no
+  Megatron ``_extra_state`` objects, RNG state as plain tensors), and a checkpoint whose metadata
+  marks any other item as pickled bytes is refused before anything is read;
+* every storage file the metadata points into must exist and be long enough (a truncated copy
+  is "incomplete", not a crash in the middle of a load).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+from typing import Any, Dict
+
+import torch
+from torch.distributed.checkpoint import filesystem as dcp_fs
+from torch.distributed.checkpoint import metadata as dcp_md
+
+_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadPlan", "ReadItem",
+        "LoadItemType"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}
+# Pickled items that checkpoints of earlier versions hold and that are never read any more.
+_LEGACY_BYTES = re.compile(r"(\._extra_state|^rng_state)/shard_[0-9._]+$")
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds something that would execute code when read."""
+
+
+class IncompleteCheckpointError(ValueError):
+    """A checkpoint directory is missing files or holds truncated ones."""
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles torch distributed-checkpoint metadata and nothing else."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if name in _ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"checkpoint file {self.path} refers to {module}.{name}, which is not part of "
+            "torch distributed-checkpoint metadata; refusing to unpickle it (the file may be "
+            "crafted to run code)")
+
+
+def load_metadata(path: str) -> dcp_md.Metadata:
+    """Read a ``.metadata`` file with the restricted unpickler and check what it holds."""
+    try:
+        with open(path, "rb") as f:
+            metadata = MetadataUnpickler(f, path).load()
+    except UnsafeCheckpointError:
+        raise
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"checkpoint file {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - truncated or garbage file
+        raise IncompleteCheckpointError(f"checkpoint file {path} is unreadable ({e})") from None
+    if not isinstance(metadata, dcp_md.Metadata):
+        raise UnsafeCheckpointError(f"checkpoint file {path} holds a {type(metadata).__name__}, "
+                                    "not torch distributed-checkpoint metadata")
+    for key, md in metadata.state_dict_metadata.items():
+        if isinstance(md, dcp_md.BytesStorageMetadata) and not _LEGACY_BYTES.search(key):
+            raise UnsafeCheckpointError(
+                f"checkpoint file {path} marks {key!r} as a pickled object; this project's "
+                "checkpoints hold tensors only, and a pickled item would be unpickled with "
+                "code execution, so the checkpoint is refused")
+    return metadata
+
+
+def verify_checkpoint(ckpt_dir: str) -> None:
+    """Metadata safe to read, and every storage range it names present on disk."""
+    metadata = load_metadata(os.path.join(ckpt_dir, ".metadata"))
+    sizes: Dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        name = info.relative_path
+        if os.path.basename(name) != name:
+            raise UnsafeCheckpointError(f"checkpoint {ckpt_dir}: storage path {name!r} points "
+                                        "outside the checkpoint directory")
+        if name not in sizes:
+            path = os.path.join(ckpt_dir, name)
+            if not os.path.exists(path):
+                raise IncompleteCheckpointError(f"checkpoint {ckpt_dir} is incomplete: {name} "
+                                                "is missing")
+            sizes[name] = os.path.getsize(path)
+        if info.offset + info.length > sizes[name]:
+            raise IncompleteCheckpointError(
+                f"checkpoint {ckpt_dir} is incomplete: {name} has {sizes[name]} bytes, the "
+                f"metadata needs {info.offset + info.length}")
+
+
+def _safe_read_metadata(self, *args: Any, **kwargs: Any) -> dcp_md.Metadata:
+    metadata = load_metadata(str(self._get_metadata_path(kwargs.get("rank"))))
+    if getattr(metadata, "storage_meta", None) is None:
+        metadata.storage_meta = dcp_md.StorageMeta()
+    metadata.storage_meta.load_id = self.load_id
+    return metadata
+
+
+@contextlib.contextmanager
+def safe_reads():
+    """While a checkpoint is read: restricted ``.metadata`` unpickling, and torch.load kept at
+    its safe ``weights_only`` default (Megatron's ``common.pt``) whatever the environment says."""
+    original = dcp_fs.FileSystemReader.read_metadata
+    forced = os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    dcp_fs.FileSystemReader.read_metadata = _safe_read_metadata
+    try:
+        yield
+    finally:
+        dcp_fs.FileSystemReader.read_metadata = original
+        if forced is not None:
+            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = forced
+
+
+def strip_pickled_objects(state: Dict[str, Any]) -> Dict[str, Any]:
+    """Drop Megatron's per-linear ``_extra_state`` objects (None for local linears, unused
+    without FP8) so that nothing in a checkpoint is pickled; any other object is an error."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    out = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out[key] = strip_pickled_objects(value)
+        elif isinstance(value, ShardedObject):
+            if not key.endswith("_extra_state"):
+                raise TypeError(f"state {key!r} would be pickled into the checkpoint; "
+                                "store it as tensors")
+        else:
+            out[key] = value
+    return out
