@@ -1,0 +1,99 @@
+"""Checkpoints and dataset caches are untrusted: crafted files that would run code when read are
+refused with a message naming the file, and the code never runs (a marker file never appears)."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from tests.driver_utils import driver_cfg, run_in_process
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what an attacker's code would do first."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _train(tiny_dataset, tmp_path, save, *extra):
+    return run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2",
+                                     *extra))
+
+
+def _listing(root):
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*"))
+
+
+def test_crafted_checkpoint_metadata_is_refused(tiny_dataset, tmp_path):
+    save, marker = tmp_path / "ck", tmp_path / "pwned"
+    _train(tiny_dataset, tmp_path, save)
+    (save / "iter_0000002" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    before = _listing(save)
+    with pytest.raises(ValueError, match=r"iter_0000002/\.metadata refers to (builtins|io)\.open"
+                                         r".*refusing to unpickle"):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4"))
+    assert not marker.exists()
+    assert _listing(save) == before  # refused, not moved aside or overwritten
+
+
+def test_checkpoint_item_marked_as_pickled_bytes_is_refused(tiny_dataset, tmp_path):
+    """Valid metadata classes, but a tensor re-declared as bytes: torch's planner would
+    ``torch.load(weights_only=False)`` it, so the checkpoint is refused before any read."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from crnet_megatron.training.safe_checkpoint import load_metadata
+
+    save = tmp_path / "ck"
+    _train(tiny_dataset, tmp_path, save)
+    path = save / "iter_0000002" / ".metadata"
+    md = load_metadata(str(path))
+    key = next(k for k in md.state_dict_metadata if "word_embeddings" in k)
+    md.state_dict_metadata[key] = BytesStorageMetadata()
+    path.write_bytes(pickle.dumps(md))
+    with pytest.raises(ValueError, match=rf"marks '{key}' as a pickled object"):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4"))
+
+
+def test_checkpoints_hold_tensors_only(tiny_dataset, tmp_path):
+    """No pickled item at all in what the driver writes (RNG state included), and the common
+    state loads with torch's weights-only unpickler."""
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from crnet_megatron.training.safe_checkpoint import load_metadata
+
+    save = tmp_path / "ck"
+    _train(tiny_dataset, tmp_path, save)
+    md = load_metadata(str(save / "iter_0000002" / ".metadata"))
+    kinds = {type(v).__name__ for v in md.state_dict_metadata.values()}
+    assert kinds == {TensorStorageMetadata.__name__}
+    assert any(k.startswith("rng_state.cpu") for k in md.state_dict_metadata)
+    common = torch.load(save / "iter_0000002" / "common.pt", weights_only=True)
+    assert common["common"]["rng_format"] == "tensors"
+
+
+@pytest.mark.parametrize("kind", ["pickle", "object-array"])
+def test_crafted_index_cache_is_refused(tiny_dataset, tmp_path, kind):
+    """megatron-core reads its caches with ``numpy.load(allow_pickle=True)``: a file that is a
+    plain pickle (no .npy header) is unpickled by numpy, running its code; an object array is
+    refused by the memory map today but would run code on any non-mapped load."""
+    cache, marker = tmp_path / "c", tmp_path / "pwned"
+    _train(tiny_dataset, tmp_path, None)
+    victim = sorted((cache / "index_cache").glob("*-GPTDataset-train-document_index.npy"))[0]
+    if kind == "pickle":
+        victim.write_bytes(pickle.dumps(_Payload(marker)))
+        expected = "is not a valid .npy file"
+    else:
+        np.save(victim, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
+        expected = "holds object data.*refusing"
+    with pytest.raises(ValueError, match=rf"index cache {victim} {expected}"):
+        _train(tiny_dataset, tmp_path, None)
+    assert not marker.exists()
+    os.remove(victim)  # as the message says: delete it and it is rebuilt
+    result = _train(tiny_dataset, tmp_path, None)
+    assert victim.exists() and len(result["history"]) == 2
