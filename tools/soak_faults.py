@@ -1,0 +1,157 @@
+"""Fault soak: kill a tiny training job again and again, resume it, and check nothing is lost.
+
+    python tools/soak_faults.py --kills 20 --out runs/soak
+
+One uninterrupted reference run, then the same run started, killed at a random moment (SIGKILL
+or SIGTERM; about half while a checkpoint is being written) and resumed, until it has been
+killed ``--kills`` times and has finished. At the end the per-iteration losses of the killed
+run (from its ``metrics.jsonl``) must equal the reference's exactly, and no process of any
+attempt and no temporary checkpoint directory may be left. Local processes only; bounded by
+``--max-minutes``. Prints a Markdown table and writes ``soak.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.num_layers=3", "model.hidden_size=64", "model.ffn_hidden_size=172",
+        "model.crnet_rank=16", "model.seq_length=32", "schedule.micro_batch_size=4",
+        "schedule.global_batch_size=4", "eval.eval_interval=1000", "eval.eval_iters=1",
+        "logging.log_interval=1", "logging.progress_bar=false", "logging.plot=false",
+        "checkpoint.save_interval=3", "checkpoint.keep_last=2", "data.builtin_vocab_size=512"]
+
+
+def _command(save: Path, cache: Path, iters: int):
+    sets = TINY + [f"schedule.train_iters={iters}", f"checkpoint.save={save}",
+                   f"data.cache_dir={cache}"]
+    return [sys.executable, "-m", "crnet_megatron.train"] + [a for s in sets for a in ("--set", s)]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def _losses(save: Path):
+    rows = [json.loads(line) for line in open(save / "metrics.jsonl")]
+    return {r["iteration"]: r["loss"] for r in rows if r.get("split") == "train"}
+
+
+def _tree(pid: int):
+    try:
+        proc = psutil.Process(pid)
+        return [proc] + proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
+    """Start the job and (if ``kill``) kill it at a random moment; returns (row, finished)."""
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=log, stderr=log,
+                            start_new_session=True)
+    mid_save = rng.random() < 0.5
+    sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
+    delay = rng.uniform(2.0, 9.0)
+    t0, seen, phase = time.monotonic(), [], "training"
+    while proc.poll() is None:
+        seen = {p.pid: p for p in seen + _tree(proc.pid)}.values()
+        seen = list(seen)
+        saving = any(save.glob("iter_*.tmp"))
+        if not kill:
+            pass
+        elif (mid_save and saving and time.monotonic() - t0 > 1.0) or \
+                (not mid_save and time.monotonic() - t0 > delay):
+            phase = "mid-save" if saving else "training"
+            break
+        if time.monotonic() - t0 > 600:
+            phase = "timeout"
+            break
+        time.sleep(0.02)
+    if proc.poll() is not None:  # finished before the kill moment
+        return dict(signal="-", phase="finished", exit=proc.returncode, left=0), True
+    seen = list({p.pid: p for p in seen + _tree(proc.pid)}.values())
+    proc.send_signal(sig)
+    try:
+        proc.wait(180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    _, alive = psutil.wait_procs([p for p in seen if p.pid != proc.pid], timeout=15)
+    for p in alive:
+        p.kill()
+    return dict(signal=signal.Signals(sig).name, phase=phase, exit=proc.returncode,
+                left=len(alive)), False
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-minutes", type=float, default=30.0)
+    ap.add_argument("--out", default="runs/soak")
+    args = ap.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    cache, rng = out / "cache", random.Random(args.seed)
+    log = open(out / "soak.log", "w")
+    ref_dir, run_dir = out / f"reference-{os.getpid()}", out / f"killed-{os.getpid()}"
+    ref = subprocess.run(_command(ref_dir, cache, args.iters), env=_env(), cwd=ROOT, stdout=log,
+                         stderr=log)
+    if ref.returncode:
+        raise SystemExit(f"reference run failed (exit {ref.returncode}); see {out / 'soak.log'}")
+    reference = _losses(ref_dir)
+    rows, rounds, deadline = [], [], time.monotonic() + 60 * args.max_minutes
+
+    def kills():
+        return sum(r["phase"] != "finished" for r in rows)
+
+    while time.monotonic() < deadline and not (kills() >= args.kills and rows
+                                               and rows[-1]["phase"] == "finished"):
+        if run_dir.exists() and rows and rows[-1]["phase"] == "finished":
+            shutil.rmtree(run_dir)  # a finished round; start the job again from scratch
+        row, finished = _attempt(_command(run_dir, cache, args.iters), run_dir, rng, log,
+                                 kill=kills() < args.kills)
+        rows.append(dict(attempt=len(rows) + 1, **row))
+        if finished:  # every completed round must match the reference exactly
+            got = _losses(run_dir)
+            rounds.append(dict(attempts=len(rows), iterations=len(got),
+                               mismatched=[i for i in reference if got.get(i) != reference[i]],
+                               tmp_dirs=sorted(p.name for p in run_dir.glob("*.tmp"))))
+        print("| {attempt} | {signal} | {phase} | {exit} | {left} |".format(**rows[-1]),
+              flush=True)
+    leftovers = sum(r["left"] for r in rows)
+    summary = dict(kills=kills(), mid_save=sum(r["phase"] == "mid-save" for r in rows),
+                   sigkill=sum(r["signal"] == "SIGKILL" for r in rows),
+                   sigterm=sum(r["signal"] == "SIGTERM" for r in rows), rounds=len(rounds),
+                   iterations_per_round=len(reference),
+                   losses_equal=all(not r["mismatched"] and r["iterations"] == len(reference)
+                                    for r in rounds),
+                   processes_left=leftovers,
+                   tmp_dirs_left=sum(len(r["tmp_dirs"]) for r in rounds), passed=False)
+    summary["passed"] = (summary["losses_equal"] and not leftovers
+                         and not summary["tmp_dirs_left"] and kills() >= args.kills)
+    print("\n| attempt | signal | phase | exit | processes left |\n|---|---|---|---|---|")
+    for r in rows:
+        print("| {attempt} | {signal} | {phase} | {exit} | {left} |".format(**r))
+    print("\n" + "\n".join(f"- {k}: {v}" for k, v in summary.items()))
+    with open(out / "soak.json", "w") as f:
+        json.dump(dict(summary=summary, attempts=rows, rounds=rounds), f, indent=1)
+    raise SystemExit(0 if summary["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()
