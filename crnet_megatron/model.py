@@ -39,8 +39,11 @@ class CRNetGPTModel(GPTModel):
 
 def build_model(config: CRNetConfig, vocab_size: int, max_sequence_length: int,
                 backend: Optional[str] = None, vp_stage: Optional[int] = None,
-                rotary_base: int = 10000) -> CRNetGPTModel:
-    """Build this rank's part of the model (its pipeline stage, its TP shards) on its device."""
+                rotary_base: int = 10000, seed: Optional[int] = None) -> CRNetGPTModel:
+    """Build this rank's part of the model (its pipeline stage, its TP shards) on its device.
+
+    With ``seed``, the weights are drawn layout-invariantly (``init.init_weights``): the same
+    model at every TP x PP; without it, as Megatron draws them."""
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     spec = get_crnet_decoder_block_spec(config, backend=backend, vp_stage=vp_stage)
@@ -48,6 +51,10 @@ def build_model(config: CRNetConfig, vocab_size: int, max_sequence_length: int,
                           post_process=post, vp_stage=vp_stage, rotary_base=rotary_base)
     if torch.cuda.is_available():
         model = model.cuda()
+    if seed is not None:
+        from .init import init_weights
+
+        init_weights(model, config, seed)
     if config.bf16:
         model = model.to(torch.bfloat16)
     return model

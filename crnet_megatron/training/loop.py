@@ -60,24 +60,6 @@ def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs:
     return loss.item()
 
 
-def grad_norm(model) -> float:
-    """Global L2 norm of the DDP main grads (TP shards and PP stages, duplicates once)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-
-    device = next(model.parameters()).device
-    sq = torch.zeros((), dtype=torch.float32, device=device)
-    for p in model.parameters():
-        g = getattr(p, "main_grad", None)
-        if g is None:
-            g = p.grad
-        if g is not None and param_is_not_tensor_parallel_duplicate(p):
-            sq += g.float().pow(2).sum()
-    if ps.get_model_parallel_group().size() > 1:
-        dist.all_reduce(sq, group=ps.get_model_parallel_group())
-    return sq.sqrt().item()
-
-
 def _any_rank(flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0],
                      device="cuda" if torch.cuda.is_available() else "cpu")
@@ -162,7 +144,7 @@ class Trainer:
         self.vocab = int(math.ceil(self.tokenizer.vocab_size / multiple) * multiple)
 
         model = build_model(self.config, vocab_size=self.vocab, max_sequence_length=m["seq_length"],
-                            rotary_base=m["rotary_base"])
+                            rotary_base=m["rotary_base"], seed=s["seed"])
         dist_opt = run_config.use_distributed_optimizer(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
@@ -277,7 +259,9 @@ class Trainer:
         loss = run_schedule(self.model, data_iterator, self.num_microbatches,
                             self.cfg["model"]["seq_length"], s["micro_batch_size"], False)
         self.consumed += s["global_batch_size"]
-        norm = grad_norm(self.model)
+        with cpu_compat.cuda_device_rewrite():  # the norm Megatron's clipping uses
+            self.optimizer.prepare_grads()
+            norm = float(self.optimizer.get_grad_norm())
         if _any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
             self.skipped_total += 1
             self.skipped_in_a_row += 1
@@ -360,13 +344,13 @@ class Trainer:
                 if exit_at and self.iteration >= exit_at:
                     stopped_by = "exit_interval"
                     break
+            if stopped_by is None and (not evals or evals[-1]["iteration"] != self.iteration):
+                evals.append(self._eval_record())
+            if ck["save"] and not os.path.isdir(iteration_dir(ck["save"], self.iteration)):
+                self.save()  # a second SIGTERM during this save does not cut it short
         finally:
             bar.close()
             signals.restore()
-        if stopped_by is None and (not evals or evals[-1]["iteration"] != self.iteration):
-            evals.append(self._eval_record())
-        if ck["save"] and not os.path.isdir(iteration_dir(ck["save"], self.iteration)):
-            self.save()
         if self.rank0 and stopped_by == "signal":
             print(f"stopped by signal at iteration {self.iteration}; checkpoint saved", flush=True)
         self.writer.close()
