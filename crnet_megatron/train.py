@@ -20,6 +20,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("config", nargs="?", help="YAML config (see examples/configs/)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. optimizer.lr=3e-3")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and print this rank's launch (rank, world, TP x "
+                             "PP x DP, master, config) without starting anything")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # megatron-core's import-time notes about Apex/TE
     from .training.checkpointing import CheckpointSaveError
@@ -27,6 +30,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     try:
         cfg = load_run_config(args.config, args.set)
+        if args.dry_run:
+            return dry_run(cfg, args)
         from .training.loop import run
 
         run(cfg)
@@ -35,6 +40,23 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise
         print(f"crnet-train: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def dry_run(cfg, args) -> None:
+    """One line per rank: what this process would run as, so a launch script can be checked."""
+    from .parallel import layout_from_env
+    from .training.config import validate_batch
+
+    p = cfg["parallel"]
+    lay = layout_from_env(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"])
+    micro = validate_batch(cfg, lay["dp"])
+    env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ)
+                   if k.startswith(("CUDA_DEVICE_MAX", "NCCL_", "OMP_NUM")))
+    sets = " ".join(f"--set {s}" for s in args.set)
+    print(f"dry-run rank={lay['rank']} local_rank={lay['local_rank']} world={lay['world']} "
+          f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} micro_batches={micro} "
+          f"master={lay['master']} config={args.config} {env} "
+          f"cmd=python -m crnet_megatron.train {args.config} {sets}".rstrip(), flush=True)
 
 
 if __name__ == "__main__":

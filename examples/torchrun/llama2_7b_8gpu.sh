@@ -2,4 +2,8 @@
 # CR-Net LLaMA-2 7B (r=512) on one 8-GPU node: TP=2 + SP, DP=4, CR-Net recompute, bf16.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-torchrun --standalone --nproc-per-node 8 -m crnet_megatron.train examples/configs/llama2_7b.yaml "$@"
+export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron: ordered TP/SP communication kernels
+# DRY_RUN=1: every rank prints its command and environment instead of training
+dry=()
+if [[ -n "${DRY_RUN:-}" ]]; then dry=(--dry-run); fi
+torchrun --standalone --nproc-per-node 8 -m crnet_megatron.train examples/configs/llama2_7b_c4_seq256.yaml "${dry[@]}" "$@"

@@ -1,0 +1,124 @@
+"""The launch scripts work as a cluster runs them: sbatch scripts executed from a copy in
+another directory (slurmd's spool) under stand-ins for srun/scontrol, torchrun scripts under a
+stand-in torchrun; in dry-run mode each rank prints what it would run. Checked: world size,
+TP x PP x DP = GPUs, the config path, the master address, the chained script found, the
+environment Megatron needs. ``bash -n`` and (where installed) ``shellcheck`` pass."""
+
+import glob
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(glob.glob(f"{ROOT}/examples/slurm/*.sbatch") + glob.glob(f"{ROOT}/examples/torchrun/*.sh"))
+
+# Stand-ins: run the task command for the first and the last rank only (enough to check the
+# layout arithmetic without starting 32 interpreters).
+FAKE_SRUN = """#!/bin/bash
+while [[ $# -gt 0 && "$1" == --* ]]; do shift; done
+n=$SLURM_NTASKS; per=$SLURM_NTASKS_PER_NODE
+for r in 0 $((n - 1)); do
+  SLURM_PROCID=$r SLURM_LOCALID=$((r % per)) SLURM_NODEID=$((r / per)) "$@" || exit $?
+done
+"""
+FAKE_SCONTROL = """#!/bin/bash
+[[ "$1 $2" == "show hostnames" ]] || exit 1
+for i in $(seq 1 "$SLURM_NNODES"); do printf 'gpu-node%03d\\n' "$i"; done
+"""
+FAKE_TORCHRUN = """#!/bin/bash
+n=1; args=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in --nproc-per-node) n=$2; shift 2;; --standalone) shift;; *) args+=("$1"); shift;; esac
+done
+for r in 0 $((n - 1)); do RANK=$r LOCAL_RANK=$r WORLD_SIZE=$n "$PYTHON" "${args[@]}" || exit $?; done
+"""
+
+
+def _bin(tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("torchrun", FAKE_TORCHRUN)):
+        (d / name).write_text(text)
+        (d / name).chmod(0o755)
+    (d / "python").write_text(f'#!/bin/bash\nexec "{sys.executable}" "$@"\n')
+    (d / "python").chmod(0o755)
+    return d
+
+
+def _run(script, tmp_path, env_extra, args=()):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK",
+                                                                     "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(PATH=f"{_bin(tmp_path)}:{env['PATH']}", PYTHON=sys.executable, DRY_RUN="1",
+               PYTHONPATH=ROOT)
+    env.update(env_extra)
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=str(tmp_path))
+
+
+def _ranks(out):
+    rows = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv and not kv.startswith("--"))
+            for line in out.splitlines() if line.startswith("dry-run ")]
+    assert rows, out
+    return rows
+
+
+@pytest.mark.parametrize("name,tp,pp", [("pretrain_llama2_7b.sbatch", 2, 1),
+                                        ("pretrain_llama2_7b_pp2.sbatch", 2, 2)])
+def test_sbatch_runs_from_the_spool_directory(tmp_path, name, tp, pp):
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(f"{ROOT}/examples/slurm/{name}", spool / "slurm_script")  # what slurmd runs
+    nodes, per = 4, 8
+    res = _run(spool / "slurm_script", tmp_path, dict(
+        SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NODELIST="gpu-node[001-004]", SLURM_NNODES=str(nodes),
+        SLURM_NTASKS=str(nodes * per), SLURM_NTASKS_PER_NODE=str(per), SLURM_JOB_ID="42"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = _ranks(res.stdout)
+    assert [r["rank"] for r in rows] == ["0", str(nodes * per - 1)]
+    assert [r["local_rank"] for r in rows] == ["0", str(per - 1)]
+    for r in rows:
+        assert r["world"] == str(nodes * per)
+        assert (int(r["tp"]), int(r["pp"])) == (tp, pp)
+        assert int(r["tp"]) * int(r["pp"]) * int(r["dp"]) == nodes * per
+        assert r["master"] == "gpu-node001:29500"
+        assert r["config"] == "examples/configs/llama2_7b_c4_seq256.yaml"
+        assert r["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    if pp == 2:
+        assert "checkpoint.save=runs/llama2_7b_pp2" in res.stdout
+
+
+def test_sbatch_without_image_or_repository_says_what_to_set(tmp_path):
+    env = dict(SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_NODELIST="n1", SLURM_NNODES="1",
+               SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="8")
+    res = _run(f"{ROOT}/examples/slurm/pretrain_llama2_7b_pp2.sbatch", tmp_path, env)
+    assert res.returncode == 2 and "submit from the repository root or set CRNET_ROOT" in res.stderr
+    env.update(SLURM_SUBMIT_DIR=ROOT, DRY_RUN="")
+    res = _run(f"{ROOT}/examples/slurm/pretrain_llama2_7b.sbatch", tmp_path, env)
+    assert res.returncode == 2 and "set IMAGE to a .sqsh file" in res.stderr
+
+
+@pytest.mark.parametrize("script", sorted(glob.glob(f"{ROOT}/examples/torchrun/*.sh")),
+                         ids=os.path.basename)
+def test_torchrun_scripts(tmp_path, script):
+    res = _run(script, tmp_path, {})
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = _ranks(res.stdout)
+    n = int(re.search(r"--nproc-per-node (\d+)", open(script).read()).group(1))
+    config = re.search(r"examples/configs/[\w.]+\.yaml", open(script).read()).group(0)
+    for r in rows:
+        assert r["world"] == str(n) and int(r["tp"]) * int(r["pp"]) * int(r["dp"]) == n
+        assert r["config"] == config and r["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_scripts_pass_bash_n_and_shellcheck(script):
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    res = subprocess.run(["shellcheck", "-s", "bash", script], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout
