@@ -44,13 +44,23 @@ def load_full_weights(model, full: Dict[str, torch.Tensor]):
             p.copy_(shard_for_tp(name, full[name], r, t))
 
 
-def randomize_betas(model, seed: int = 7):
-    """Betas away from 1 so that their gradients and slices are exercised."""
+def randomize_betas(model, seed: int = 7, near_threshold: bool = True, mixed_signs: bool = True):
+    """Betas of both signs, as training leaves them (beta is learnable and crosses zero): the
+    k-th beta element has sign (-1)^k, |beta| in [0.3, 1.3], and (``near_threshold``) every
+    fourth one sits at 2-3x the default ``crnet_recompute_min_scale`` (1e-2), close to where
+    recompute stops inverting."""
     g = torch.Generator().manual_seed(seed)
+    k = 0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("beta"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+                n = p.numel()
+                idx = torch.arange(k, k + n, dtype=torch.float32)
+                mag = 0.3 + torch.rand(n, generator=g)
+                mag = torch.where((idx % 4 == 3) & near_threshold, 0.02 + 0.01 * torch.rand(n, generator=g), mag)
+                sign = 1.0 - 2.0 * (idx % 2) if mixed_signs else torch.ones(n)
+                p.copy_((sign * mag).view_as(p))
+                k += n
 
 
 def free_port() -> int:

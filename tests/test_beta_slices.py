@@ -44,3 +44,41 @@ def test_perturbing_one_beta_changes_only_its_slice(megatron_single, module_path
                                                rtol=1e-4, atol=1e-5)
                 else:
                     assert torch.equal(new[name], base[name]), f"beta_{changed} leaked into {name}"
+
+
+def test_signed_scale_keeps_the_sign_and_adds_eps():
+    from crnet_megatron.linears import signed_scale
+
+    beta = torch.tensor([-0.5, 0.5, -2.0, 1e-3])
+    torch.testing.assert_close(signed_scale(beta, 0.25), torch.tensor([-0.75, 0.75, -2.25, 0.251]),
+                               rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("module_path,names,split", [
+    ("self_attention.linear_qkv", ["q", "k", "v"], _split_qkv),
+    ("mlp.linear_fc1", ["gate", "up"], _split_glu),
+    ("self_attention.linear_proj", None, None),
+])
+def test_chain_term_is_signed_scale_times_previous_output(megatron_single, module_path, names,
+                                                          split):
+    """Y(prev) - Y(0) = sign(beta)(|beta| + eps) * prev per position, with negative betas and an
+    eps large enough that dropping it (or the sign) is far outside the tolerance."""
+    eps = 0.25
+    config = tiny_config(num_attention_heads=8, num_query_groups=2, crnet_rank=8, crnet_eps=eps)
+    model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
+    module = model.decoder.layers[1].get_submodule(module_path)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(SEQ, 2, module.linear_a.weight.shape[1], generator=g)
+    width = module.beta_index.numel() if split else module.linear_b.weight.shape[0]
+    with torch.no_grad():
+        betas = torch.tensor([-0.5, 0.7, -1.1][:module.beta.numel()])
+        module.beta.copy_(betas)
+        prev = torch.randn(SEQ, 2, width, generator=g)
+        diff = module(x, prev)[0] - module(x, torch.zeros_like(prev))[0]
+    scales = torch.sign(betas) * (betas.abs() + eps)
+    if split is None:
+        torch.testing.assert_close(diff, scales[0] * prev, rtol=1e-5, atol=1e-5)
+        return
+    parts, prev_parts = split(diff, config), split(prev, config)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(parts[name], scales[i] * prev_parts[name], rtol=1e-5, atol=1e-5)
