@@ -49,6 +49,10 @@ def test_unreadable_newest_checkpoint_falls_back(tiny_dataset, tmp_path, capfd, 
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=6",
                               "schedule.exit_interval=4", "checkpoint.save_interval=2",
                               "checkpoint.keep_last=3"))
+    (save / "iter_0000006.tmp").mkdir()  # a save cut short by a kill
+    (save / "iter_0000006.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    assert checkpointing.find_resumable(str(save))["iteration"] == 4
+    assert not (save / "iter_0000006.tmp").exists()  # cleared at start-up, nothing else touched
     newest = save / "iter_0000004"
     if damage == "truncated-shard":
         shard = sorted(newest.glob("*.distcp"))[0]

@@ -66,10 +66,11 @@ def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
     delay = rng.uniform(2.0, 9.0)
     t0, seen, phase = time.monotonic(), [], "training"
+    stale = set(save.glob("iter_*.tmp"))  # left by an earlier kill; removed at the next save
     while proc.poll() is None:
         seen = {p.pid: p for p in seen + _tree(proc.pid)}.values()
         seen = list(seen)
-        saving = any(save.glob("iter_*.tmp"))
+        saving = bool(set(save.glob("iter_*.tmp")) - stale)
         if not kill:
             pass
         elif (mid_save and saving and time.monotonic() - t0 > 1.0) or \

@@ -207,6 +207,11 @@ def find_resumable(root: str) -> Optional[Dict[str, Any]]:
     """
     if not os.path.isdir(root):
         return None
+    _barrier()
+    if _rank0():  # partial saves of a killed run (the previous checkpoint is intact)
+        for stale in glob.glob(os.path.join(root, "iter_*.tmp")):
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
     iterations, problems = _candidates(root)
     broken: List[int] = []
     chosen = None
