@@ -83,14 +83,16 @@ def test_crnet_recompute_tp2_sp(megatron_single):
                                        msg=lambda m: f"{name}: {m}")
 
 
-def test_crnet_recompute_pp2(megatron_single):
+@pytest.mark.parametrize("tp,world,sp", [(1, 2, False), (2, 4, True)], ids=["pp2", "tp2-pp2-sp"])
+def test_crnet_recompute_pp2(megatron_single, tp, world, sp):
     """Per-stage recompute; each stage's last layer is a checkpoint layer (no cross-stage inverse)."""
     from tests.test_pipeline import _mismatches, _pp_worker, _reference
 
     full, ref_losses, ref_grads = _reference(BASE)
-    results = run_distributed(_pp_worker, 2, full, 1, False, False,
+    results = run_distributed(_pp_worker, world, full, tp, sp, False,
                               dict(BASE, recompute_granularity="crnet"), timeout=300)
-    assert _mismatches(results, ref_losses, ref_grads, 1, INVERSE) == []
+    assert sum(len(r["grads"]) for r in results) == len(ref_grads) * tp
+    assert _mismatches(results, ref_losses, ref_grads, tp, INVERSE) == []
 
 
 def _decoder_saved_bytes(model, mode_fn):

@@ -187,7 +187,9 @@ class Trainer:
 
         ck = self.cfg["checkpoint"]
         root = ck["load"] or ck["save"]
-        if not root or not os.path.isdir(root):
+        exists = bool(root) and os.path.isdir(root)
+        dist.barrier()  # every rank has looked before rank 0 can create the directory
+        if not exists:
             if ck["load"]:
                 raise FileNotFoundError(f"checkpoint.load={ck['load']!r} does not exist")
             return
