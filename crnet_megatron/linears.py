@@ -8,8 +8,8 @@ Sharding (t = tensor-parallel size):
 
 * Column positions (``linear_qkv`` = q, k, v; ``linear_fc1`` = gate, up). The per-position
   factors A_p (h_in x r) are stacked into one ``linear_a`` ColumnParallelLinear sharded on r and
-  all-gathered (``gather_output=True``), so every matmul is divided by t at the cost of one
-  r-wide all-gather. Each B_p (r x out_p) is a ColumnParallelLinear sharded on its output
+  all-gathered (``replay_ops.gather_codes``; its backward is one r-wide reduce-scatter of the
+  partial dZ), so every matmul is divided by t at the cost of r-wide collectives. Each B_p (r x out_p) is a ColumnParallelLinear sharded on its output
   dimension exactly like Megatron's dense weight, so the output shard, the incoming chain shard
   and the chain add are all local: no extra collective. The fused output keeps Megatron's layout
   (``linear_qkv``: GQA groups ``[q.. k v]``; ``linear_fc1``: ``[gate | up]`` per rank), and
@@ -19,10 +19,12 @@ Sharding (t = tensor-parallel size):
   reduce-scatter along the sequence under sequence parallel). B (r x h_out) is replicated and
   applied after the reduction, and the chain add happens there, exactly once. The o/down chains
   therefore have the residual stream's layout ([s, b, h], or [s/t, b, h] under SP).
-* beta is replicated. Where a rank sees only part of ``<dY, Y_prev>`` (column outputs are
-  sharded on h_out; row outputs are sharded on the sequence under SP) its gradient, and that of
-  the row B under SP, is summed over TP inside autograd (``copy_to_tensor_model_parallel_region``:
-  identity forward, all-reduce backward), so gradients are exact whatever loop trains the model.
+* beta is replicated. A column beta sees only part of ``<dY, Y_prev>`` (outputs sharded on
+  h_out): its gradient is summed over TP inside autograd (``copy_to_tensor_model_parallel_region``:
+  identity forward, all-reduce of n scalars backward). Under SP a row's B and beta see one
+  sequence shard: they carry Megatron's ``sequence_parallel`` mark and are summed over TP once
+  per step with the norms (``finalize_model_grads``; ``parallel.sync_sequence_parallel_grads``
+  for an unwrapped model).
 """
 
 from __future__ import annotations
@@ -37,12 +39,11 @@ from megatron.core.tensor_parallel import (
     RowParallelLinear,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
-    gather_from_tensor_model_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
 
 from .config import CRNetConfig
-from .replay_ops import gather_seq_grad, replay_linear, split_last_dim_grad
+from .replay_ops import gather_codes, gather_seq_grad, reduce_scatter_last_dim_grad, replay_linear
 
 
 def signed_scale(beta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,9 +114,11 @@ class CRNetColumnParallelLinear(MegatronModule):
                 rank, size, config=config, gather_output=False, bias=False, skip_bias_add=True,
                 init_method=_normal(_lowrank_std(config, input_size, size, rank)),
                 tp_group=tp_group)
-            # Z is already full-sequence and replicated: no SP gather; sum dZ over TP instead.
+            # Z is already full-sequence: no SP gather, and dZ is summed over TP by one
+            # reduce-scatter in gather_codes' backward, not an all-reduce per position.
             b.sequence_parallel = False
-            b.allreduce_dgrad = t > 1
+            b.allreduce_dgrad = False
+            b.disable_grad_reduce = True
             self.linear_b.add_module(name, b)
 
         self.beta = torch.nn.Parameter(torch.full(
@@ -181,7 +184,7 @@ class CRNetColumnParallelLinear(MegatronModule):
         return self.linear_a(x, runtime_gather_output=False)[0]
 
     def gather_codes(self, z_local: torch.Tensor) -> torch.Tensor:
-        return gather_from_tensor_model_parallel_region(z_local)
+        return gather_codes(z_local)
 
     def expand(self, z: torch.Tensor) -> torch.Tensor:
         """Z B (local output shard, fused layout) from the full codes Z."""
@@ -202,11 +205,11 @@ class CRNetColumnParallelLinear(MegatronModule):
         a = self.linear_a
         x_full = (gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
                   if a.sequence_parallel else copy_to_tensor_model_parallel_region(x))
-        z = replay_linear(x_full, a.weight, z_full, split_last_dim_grad)
+        z = replay_linear(x_full, a.weight, z_full, reduce_scatter_last_dim_grad)
         pieces = []
         for b, zp, out in zip(self.linear_b.values(), z.split(self.rank, dim=-1),
                               self._disassemble(zb)):
-            pieces.append(replay_linear(copy_to_tensor_model_parallel_region(zp), b.weight, out))
+            pieces.append(replay_linear(zp, b.weight, out))
         return self._assemble(pieces) + self.scale() * chain_prev
 
 
@@ -229,15 +232,14 @@ class CRNetRowParallelLinear(MegatronModule):
             _normal(std)(self.linear_b.weight)
         self.beta = torch.nn.Parameter(torch.full(
             (1,), float(config.crnet_beta_init), dtype=config.params_dtype, device=_device(config)))
-        # Under SP each rank holds a sequence shard: B and beta see partial gradients.
-        self.sum_grads_over_tp = self.linear_a.sequence_parallel and _tp_size(tp_group) > 1
+        # Under SP each rank holds a sequence shard, so B and beta see partial gradients: marked
+        # like Megatron's norms, they are summed over TP once per step (finalize_model_grads,
+        # in fp32), not all-reduced in autograd on every micro-batch.
+        for param in (self.linear_b.weight, self.beta):
+            param.sequence_parallel = self.linear_a.sequence_parallel
 
     def _b_and_beta(self):
-        b, beta = self.linear_b.weight, self.beta
-        if self.sum_grads_over_tp:
-            b = copy_to_tensor_model_parallel_region(b)
-            beta = copy_to_tensor_model_parallel_region(beta)
-        return b, beta
+        return self.linear_b.weight, self.beta
 
     def scale(self) -> torch.Tensor:
         return signed_scale(self._b_and_beta()[1], self.eps)
