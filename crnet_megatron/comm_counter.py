@@ -78,7 +78,7 @@ class CommCounter(contextlib.AbstractContextManager):
         return dict(out)
 
     def wire_bytes(self) -> float:
-        """Bytes one rank sends (ring algorithm)."""
-        t = self.group.size()
-        factor = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
-        return sum(factor[k] * (t - 1) / t * n * b for k, n, b in self.calls)
+        """Bytes one rank sends (ring algorithm, ``counting.comm_wire_bytes``)."""
+        from .counting import comm_wire_bytes
+
+        return sum(comm_wire_bytes({kind: n}, self.group.size(), b) for kind, n, b in self.calls)

@@ -172,3 +172,34 @@ def recompute_flops(shape: ModelShape, rank, mode: str, seq_len: int, every: int
         dense = sum(layer_linear_flops(shape, r) for r in ranks if r is None)
         return inverse + dense + n * attention
     raise ValueError(f"mode={mode!r}: expected 'full', 'selective' or 'crnet'")
+
+
+def tp_layer_comm(hidden: int, rank: Optional[int], tp: int, sequence_parallel: bool,
+                  tokens: int) -> Dict[str, int]:
+    """Full-tensor elements of one layer's TP collectives per micro-batch, forward + backward,
+    by kind (``comm_counter.CommCounter`` measures the same); ``rank=None`` is the dense layer.
+
+    Dense (Megatron): each column linear all-reduces dX (T h) in backward and each row linear
+    all-reduces its output (T h) in forward; under SP the column gathers X in forward and again
+    for its weight gradient and reduce-scatters dX, the row reduce-scatters its output and
+    gathers dY. CR-Net: the column codes (T n r, n = 3 for qkv, 2 for fc1) are gathered in
+    forward and their partial gradient reduce-scattered in backward, dX is as dense; the row
+    reduces only T r (and gathers T r back under SP); the column betas all-reduce n scalars.
+    """
+    if tp == 1:
+        return {}
+    h, t = hidden, tokens
+    if rank is None:
+        return (dict(all_gather=6 * t * h, reduce_scatter=4 * t * h) if sequence_parallel
+                else dict(all_reduce=4 * t * h))
+    codes, row = 5 * rank * t, 2 * rank * t
+    if sequence_parallel:
+        return dict(all_gather=4 * t * h + codes + row, reduce_scatter=2 * t * h + codes + row,
+                    all_reduce=5)
+    return dict(all_gather=codes, reduce_scatter=codes, all_reduce=2 * t * h + row + 5)
+
+
+def comm_wire_bytes(elements: Dict[str, int], tp: int, dtype_bytes: int) -> float:
+    """Bytes one rank sends for ``elements`` under the ring algorithm."""
+    factor = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
+    return sum(factor[k] * (tp - 1) / tp * n * dtype_bytes for k, n in elements.items())
