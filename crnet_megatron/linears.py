@@ -42,6 +42,7 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.transformer.module import MegatronModule
 
+from .chain_ops import chain_add, whole
 from .config import CRNetConfig
 from .replay_ops import gather_codes, gather_seq_grad, reduce_scatter_last_dim_grad, replay_linear
 
@@ -172,12 +173,25 @@ class CRNetColumnParallelLinear(MegatronModule):
         q, k, v = y.reshape(*lead, -1, q_width + 2 * hn).split([q_width, hn, hn], dim=-1)
         return [t.reshape(*lead, -1) for t in (q, k, v)]
 
-    def scale(self) -> torch.Tensor:
-        """s(beta) per local output channel; beta's gradient is summed over TP (sharded output)."""
+    def position_scales(self) -> torch.Tensor:
+        """s(beta) per position; beta's gradient is summed over TP (sharded output)."""
         beta = self.beta
         if _tp_size(self.linear_a.tp_group) > 1:
             beta = copy_to_tensor_model_parallel_region(beta)
-        return signed_scale(beta, self.eps)[self.beta_index]
+        return signed_scale(beta, self.eps)
+
+    def scale(self) -> torch.Tensor:
+        """s(beta) per local output channel (for recompute's inversions)."""
+        return self.position_scales()[self.beta_index]
+
+    def slices(self, y: torch.Tensor) -> List[torch.Tensor]:
+        """Per-position views of a local output in the fused layout (no copies)."""
+        if self.layout == "glu":
+            return list(y.chunk(2, dim=-1))
+        hn = self.config.kv_channels
+        q_width = self.config.num_attention_heads // self.config.num_query_groups * hn
+        grouped = y.view(*y.shape[:-1], -1, q_width + 2 * hn)
+        return list(grouped.split([q_width, hn, hn], dim=-1))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Local shard of Z = X A (this rank's r/t columns of every position)."""
@@ -189,16 +203,21 @@ class CRNetColumnParallelLinear(MegatronModule):
     def expand(self, z: torch.Tensor) -> torch.Tensor:
         """Z B (local output shard, fused layout) from the full codes Z."""
         zs = z.split(self.rank, dim=-1)
-        return self._assemble([b(zp)[0] for b, zp in zip(self.linear_b.values(), zs)])
+        # Z is complete and dZ is reduced by gather_codes: each B_p is a plain local matmul
+        # (autograd's, which takes the strided gradient slices of the fused layout as they are)
+        return self._assemble([F.linear(zp, b.weight) for b, zp in zip(self.linear_b.values(), zs)])
 
     def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
-        return self.forward_with_codes(x, chain_prev)[0], None
+        zb = self.expand(self.gather_codes(self.codes(x)))
+        return chain_add(zb, chain_prev, self.position_scales(), self.slices), None
 
-    def forward_with_codes(self, x, chain_prev):
-        """(Y, this rank's codes Z, Z B) for recompute."""
+    def forward_with_codes(self, x, chain_prev, keep_zb: bool = False):
+        """(Y, this rank's codes Z, Z B or None) for recompute."""
         z_local = self.codes(x)
         zb = self.expand(self.gather_codes(z_local))
-        return zb + self.scale() * chain_prev, z_local, zb
+        y = chain_add(zb.clone() if keep_zb else zb, chain_prev, self.position_scales(),
+                      self.slices)
+        return y, z_local, zb if keep_zb else None
 
     def replay(self, x, chain_prev, z_full, zb):
         """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""
@@ -210,7 +229,7 @@ class CRNetColumnParallelLinear(MegatronModule):
         for b, zp, out in zip(self.linear_b.values(), z.split(self.rank, dim=-1),
                               self._disassemble(zb)):
             pieces.append(replay_linear(zp, b.weight, out))
-        return self._assemble(pieces) + self.scale() * chain_prev
+        return chain_add(self._assemble(pieces), chain_prev, self.position_scales(), self.slices)
 
 
 class CRNetRowParallelLinear(MegatronModule):
@@ -255,21 +274,26 @@ class CRNetRowParallelLinear(MegatronModule):
         return F.linear(z, self.linear_b.weight)
 
     def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
-        return self.forward_with_codes(x, chain_prev)[0], None
+        b, beta = self._b_and_beta()
+        zb = F.linear(self.codes(x), b)
+        return chain_add(zb, chain_prev, signed_scale(beta, self.eps), whole), None
 
-    def forward_with_codes(self, x, chain_prev):
-        """(Y, codes Z, Z B) for recompute."""
+    def forward_with_codes(self, x, chain_prev, keep_zb: bool = False):
+        """(Y, codes Z, Z B or None) for recompute."""
         z = self.codes(x)
         b, beta = self._b_and_beta()
         zb = F.linear(z, b)
-        return zb + signed_scale(beta, self.eps) * chain_prev, z, zb
+        y = chain_add(zb.clone() if keep_zb else zb, chain_prev, signed_scale(beta, self.eps),
+                      whole)
+        return y, z, zb if keep_zb else None
 
     def replay(self, x, chain_prev, z_full, zb):
         """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""
         grad_transform = gather_seq_grad if self.linear_a.sequence_parallel else None
         z = replay_linear(x, self.linear_a.weight, z_full, grad_transform)
         b, beta = self._b_and_beta()
-        return replay_linear(z, b, zb) + signed_scale(beta, self.eps) * chain_prev
+        return chain_add(replay_linear(z, b, zb).clone(), chain_prev, signed_scale(beta, self.eps),
+                         whole)
 
 
 def is_crnet_linear(module) -> bool:

@@ -61,7 +61,7 @@ class _Record:
 
     def project(self, linear, x, prev):
         if is_crnet_linear(linear):
-            y, self.codes[linear], zb = linear.forward_with_codes(x, prev)
+            y, self.codes[linear], zb = linear.forward_with_codes(x, prev, keep_zb=self.measure)
             if self.measure:
                 zb32 = zb.float()
                 carried = (y.float() - zb32).norm().clamp_min(1e-30)

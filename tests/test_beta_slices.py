@@ -82,3 +82,30 @@ def test_chain_term_is_signed_scale_times_previous_output(megatron_single, modul
     parts, prev_parts = split(diff, config), split(prev, config)
     for i, name in enumerate(names):
         torch.testing.assert_close(parts[name], scales[i] * prev_parts[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["qkv-gqa", "glu", "whole"])
+def test_chain_add_gradcheck(layout):
+    """The fused chain update against autograd's own derivative, in float64."""
+    from crnet_megatron.chain_ops import chain_add, whole
+
+    g = torch.Generator().manual_seed(3)
+    if layout == "qkv-gqa":  # 2 groups of [2 q heads | k | v], head dim 3
+        def slices(t):
+            return list(t.view(*t.shape[:-1], 2, 12).split([6, 3, 3], dim=-1))
+        width, n = 24, 3
+    elif layout == "glu":
+        def slices(t):
+            return list(t.chunk(2, dim=-1))
+        width, n = 10, 2
+    else:
+        slices, width, n = whole, 7, 1
+    zb = torch.randn(4, 2, width, generator=g, dtype=torch.float64, requires_grad=True)
+    prev = torch.randn(4, 2, width, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([-0.7, 1.3, -0.2][:n], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: chain_add(a.clone(), b, c, slices),
+                                    (zb, prev, s))
+    # and it is the maths it claims: zb + s_p * prev per position slice
+    out = chain_add(zb.detach().clone(), prev.detach(), s.detach(), slices)
+    for k, (o, z, p) in enumerate(zip(slices(out), slices(zb.detach()), slices(prev.detach()))):
+        torch.testing.assert_close(o, z + s[k].detach() * p)

@@ -133,3 +133,22 @@ def test_small_beta_falls_back_to_storing_and_stays_correct(megatron_single, cap
     extra = (_decoder_saved_bytes(model, crnet_recompute)
              - _decoder_saved_bytes(plain, crnet_recompute))
     assert extra == SEQ * BATCH * 4 * 2 * model.config.ffn_hidden_size
+
+
+def test_replay_linear_backpropagates_as_the_linear_it_replays():
+    """ReplayLinear returns a known output, so its backward is checked against autograd of the
+    linear itself (float64), with and without a gradient transform."""
+    from crnet_megatron.replay_ops import replay_linear
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(3, 2, 4, generator=g, dtype=torch.float64)
+    for transform in (None, lambda t: 2.0 * t):
+        ref = torch.nn.functional.linear(x, w)
+        gx, gw = torch.autograd.grad(ref, (x, w), dy if transform is None else transform(dy))
+        out = replay_linear(x, w, ref.detach(), transform)
+        torch.testing.assert_close(out, ref.detach(), rtol=0, atol=0)
+        rx, rw = torch.autograd.grad(out, (x, w), dy)
+        torch.testing.assert_close(rx, gx)
+        torch.testing.assert_close(rw, gw)

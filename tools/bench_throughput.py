@@ -88,7 +88,8 @@ def _proj_and_layer(dims, device, dtype, warmup, repeats, sync):
     def rnd(*shape):
         return torch.randn(*shape, generator=g, device=device, dtype=dtype)
 
-    x, ctx, act = rnd(t, 1, h), rnd(t, 1, h), rnd(t, 1, f)
+    # inputs need gradients, as inside a model (Megatron's linears compute dX regardless)
+    x, ctx, act = (rnd(t, 1, n).requires_grad_() for n in (h, h, f))
     cr = [crnet.self_attention.linear_qkv, crnet.self_attention.linear_proj,
           crnet.mlp.linear_fc1, crnet.mlp.linear_fc2]
     de = [dense.self_attention.linear_qkv, dense.self_attention.linear_proj,

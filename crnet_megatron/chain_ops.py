@@ -1,0 +1,51 @@
+"""The chain update ``Y = Z B + s_p * Y_prev`` on each projection position p, fused.
+
+``chain_add(zb, prev, s, slices)`` writes the scaled chain into ``zb`` (the fresh output of the
+B matmuls, which nothing else keeps for backward), so the forward makes no temporary, and scales
+by one scalar per position instead of gathering a per-channel vector. Its backward hands
+``dY`` through to ``Z B`` unchanged, writes ``s_p dY_p`` into one buffer for ``dY_prev`` and
+reduces ``<dY_p, Y_prev,p>`` once per position (in fp32) for ``ds``.
+``slices(t)`` returns the per-position views of a tensor in the fused layout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+
+Slices = Callable[[torch.Tensor], List[torch.Tensor]]
+
+
+class _ChainAdd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zb, prev, s, slices: Slices):
+        for k, (z, p) in enumerate(zip(slices(zb), slices(prev))):
+            z.addcmul_(p, s[k])
+        ctx.mark_dirty(zb)
+        ctx.save_for_backward(prev, s)
+        ctx.slices = slices
+        return zb
+
+    @staticmethod
+    def backward(ctx, grad):
+        prev, s = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_prev = torch.empty_like(prev) if ctx.needs_input_grad[1] else None
+        grad_s = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        outs = ctx.slices(grad_prev) if grad_prev is not None else [None] * s.numel()
+        for k, (g, p, o) in enumerate(zip(ctx.slices(grad), ctx.slices(prev), outs)):
+            if o is not None:
+                torch.mul(g, s[k], out=o)
+            grad_s[k] = torch.sum(g * p, dtype=torch.float32)
+        return grad, grad_prev, grad_s.to(s.dtype), None
+
+
+def chain_add(zb: torch.Tensor, prev: torch.Tensor, s: torch.Tensor, slices: Slices) -> torch.Tensor:
+    """``zb + s_p * prev`` per position slice, computed in place in ``zb``."""
+    return _ChainAdd.apply(zb, prev, s, slices)
+
+
+def whole(t: torch.Tensor) -> List[torch.Tensor]:
+    """One position: the whole tensor (row projections)."""
+    return [t]
