@@ -182,9 +182,11 @@ def tp_layer_comm(hidden: int, rank: Optional[int], tp: int, sequence_parallel: 
     Dense (Megatron): each column linear all-reduces dX (T h) in backward and each row linear
     all-reduces its output (T h) in forward; under SP the column gathers X in forward and again
     for its weight gradient and reduce-scatters dX, the row reduce-scatters its output and
-    gathers dY. CR-Net: the column codes (T n r, n = 3 for qkv, 2 for fc1) are gathered in
-    forward and their partial gradient reduce-scattered in backward, dX is as dense; the row
-    reduces only T r (and gathers T r back under SP); the column betas all-reduce n scalars.
+    gathers dY. CR-Net: the column A factors are replicated, so only the codes cross ranks
+    (T n r, n = 3 for qkv, 2 for fc1): all-reduced dZ in backward, or under SP gathered along
+    the sequence in forward and reduce-scattered in backward; the row reduces only T r (and
+    gathers T r back under SP); the column betas all-reduce n scalars. (Once per step, not
+    counted here: under SP the A, row B and beta gradients are summed over TP with the norms.)
     """
     if tp == 1:
         return {}
@@ -194,9 +196,8 @@ def tp_layer_comm(hidden: int, rank: Optional[int], tp: int, sequence_parallel: 
                 else dict(all_reduce=4 * t * h))
     codes, row = 5 * rank * t, 2 * rank * t
     if sequence_parallel:
-        return dict(all_gather=4 * t * h + codes + row, reduce_scatter=2 * t * h + codes + row,
-                    all_reduce=5)
-    return dict(all_gather=codes, reduce_scatter=codes, all_reduce=2 * t * h + row + 5)
+        return dict(all_gather=codes + row, reduce_scatter=codes + row, all_reduce=5)
+    return dict(all_reduce=codes + row + 5)
 
 
 def comm_wire_bytes(elements: Dict[str, int], tp: int, dtype_bytes: int) -> float:

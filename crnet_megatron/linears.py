@@ -7,13 +7,18 @@ Both modules are composed of Megatron-Core's own ``ColumnParallelLinear`` /
 Sharding (t = tensor-parallel size):
 
 * Column positions (``linear_qkv`` = q, k, v; ``linear_fc1`` = gate, up). The per-position
-  factors A_p (h_in x r) are stacked into one ``linear_a`` ColumnParallelLinear sharded on r and
-  all-gathered (``replay_ops.gather_codes``; its backward is one r-wide reduce-scatter of the
-  partial dZ), so every matmul is divided by t at the cost of r-wide collectives. Each B_p (r x out_p) is a ColumnParallelLinear sharded on its output
-  dimension exactly like Megatron's dense weight, so the output shard, the incoming chain shard
-  and the chain add are all local: no extra collective. The fused output keeps Megatron's layout
-  (``linear_qkv``: GQA groups ``[q.. k v]``; ``linear_fc1``: ``[gate | up]`` per rank), and
-  ``beta_index`` maps every local output channel to its position's beta.
+  factors A_p (h_in x r) are stacked into one ``linear_a`` that is replicated over TP
+  (``SharedFactor``, r-sized, small) and applied to the tokens each rank holds; only the r-wide
+  codes Z cross ranks: under SP they are all-gathered along the sequence (backward: one
+  reduce-scatter of dZ), otherwise dZ is all-reduced in backward and dX = dZ A^T is then
+  complete on every rank, so no h-wide collective remains (dense Megatron all-reduces dX, or
+  gathers X twice and reduce-scatters dX under SP). Without SP the A matmul is not divided by
+  t. Each B_p (r x out_p) is a ColumnParallelLinear sharded on its output dimension exactly
+  like Megatron's dense weight and applied as a local matmul, so the output shard, the
+  incoming chain shard and the chain add are all local: no extra collective. The fused output
+  keeps Megatron's layout (``linear_qkv``: GQA groups ``[q.. k v]``; ``linear_fc1``:
+  ``[gate | up]`` per rank); the chain update scales each position by its own s(beta)
+  (``chain_ops``).
 * Row positions (``linear_proj``, ``linear_fc2``). A (h_in x r) is a RowParallelLinear sharded
   on h_in: the TP reduction is over r channels instead of h_out (an all-reduce, or a
   reduce-scatter along the sequence under sequence parallel). B (r x h_out) is replicated and
@@ -40,11 +45,12 @@ from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+from megatron.core.tensor_parallel.mappings import _reduce, _reduce_scatter_along_first_dim
 from megatron.core.transformer.module import MegatronModule
 
 from .chain_ops import chain_add, whole
 from .config import CRNetConfig
-from .replay_ops import gather_codes, gather_seq_grad, reduce_scatter_last_dim_grad, replay_linear
+from .replay_ops import gather_seq_grad, replay_linear
 
 
 def signed_scale(beta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -84,6 +90,18 @@ class _Factors(MegatronModule):
         return self._modules[name]
 
 
+class SharedFactor(torch.nn.Module):
+    """A weight replicated over TP (the stacked column A factors), applied with ``F.linear``.
+    Under SP each rank sees only its tokens' gradient, so the weight carries Megatron's
+    ``sequence_parallel`` mark and is summed over TP once per step, like the norms."""
+
+    def __init__(self, input_size: int, output_size: int, config: CRNetConfig):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(
+            output_size, input_size, dtype=config.params_dtype, device=_device(config)))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 class CRNetColumnParallelLinear(MegatronModule):
     """CR-Net ``linear_qkv`` (layout="qkv") or ``linear_fc1`` (layout="glu")."""
 
@@ -98,16 +116,15 @@ class CRNetColumnParallelLinear(MegatronModule):
         self.names, sizes = self._positions(config, layout, output_size)
         n = len(self.names)
 
-        self.linear_a = ColumnParallelLinear(
-            input_size, n * rank, config=config, init_method=_normal(1.0), gather_output=True,
-            bias=False, skip_bias_add=True, tp_group=tp_group)
+        # A_q|A_k|A_v (or A_gate|A_up) stacked, replicated over TP: each rank applies it to the
+        # tokens it holds (its sequence shard under SP), so only r-wide codes cross ranks.
+        self.linear_a = SharedFactor(input_size, n * rank, config)
         # Per-position std on A's rows (each position p owns rows [p r, (p+1) r) of the stack).
         stds = torch.tensor([_lowrank_std(config, input_size, s, rank) for s in sizes])
-        rows_per_rank = n * rank // t
-        first = parallel_state.get_tensor_model_parallel_rank() * rows_per_rank if t > 1 else 0
-        rows = torch.arange(first, first + rows_per_rank) // rank
         with torch.no_grad():
-            self.linear_a.weight.mul_(stds[rows].to(self.linear_a.weight)[:, None])
+            _normal(1.0)(self.linear_a.weight)
+            self.linear_a.weight.mul_(stds.repeat_interleave(rank).to(self.linear_a.weight)[:, None])
+        self.tp, self.sequence_parallel = t, config.sequence_parallel and t > 1
 
         self.linear_b = _Factors(config)
         for name, size in zip(self.names, sizes):
@@ -176,7 +193,7 @@ class CRNetColumnParallelLinear(MegatronModule):
     def position_scales(self) -> torch.Tensor:
         """s(beta) per position; beta's gradient is summed over TP (sharded output)."""
         beta = self.beta
-        if _tp_size(self.linear_a.tp_group) > 1:
+        if self.tp > 1:
             beta = copy_to_tensor_model_parallel_region(beta)
         return signed_scale(beta, self.eps)
 
@@ -194,11 +211,27 @@ class CRNetColumnParallelLinear(MegatronModule):
         return list(grouped.split([q_width, hn, hn], dim=-1))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Local shard of Z = X A (this rank's r/t columns of every position)."""
-        return self.linear_a(x, runtime_gather_output=False)[0]
+        """Z = X A on this rank's tokens (its sequence shard under SP, all tokens otherwise)."""
+        return F.linear(x, self.linear_a.weight)
 
     def gather_codes(self, z_local: torch.Tensor) -> torch.Tensor:
-        return gather_codes(z_local)
+        """Z of every token. Each rank's B shards give a partial dZ: under SP the sequence
+        all-gather's backward reduce-scatters it (r wide); otherwise it is all-reduced (r wide)
+        and dX = dZ A^T is then complete on every rank, with no h-wide collective."""
+        if self.tp == 1:
+            return z_local
+        if self.sequence_parallel:
+            return gather_from_sequence_parallel_region(z_local, tensor_parallel_output_grad=True)
+        return copy_to_tensor_model_parallel_region(z_local)
+
+    def _codes_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """What ``gather_codes``' backward does to dZ (for replay)."""
+        if self.tp == 1:
+            return grad
+        group = parallel_state.get_tensor_model_parallel_group()
+        if self.sequence_parallel:
+            return _reduce_scatter_along_first_dim(grad.contiguous(), group)
+        return _reduce(grad.contiguous(), group)
 
     def expand(self, z: torch.Tensor) -> torch.Tensor:
         """Z B (local output shard, fused layout) from the full codes Z."""
@@ -221,10 +254,7 @@ class CRNetColumnParallelLinear(MegatronModule):
 
     def replay(self, x, chain_prev, z_full, zb):
         """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""
-        a = self.linear_a
-        x_full = (gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True)
-                  if a.sequence_parallel else copy_to_tensor_model_parallel_region(x))
-        z = replay_linear(x_full, a.weight, z_full, reduce_scatter_last_dim_grad)
+        z = replay_linear(x, self.linear_a.weight, z_full, self._codes_grad)
         pieces = []
         for b, zp, out in zip(self.linear_b.values(), z.split(self.rank, dim=-1),
                               self._disassemble(zb)):

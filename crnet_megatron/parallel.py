@@ -7,7 +7,9 @@ Plan (t = TP size, p = PP size, d = DP size = world / (t p)):
   A factors on the input dimension; column A factors on r (all-gathered); row B, beta and norms
   replicated. Embedding and output layer are vocab-parallel.
 * SP (``sequence_parallel``): norms, residual stream and the o/down chains hold s/t tokens;
-  column projections gather the sequence, row projections reduce-scatter it.
+  column projections gather the sequence (dense: X; CR-Net: the r-wide codes), row projections
+  reduce-scatter it. Replicated parameters that see a sequence shard (norms, CR-Net column A,
+  row B, beta) are summed over TP once per step.
 * PP: contiguous layer ranges per stage (Megatron's offsets); dense layer 1 is on stage 0.
 * DP: Megatron data parallel across the remaining ranks.
 

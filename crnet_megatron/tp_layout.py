@@ -22,7 +22,7 @@ def tp_split_dim(name: str) -> Optional[str]:
     if any(name.endswith(s) for s in _COLUMN_OUT):
         return "out"
     if name.endswith(("linear_qkv.linear_a.weight", "linear_fc1.linear_a.weight")):
-        return "out"
+        return None  # the stacked column A factors are replicated (linears.SharedFactor)
     if name.endswith(("linear_proj.weight", "linear_fc2.weight", "linear_proj.linear_a.weight",
                       "linear_fc2.linear_a.weight")):
         return "in"
