@@ -49,3 +49,42 @@ def chain_add(zb: torch.Tensor, prev: torch.Tensor, s: torch.Tensor, slices: Sli
 def whole(t: torch.Tensor) -> List[torch.Tensor]:
     """One position: the whole tensor (row projections)."""
     return [t]
+
+
+class _ReplayChain(torch.autograd.Function):
+    """Recompute's chain update: the output Y is already known (stored or recovered), so the
+    forward only returns it; the backward is ``_ChainAdd``'s, and each B piece gets its slice
+    of dY. Replaces assembling the pieces and adding the scaled chain again."""
+
+    @staticmethod
+    def forward(ctx, y, prev, s, slices: Slices, *pieces):
+        ctx.save_for_backward(prev, s)
+        ctx.slices, ctx.shapes = slices, [p.shape for p in pieces]
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_zb, grad_prev, grad_s, _ = _ChainAdd.backward(ctx, grad)
+        parts = ctx.slices(grad_zb.contiguous())
+        return (None, grad_prev, grad_s, None,
+                *(g.reshape(shape) for g, shape in zip(parts, ctx.shapes)))
+
+
+def replay_chain(y: torch.Tensor, prev: torch.Tensor, s: torch.Tensor, slices: Slices,
+                 pieces: List[torch.Tensor]) -> torch.Tensor:
+    """``Y`` (known) as the output of ``chain_add(assemble(pieces), prev, s)`` for autograd."""
+    # y is a saved value (possibly an output of the recompute function itself): no gradient
+    return _ReplayChain.apply(y.detach(), prev, s, slices, *pieces)
+
+
+def invert_chain(y: torch.Tensor, factors, s: torch.Tensor, slices: Slices) -> torch.Tensor:
+    """Y_prev = (Y - Z_p B_p) / s_p per position, in fp32, into one buffer (no gradient).
+
+    ``factors`` are the (Z_p, B_p) pairs in position order; each Z_p B_p is computed and
+    subtracted straight into its slice, so the fused Z B is never assembled."""
+    prev = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+    for k, ((z, b), y_k, p_k) in enumerate(zip(factors, slices(y), slices(prev))):
+        zb = torch.nn.functional.linear(z, b)
+        torch.sub(y_k.float(), zb.view(y_k.shape).float(), out=p_k)
+        p_k.div_(s[k].float())
+    return prev

@@ -48,7 +48,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.tensor_parallel.mappings import _reduce, _reduce_scatter_along_first_dim
 from megatron.core.transformer.module import MegatronModule
 
-from .chain_ops import chain_add, whole
+from .chain_ops import chain_add, replay_chain, whole
 from .config import CRNetConfig
 from .replay_ops import gather_seq_grad, replay_linear
 
@@ -181,25 +181,12 @@ class CRNetColumnParallelLinear(MegatronModule):
         v = v.reshape(*lead, groups, hn)
         return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
 
-    def _disassemble(self, y: torch.Tensor) -> List[torch.Tensor]:
-        """Inverse of ``_assemble``: per-position pieces of a fused local output."""
-        if self.layout == "glu":
-            return list(y.chunk(2, dim=-1))
-        hn, lead = self.config.kv_channels, y.shape[:-1]
-        q_width = self.config.num_attention_heads // self.config.num_query_groups * hn
-        q, k, v = y.reshape(*lead, -1, q_width + 2 * hn).split([q_width, hn, hn], dim=-1)
-        return [t.reshape(*lead, -1) for t in (q, k, v)]
-
     def position_scales(self) -> torch.Tensor:
         """s(beta) per position; beta's gradient is summed over TP (sharded output)."""
         beta = self.beta
         if self.tp > 1:
             beta = copy_to_tensor_model_parallel_region(beta)
         return signed_scale(beta, self.eps)
-
-    def scale(self) -> torch.Tensor:
-        """s(beta) per local output channel (for recompute's inversions)."""
-        return self.position_scales()[self.beta_index]
 
     def slices(self, y: torch.Tensor) -> List[torch.Tensor]:
         """Per-position views of a local output in the fused layout (no copies)."""
@@ -252,14 +239,19 @@ class CRNetColumnParallelLinear(MegatronModule):
                       self.slices)
         return y, z_local, zb if keep_zb else None
 
-    def replay(self, x, chain_prev, z_full, zb):
-        """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""
+    def factors(self, z_full: torch.Tensor):
+        """(Z_p, B_p) per position (recompute's inversion)."""
+        return [(zp, b.weight) for b, zp in zip(self.linear_b.values(),
+                                                 z_full.split(self.rank, dim=-1))]
+
+    def replay(self, x, chain_prev, z_full, y):
+        """Rebuild the graph of ``forward`` from saved codes and the known output Y, without
+        matmuls or the chain arithmetic (only the backward needs the graph)."""
         z = replay_linear(x, self.linear_a.weight, z_full, self._codes_grad)
-        pieces = []
-        for b, zp, out in zip(self.linear_b.values(), z.split(self.rank, dim=-1),
-                              self._disassemble(zb)):
-            pieces.append(replay_linear(zp, b.weight, out))
-        return chain_add(self._assemble(pieces), chain_prev, self.position_scales(), self.slices)
+        pieces = [replay_linear(zp, b.weight, _placeholder(zp, b.weight.shape[0]))
+                  for b, zp in zip(self.linear_b.values(), z.split(self.rank, dim=-1))]
+        return replay_chain(y.to(x.dtype), chain_prev, self.position_scales(), self.slices,
+                            pieces)
 
 
 class CRNetRowParallelLinear(MegatronModule):
@@ -317,13 +309,29 @@ class CRNetRowParallelLinear(MegatronModule):
                       whole)
         return y, z, zb if keep_zb else None
 
-    def replay(self, x, chain_prev, z_full, zb):
-        """Rebuild the graph of ``forward`` from saved codes and a known Z B, without matmuls."""
+    def replay(self, x, chain_prev, z_full, y):
+        """Rebuild the graph of ``forward`` from saved codes and the known output Y."""
         grad_transform = gather_seq_grad if self.linear_a.sequence_parallel else None
         z = replay_linear(x, self.linear_a.weight, z_full, grad_transform)
         b, beta = self._b_and_beta()
-        return chain_add(replay_linear(z, b, zb).clone(), chain_prev, signed_scale(beta, self.eps),
-                         whole)
+        piece = replay_linear(z, b, _placeholder(z, b.shape[0]))
+        return replay_chain(y.to(x.dtype), chain_prev, signed_scale(beta, self.eps), whole,
+                            [piece])
+
+    def position_scales(self) -> torch.Tensor:
+        return signed_scale(self._b_and_beta()[1], self.eps)
+
+    def factors(self, z_full: torch.Tensor):
+        return [(z_full, self.linear_b.weight)]
+
+    @staticmethod
+    def slices(y: torch.Tensor) -> List[torch.Tensor]:
+        return whole(y)
+
+
+def _placeholder(z: torch.Tensor, width: int) -> torch.Tensor:
+    """A Z B-shaped stand-in that allocates nothing: replayed B outputs are never read."""
+    return z.new_zeros(()).expand(*z.shape[:-1], width)
 
 
 def is_crnet_linear(module) -> bool:

@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 import torch
 from megatron.core import tensor_parallel
 
+from .chain_ops import invert_chain
 from .layer import Chains
 from .linears import is_crnet_linear
 
@@ -71,14 +72,14 @@ class _Record:
 
 
 class _Replay:
-    """Backward: CR-Net projections rebuild their graph from known codes and Z B."""
+    """Backward: CR-Net projections rebuild their graph from known codes and outputs."""
 
-    def __init__(self, z_full, zb):
-        self.z_full, self.zb = z_full, zb
+    def __init__(self, z_full, y):
+        self.z_full, self.y = z_full, y
 
     def project(self, linear, x, prev):
         if is_crnet_linear(linear):
-            return linear.replay(x, prev, self.z_full[linear], self.zb[linear])
+            return linear.replay(x, prev, self.z_full[linear], self.y[linear])
         return linear(x)[0]
 
 
@@ -135,14 +136,14 @@ class CRNetRecomputeFunction(torch.autograd.Function):
             h_idx, code_idx, _ = ctx.layout[i]
             crnet = is_crnet_layer(layer)
             with torch.no_grad():
-                prev, z_full, zb = _recover(layer, i, ctx, saved, y_cur, code_idx) if crnet \
-                    else (None, None, None)
+                prev, z_full, y_known = _recover(layer, i, ctx, saved, y_cur, code_idx) \
+                    if crnet else (None, None, None)
             with torch.enable_grad():
                 h_leaf = saved[h_idx].detach().requires_grad_(True)
                 leaves = None
                 if crnet:
                     leaves = [p.detach().to(h_leaf.dtype).requires_grad_(True) for p in prev]
-                replay = _Replay(z_full, zb) if crnet else None
+                replay = _Replay(z_full, y_known) if crnet else None
                 h_out, c_out = layer(h_leaf, Chains(*leaves) if crnet else None,
                                      rotary_pos_emb=rope, recompute=replay)
                 outs, grads = [h_out], [g_h]
@@ -195,23 +196,22 @@ def _log_fallback(layer_number: int, chain: int, reason: str) -> None:
 
 
 def _recover(layer, i, ctx, saved, y_cur, code_idx):
-    """Y_{l-1} for the four chains (stored, stage input, or inverted), full codes and Z B."""
+    """Y_{l-1} for the four chains (stored, stage input, or inverted in fp32), full codes, and
+    the layer's known outputs Y_l (what the replay returns)."""
     mods = chain_modules(layer)
-    prev, z_full, zb = [], {}, {}
+    prev, z_full, y = [], {}, {}
     for c, m in enumerate(mods):
         z_full[m] = m.gather_codes(saved[code_idx[m]])
+        y[m] = y_cur[c]
         stored = ctx.layout[i - 1][2][c] if i > 0 else None
         if i == 0:
             p = saved[c]  # the stage's input chains (pipeline stage > 0)
         elif stored is not None:
             p = saved[stored]
         else:
-            zb[m] = m.expand(z_full[m])
-            p = (y_cur[c].float() - zb[m].float()) / m.scale().float()  # fp32 across inversions
-        if m not in zb:
-            zb[m] = (y_cur[c].float() - m.scale().float() * p.float()).to(z_full[m].dtype)
+            p = invert_chain(y_cur[c], m.factors(z_full[m]), m.position_scales(), m.slices)
         prev.append(p)
-    return prev, z_full, zb
+    return prev, z_full, y
 
 
 def crnet_recompute(layers, hidden, chains: Optional[Chains], rope, config):

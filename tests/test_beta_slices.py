@@ -109,3 +109,38 @@ def test_chain_add_gradcheck(layout):
     out = chain_add(zb.detach().clone(), prev.detach(), s.detach(), slices)
     for k, (o, z, p) in enumerate(zip(slices(out), slices(zb.detach()), slices(prev.detach()))):
         torch.testing.assert_close(o, z + s[k].detach() * p)
+
+
+def test_replay_chain_backpropagates_as_chain_add():
+    """Recompute's replay returns the known Y and must give chain_add's gradients (float64):
+    to the B pieces (their slices of dY), to Y_prev and to s."""
+    from crnet_megatron.chain_ops import chain_add, invert_chain, replay_chain
+
+    def slices(t):
+        return list(t.view(*t.shape[:-1], 2, 12).split([6, 3, 3], dim=-1))
+
+    g = torch.Generator().manual_seed(4)
+    shape = (4, 2, 24)
+    pieces = [torch.randn(4, 2, w, generator=g, dtype=torch.float64, requires_grad=True)
+              for w in (12, 6, 6)]
+    prev = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([-0.7, 1.3, -0.2], dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def assemble(ps):  # the fused GQA layout of the three pieces
+        q, k, v = (p.reshape(4, 2, 2, -1) for p in ps)
+        return torch.cat([q, k, v], dim=-1).reshape(shape)
+
+    y = chain_add(assemble(pieces), prev, s, slices)
+    ref = torch.autograd.grad(y, pieces + [prev, s], dy)
+    out = replay_chain(y.detach(), prev, s, slices, pieces)
+    torch.testing.assert_close(out, y.detach(), rtol=0, atol=0)
+    got = torch.autograd.grad(out, pieces + [prev, s], dy)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    # and the inversion recovers Y_prev from Y and Z B
+    z = torch.randn(4, 2, 5, generator=g, dtype=torch.float64)
+    bs = [torch.randn(w, 5, generator=g, dtype=torch.float64) for w in (12, 6, 6)]
+    y2 = chain_add(assemble([z @ b.t() for b in bs]), prev.detach(), s.detach(), slices)
+    torch.testing.assert_close(invert_chain(y2, list(zip([z] * 3, bs)), s.detach(),
+                                            slices).double(), prev.detach(), rtol=1e-5, atol=1e-6)
