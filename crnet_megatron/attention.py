@@ -20,6 +20,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
 from .linears import project
+from .projection import active_scheme
 
 
 class SDPACoreAttention(MegatronModule):
@@ -48,9 +49,9 @@ class CRNetSelfAttention(SelfAttention):
     """Megatron SelfAttention with chain-carrying ``linear_qkv`` and ``linear_proj``."""
 
     def forward(self, hidden_states: torch.Tensor, rotary_pos_emb=None,
-                chains: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, recompute=None):
+                chains: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         qkv_prev, proj_prev = chains if chains is not None else (None, None)
-        mixed = project(self.linear_qkv, hidden_states, qkv_prev, recompute)
+        mixed = project(self.linear_qkv, hidden_states, qkv_prev)
 
         s, b = mixed.shape[:2]
         groups = self.num_query_groups_per_partition
@@ -66,12 +67,12 @@ class CRNetSelfAttention(SelfAttention):
             query = apply_rotary_pos_emb(query, q_emb, config=self.config)
             key = apply_rotary_pos_emb(key, k_emb, config=self.config)
 
-        if self.checkpoint_core_attention and self.training and recompute is None:
+        if self.checkpoint_core_attention and self.training and active_scheme() is None:
             context = tensor_parallel.checkpoint(self._core_attention, False, query, key, value)
         else:
             context = self._core_attention(query, key, value)
         context = context.reshape(s, b, -1)
-        output = project(self.linear_proj, context, proj_prev, recompute)
+        output = project(self.linear_proj, context, proj_prev)
         return output, (mixed, output)
 
     def _core_attention(self, query, key, value):

@@ -4,7 +4,7 @@
 B matmuls, which nothing else keeps for backward), so the forward makes no temporary, and scales
 by one scalar per position instead of gathering a per-channel vector. Its backward hands
 ``dY`` through to ``Z B`` unchanged, writes ``s_p dY_p`` into one buffer for ``dY_prev`` and
-reduces ``<dY_p, Y_prev,p>`` once per position (in fp32) for ``ds``.
+reduces ``<dY_p, Y_prev,p>`` once per position (in fp32 at least) for ``ds``.
 ``slices(t)`` returns the per-position views of a tensor in the fused layout.
 """
 
@@ -32,12 +32,13 @@ class _ChainAdd(torch.autograd.Function):
         prev, s = ctx.saved_tensors
         grad = grad.contiguous()
         grad_prev = torch.empty_like(prev) if ctx.needs_input_grad[1] else None
-        grad_s = torch.empty(s.shape, dtype=torch.float32, device=s.device)
+        acc = torch.promote_types(s.dtype, torch.float32)  # bf16 sums in fp32
+        grad_s = torch.empty(s.shape, dtype=acc, device=s.device)
         outs = ctx.slices(grad_prev) if grad_prev is not None else [None] * s.numel()
         for k, (g, p, o) in enumerate(zip(ctx.slices(grad), ctx.slices(prev), outs)):
             if o is not None:
                 torch.mul(g, s[k], out=o)
-            grad_s[k] = torch.sum(g * p, dtype=torch.float32)
+            grad_s[k] = torch.sum(g * p, dtype=acc)
         return grad, grad_prev, grad_s.to(s.dtype), None
 
 
@@ -78,13 +79,15 @@ def replay_chain(y: torch.Tensor, prev: torch.Tensor, s: torch.Tensor, slices: S
 
 
 def invert_chain(y: torch.Tensor, factors, s: torch.Tensor, slices: Slices) -> torch.Tensor:
-    """Y_prev = (Y - Z_p B_p) / s_p per position, in fp32, into one buffer (no gradient).
+    """Y_prev = (Y - Z_p B_p) / s_p per position, in fp32 at least, into one buffer (no
+    gradient).
 
     ``factors`` are the (Z_p, B_p) pairs in position order; each Z_p B_p is computed and
     subtracted straight into its slice, so the fused Z B is never assembled."""
-    prev = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+    acc = torch.promote_types(y.dtype, torch.float32)
+    prev = torch.empty(y.shape, dtype=acc, device=y.device)
     for k, ((z, b), y_k, p_k) in enumerate(zip(factors, slices(y), slices(prev))):
         zb = torch.nn.functional.linear(z, b)
-        torch.sub(y_k.float(), zb.view(y_k.shape).float(), out=p_k)
-        p_k.div_(s[k].float())
+        torch.sub(y_k.to(acc), zb.view(y_k.shape).to(acc), out=p_k)
+        p_k.div_(s[k].to(acc))
     return prev

@@ -27,14 +27,13 @@ class CRNetTransformerLayer(TransformerLayer):
     """Megatron TransformerLayer construction with an explicit-chain ``forward``."""
 
     def forward(self, hidden_states: torch.Tensor, chains: Optional[Chains] = None,
-                rotary_pos_emb=None, recompute=None, **unused):
-        """``recompute`` (``recompute.py``) records/replays projections for CR-Net recompute."""
+                rotary_pos_emb=None, **unused):
         x = self.input_layernorm(hidden_states)
         attn_out, (qkv, proj) = self.self_attention(
-            x, rotary_pos_emb=rotary_pos_emb, recompute=recompute,
+            x, rotary_pos_emb=rotary_pos_emb,
             chains=None if chains is None else (chains.qkv, chains.proj))
         hidden_states = hidden_states + attn_out
         x = self.pre_mlp_layernorm(hidden_states)
         mlp_out, (fc1, fc2) = self.mlp(
-            x, chains=None if chains is None else (chains.fc1, chains.fc2), recompute=recompute)
+            x, chains=None if chains is None else (chains.fc1, chains.fc2))
         return hidden_states + mlp_out, Chains(qkv, proj, fc1, fc2)

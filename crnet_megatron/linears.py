@@ -50,6 +50,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from .chain_ops import chain_add, replay_chain, whole
 from .config import CRNetConfig
+from .projection import active_scheme
 from .replay_ops import gather_seq_grad, replay_linear
 
 
@@ -132,8 +133,8 @@ class CRNetColumnParallelLinear(MegatronModule):
                 rank, size, config=config, gather_output=False, bias=False, skip_bias_add=True,
                 init_method=_normal(_lowrank_std(config, input_size, size, rank)),
                 tp_group=tp_group)
-            # Z is already full-sequence: no SP gather, and dZ is summed over TP by one
-            # reduce-scatter in gather_codes' backward, not an all-reduce per position.
+            # Z is already full-sequence: no SP gather, and dZ is summed over TP once for all
+            # positions in gather_codes' backward, not per position here.
             b.sequence_parallel = False
             b.allreduce_dgrad = False
             b.disable_grad_reduce = True
@@ -338,12 +339,13 @@ def is_crnet_linear(module) -> bool:
     return isinstance(module, (CRNetColumnParallelLinear, CRNetRowParallelLinear))
 
 
-def project(linear, x: torch.Tensor, chain_prev, recompute=None):
+def project(linear, x: torch.Tensor, chain_prev):
     """Run a dense or CR-Net projection; its output is also the chain handed to the next layer.
 
-    ``recompute`` (see ``recompute.py``) records or replays CR-Net projections."""
-    if recompute is not None:
-        return recompute.project(linear, x, chain_prev)
+    Inside ``projection.projection_scheme(s)`` (recompute) ``s.project`` runs it instead."""
+    scheme = active_scheme()
+    if scheme is not None:
+        return scheme.project(linear, x, chain_prev)
     if is_crnet_linear(linear):
         y, _ = linear(x, chain_prev)
     else:

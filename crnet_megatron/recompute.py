@@ -30,6 +30,7 @@ from megatron.core import tensor_parallel
 from .chain_ops import invert_chain
 from .layer import Chains
 from .linears import is_crnet_linear
+from .projection import projection_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class CRNetRecomputeFunction(torch.autograd.Function):
             h_idx = len(saved)
             saved.append(hidden)
             prev = chains
-            hidden, chains = layer(hidden, chains, rotary_pos_emb=rope, recompute=rec)
+            with projection_scheme(rec):
+                hidden, chains = layer(hidden, chains, rotary_pos_emb=rope)
             code_idx = {}
             for m, z in rec.codes.items():
                 code_idx[m] = len(saved)
@@ -143,9 +145,9 @@ class CRNetRecomputeFunction(torch.autograd.Function):
                 leaves = None
                 if crnet:
                     leaves = [p.detach().to(h_leaf.dtype).requires_grad_(True) for p in prev]
-                replay = _Replay(z_full, y_known) if crnet else None
-                h_out, c_out = layer(h_leaf, Chains(*leaves) if crnet else None,
-                                     rotary_pos_emb=rope, recompute=replay)
+                with projection_scheme(_Replay(z_full, y_known) if crnet else None):
+                    h_out, c_out = layer(h_leaf, Chains(*leaves) if crnet else None,
+                                         rotary_pos_emb=rope)
                 outs, grads = [h_out], [g_h]
                 for t, g in zip(c_out, g_y):
                     if g is not None and t.requires_grad:

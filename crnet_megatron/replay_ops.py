@@ -13,11 +13,7 @@ from typing import Callable, Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import (
-    _gather_along_first_dim,
-    _gather_along_last_dim,
-    _reduce_scatter_along_last_dim,
-)
+from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
 
 
 class ReplayLinear(torch.autograd.Function):
@@ -36,36 +32,6 @@ class ReplayLinear(torch.autograd.Function):
         dx = grad @ weight
         dw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         return dx, dw, None, None
-
-
-class _GatherCodes(torch.autograd.Function):
-    """All-gather the column codes along r; backward reduce-scatters the partial dZ.
-
-    Each rank's B shards see the full Z but produce only part of dZ; summing it over TP and
-    keeping this rank's r-slice is one reduce-scatter, half the traffic of all-reducing dZ and
-    then discarding (t-1)/t of it."""
-
-    @staticmethod
-    def forward(ctx, z_local):
-        return _gather_along_last_dim(z_local, parallel_state.get_tensor_model_parallel_group())
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter_last_dim_grad(grad)
-
-
-def gather_codes(z_local: torch.Tensor) -> torch.Tensor:
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return z_local
-    return _GatherCodes.apply(z_local)
-
-
-def reduce_scatter_last_dim_grad(grad: torch.Tensor) -> torch.Tensor:
-    """Backward of ``gather_codes`` (a column A whose codes are gathered along r)."""
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return grad
-    return _reduce_scatter_along_last_dim(grad.contiguous(),
-                                          parallel_state.get_tensor_model_parallel_group())
 
 
 def gather_seq_grad(grad: torch.Tensor) -> torch.Tensor:
