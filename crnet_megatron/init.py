@@ -45,9 +45,8 @@ def _generator(seed: int, name: str, device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(digest[:15], 16))
 
 
-def _full_shape(name: str, shape: Sequence[int], tp: int):
+def _full_shape(rule, shape: Sequence[int], tp: int):
     full = list(shape)
-    rule = tp_split_dim(name)
     if rule in ("out", "glu"):
         full[0] *= tp
     elif rule == "in":
@@ -89,10 +88,11 @@ def init_weights(model: torch.nn.Module, config: CRNetConfig, seed: int) -> None
         if param.ndim == 1:  # RMSNorm weights
             param.fill_(1.0)
             continue
-        shape = _full_shape(name, param.shape, tp)
+        rule = tp_split_dim(param, name)
+        shape = _full_shape(rule, param.shape, tp)
         device = param.device
         full = torch.randn(shape, generator=_generator(seed, name, device), device=device,
                            dtype=torch.float32)
         std = _std(model, config, local, tp)
         full *= std.to(device) if isinstance(std, torch.Tensor) else std
-        param.copy_(shard_for_tp(name, full, tp_rank, tp))
+        param.copy_(shard_for_tp(rule, full, tp_rank, tp))

@@ -1,36 +1,38 @@
 """How every parameter of the model is laid out across tensor-parallel ranks.
 
-``shard_for_tp`` cuts a full (TP=1) tensor into rank ``r``'s shard; ``tp_split_dim`` names the
-rule. Used by tests (TP parity) and for loading weights across TP layouts.
+The layout is read from each parameter's own Megatron attributes (``tensor_model_parallel``,
+``partition_dim``, set by the TP layers that own it), so the layers are the one source of
+truth. The single layout those attributes cannot express is named: Megatron's gated
+``mlp.linear_fc1`` keeps ``[gate | up]`` per rank. ``shard_for_tp`` cuts a full (TP=1) tensor
+into rank ``r``'s shard by that rule (initialisation, tests, loading across TP layouts).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
-_COLUMN_OUT = ("linear_qkv.weight", "linear_b.q.weight", "linear_b.k.weight", "linear_b.v.weight",
-               "linear_b.gate.weight", "linear_b.up.weight", "word_embeddings.weight",
-               "output_layer.weight")
+_GLU = "mlp.linear_fc1.weight"
 
 
-def tp_split_dim(name: str) -> Optional[str]:
+def tp_split_dim(param: torch.Tensor, name: str = "") -> Optional[str]:
     """'out' (dim 0), 'in' (dim 1), 'glu' (gate|up halves, dim 0 each) or None (replicated)."""
-    if name.endswith("mlp.linear_fc1.weight"):
+    if not getattr(param, "tensor_model_parallel", False):
+        return None
+    dim = getattr(param, "partition_dim", 0)
+    if dim == 0 and name.endswith(_GLU):
         return "glu"
-    if any(name.endswith(s) for s in _COLUMN_OUT):
-        return "out"
-    if name.endswith(("linear_qkv.linear_a.weight", "linear_fc1.linear_a.weight")):
-        return None  # the stacked column A factors are replicated (linears.SharedFactor)
-    if name.endswith(("linear_proj.weight", "linear_fc2.weight", "linear_proj.linear_a.weight",
-                      "linear_fc2.linear_a.weight")):
-        return "in"
-    return None
+    return "out" if dim == 0 else "in"
 
 
-def shard_for_tp(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    rule = tp_split_dim(name)
+def rules(model: torch.nn.Module) -> Dict[str, Optional[str]]:
+    """{parameter name: rule} of a model (as ``named_parameters`` names them)."""
+    return {name: tp_split_dim(p, name) for name, p in model.named_parameters()}
+
+
+def shard_for_tp(rule: Optional[str], full: torch.Tensor, tp_rank: int,
+                 tp_size: int) -> torch.Tensor:
     if rule is None or tp_size == 1:
         return full
     if rule == "out":

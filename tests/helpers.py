@@ -36,12 +36,12 @@ def batch(seed: int = 0):
 def load_full_weights(model, full: Dict[str, torch.Tensor]):
     """Copy TP=1 weights into this rank's shards."""
     from megatron.core import parallel_state as ps
-    from crnet_megatron.tp_layout import shard_for_tp
+    from crnet_megatron.tp_layout import shard_for_tp, tp_split_dim
 
     r, t = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(shard_for_tp(name, full[name], r, t))
+            p.copy_(shard_for_tp(tp_split_dim(p, name), full[name], r, t))
 
 
 def randomize_betas(model, seed: int = 7, near_threshold: bool = True, mixed_signs: bool = True):

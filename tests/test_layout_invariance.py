@@ -24,16 +24,19 @@ def _init_worker(rank, world, tp, reference):
 
     from crnet_megatron import build_model
     from crnet_megatron.parallel import init_distributed
-    from crnet_megatron.tp_layout import shard_for_tp
+    from crnet_megatron.tp_layout import shard_for_tp, tp_split_dim
 
     init_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp)
     config = tiny_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp,
                          **CONFIG)
     model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, seed=SEED)
     t, r = tp, ps.get_tensor_model_parallel_rank()
+    from crnet_megatron.init import global_name
+
     equal, differ = [], []
-    for name, value in _state(model).items():
-        same = torch.equal(value, shard_for_tp(name, reference[name], r, t))
+    for local, p in model.named_parameters():
+        name = global_name(model, local)
+        same = torch.equal(p.detach(), shard_for_tp(tp_split_dim(p, local), reference[name], r, t))
         (equal if same else differ).append(name)
     return dict(equal=equal, differ=differ)
 

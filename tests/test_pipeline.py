@@ -65,18 +65,21 @@ def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains, config_kw=C
     model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+    from crnet_megatron.tp_layout import tp_split_dim
+
     offset = get_transformer_layer_offset(config)
-    local_full = {}
-    for name, _ in model.named_parameters():
+    local_full, layout = {}, {}
+    for name, p in model.named_parameters():
         key = name
         if name.startswith("decoder.layers."):
             _, _, idx, rest = name.split(".", 3)
             key = f"decoder.layers.{int(idx) + offset}.{rest}"
         local_full[name] = full[key]
+        layout[key] = tp_split_dim(p, name)
     load_full_weights(model, local_full)
     losses, grads = _train_step(model)
     return dict(losses=losses, grads=grads, tp_rank=ps.get_tensor_model_parallel_rank(),
-                last=ps.is_pipeline_last_stage())
+                last=ps.is_pipeline_last_stage(), layout=layout)
 
 
 def _reference(config_kw=CONFIG):
@@ -96,7 +99,7 @@ def _mismatches(results, ref_losses, ref_grads, tp, tol=TOL):
                 if not torch.allclose(a, b, **tol):
                     bad.append(f"loss[{i}] {a.item()} != {b.item()}")
         for name, g in res["grads"].items():
-            expect = shard_for_tp(name, ref_grads[name], res["tp_rank"], tp)
+            expect = shard_for_tp(res["layout"][name], ref_grads[name], res["tp_rank"], tp)
             if not torch.allclose(g, expect, **tol):
                 bad.append(name)
     return bad

@@ -41,18 +41,19 @@ CASES = [
 
 @pytest.mark.parametrize("sequence_parallel,config_kw", CASES)
 def test_tp2_equals_tp1(megatron_single, sequence_parallel, config_kw):
-    from crnet_megatron.tp_layout import shard_for_tp
+    from crnet_megatron.tp_layout import rules, shard_for_tp
 
     config = tiny_config(**config_kw)
     ref_model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
     randomize_betas(ref_model)
     full = {n: p.detach().clone() for n, p in ref_model.named_parameters()}
     ref_loss, ref_grads = _loss_and_grads(ref_model, *batch())
+    layout = rules(ref_model)
 
     results = run_distributed(_tp_worker, 2, full, sequence_parallel, config_kw)
     for rank, (loss, grads) in enumerate(results):
         torch.testing.assert_close(loss, ref_loss, **TOL)
         assert grads.keys() == ref_grads.keys()
         for name, g in grads.items():
-            expect = shard_for_tp(name, ref_grads[name], rank, 2)
+            expect = shard_for_tp(layout[name], ref_grads[name], rank, 2)
             torch.testing.assert_close(g, expect, **TOL, msg=lambda m: f"rank {rank} {name}: {m}")
