@@ -41,3 +41,27 @@ def test_plot_metrics(tmp_path):
         dict(split="valid", iteration=2, loss=4.2, ppl=66.7)]))
     _tool("tools/plot_metrics.py", str(path), "--out", str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_throughput_reduced(tmp_path, monkeypatch):
+    """The benchmark's CI mode: every section and variant is measured and the table is
+    well formed (baselines at ratio 1, positive times, FLOP ratios where stated)."""
+    import json
+
+    from tools import bench_throughput
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    out = tmp_path / "bench.json"
+    bench_throughput.main(["--reduced", "--json", str(out)])
+    data = json.load(open(out))
+    assert data["reduced"] and data["repeats"] == 2
+    rows = {(r["section"], r["variant"]): r for r in data["rows"]}
+    expected = {("projections", v) for v in ("plain", "crnet", "dense")} | \
+        {("layer", v) for v in ("crnet", "dense")} | {("step", v) for v in ("crnet/none", "dense")} | \
+        {("step recompute", f"crnet/{m}") for m in ("none", "crnet", "full", "selective")}
+    assert expected <= set(rows)
+    for r in data["rows"]:
+        assert 0 < r["min_ms"] <= r["median_ms"]
+        if r["variant"] == r["vs"]:
+            assert r["ratio"] == 1.0
+    assert 0 < rows[("step", "crnet/none")]["flop_ratio"] < 1
