@@ -142,9 +142,7 @@ class CRNetColumnParallelLinear(MegatronModule):
 
         self.beta = torch.nn.Parameter(torch.full(
             (n,), float(config.crnet_beta_init), dtype=config.params_dtype, device=_device(config)))
-        local = [s // t for s in sizes]
-        self.register_buffer("beta_index", self._beta_index(config, layout, local, t).to(
-            _device(config)), persistent=False)
+        self.output_width = output_size // t  # this rank's share of the fused output
 
     @staticmethod
     def _positions(config: CRNetConfig, layout: str, output_size: int):
@@ -159,16 +157,6 @@ class CRNetColumnParallelLinear(MegatronModule):
         if sum(sizes) != output_size:
             raise ValueError(f"{layout} position sizes {sizes} do not sum to {output_size}")
         return names, sizes
-
-    @staticmethod
-    def _beta_index(config, layout, local: List[int], t: int) -> torch.Tensor:
-        if layout == "glu":
-            return torch.cat([torch.full((s,), i, dtype=torch.long) for i, s in enumerate(local)])
-        hn = config.kv_channels
-        q_per_group = config.num_attention_heads // config.num_query_groups
-        groups = config.num_query_groups // t
-        group = torch.tensor([0] * (q_per_group * hn) + [1] * hn + [2] * hn)
-        return group.repeat(groups)
 
     def _assemble(self, ys: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.layout == "glu":

@@ -30,7 +30,7 @@ def test_perturbing_one_beta_changes_only_its_slice(megatron_single, module_path
     module = model.decoder.layers[1].get_submodule(module_path)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(SEQ, 2, config.hidden_size, generator=g)
-    out_size = module.beta_index.numel()
+    out_size = module.output_width
     prev = torch.randn(SEQ, 2, out_size, generator=g)
     with torch.no_grad():
         base = split(module(x, prev)[0], config)
@@ -69,7 +69,7 @@ def test_chain_term_is_signed_scale_times_previous_output(megatron_single, modul
     module = model.decoder.layers[1].get_submodule(module_path)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(SEQ, 2, module.linear_a.weight.shape[1], generator=g)
-    width = module.beta_index.numel() if split else module.linear_b.weight.shape[0]
+    width = module.output_width if split else module.linear_b.weight.shape[0]
     with torch.no_grad():
         betas = torch.tensor([-0.5, 0.7, -1.1][:module.beta.numel()])
         module.beta.copy_(betas)

@@ -95,7 +95,7 @@ def _proj_and_layer(dims, device, dtype, warmup, repeats, sync):
     de = [dense.self_attention.linear_qkv, dense.self_attention.linear_proj,
           dense.mlp.linear_fc1, dense.mlp.linear_fc2]
     inputs = [x, ctx, x, act]
-    prevs = [rnd(t, 1, m.beta_index.numel()) if hasattr(m, "beta_index") else rnd(t, 1, h)
+    prevs = [rnd(t, 1, m.output_width) if hasattr(m, "output_width") else rnd(t, 1, h)
              for m in cr]
     grads = [rnd(*p.shape) for p in prevs]
 
