@@ -230,14 +230,7 @@ class Trainer:
                                    s["micro_batch_size"], forward_only=True)
                       for _ in range(self.cfg["eval"]["eval_iters"])]
         self.model.train()
-        loss = sum(losses) / len(losses)
-        if self.dp_size > 1:
-            from megatron.core import parallel_state as ps
-
-            t = torch.tensor([loss], device=next(self.model.parameters()).device)
-            dist.all_reduce(t, group=ps.get_data_parallel_group())
-            loss = t.item() / self.dp_size
-        return loss
+        return sum(losses) / len(losses)  # run_schedule already averages over DP
 
     def save(self):
         from .checkpointing import save_checkpoint
