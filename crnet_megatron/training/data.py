@@ -86,6 +86,8 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
     check_splits(prefixes, cfg["data"]["split"])
     cache = os.path.join(os.path.expanduser(cfg["data"]["cache_dir"]), "index_cache")
     check_index_cache(cache)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked the caches before rank 0 writes new ones
     config = GPTDatasetConfig(
         random_seed=cfg["schedule"]["seed"], sequence_length=cfg["model"]["seq_length"],
         blend=(prefixes, weights), split=cfg["data"]["split"], tokenizer=tokenizer,
