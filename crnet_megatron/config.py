@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 RANK_SCHEDULES = ("uniform", "middle-high")
+PROJECTIONS = ("crnet", "lowrank", "dense")
 LOWRANK_INITS = ("cola", "megatron")
 
 
@@ -25,6 +26,10 @@ def _bad(field: str, value, valid: str) -> ValueError:
 class CRNetConfig(TransformerConfig):
     """TransformerConfig for a CR-Net LLaMA.
 
+    crnet_projection: "crnet" (the method), or a baseline in the same framework: "lowrank"
+        (W = B A with the same ranks and init, no cross-layer term; crnet_dense_layers may be 0)
+        or "dense" (every layer dense; the ranks are ignored).
+    crnet_learn_beta: False freezes beta at crnet_beta_init (the paper's ablation).
     crnet_rank: one int for every CR-Net layer, or a list with one int per CR-Net layer
         (layers crnet_dense_layers+1 .. num_layers).
     crnet_rank_schedule: "uniform" uses crnet_rank as is; "middle-high" (the paper's best
@@ -50,6 +55,8 @@ class CRNetConfig(TransformerConfig):
     layernorm_epsilon: float = 1e-6
 
     # CR-Net.
+    crnet_projection: str = "crnet"
+    crnet_learn_beta: bool = True
     crnet_rank: Union[int, List[int]] = 128
     crnet_rank_schedule: str = "uniform"
     crnet_eps: float = 1e-6
@@ -70,6 +77,10 @@ class CRNetConfig(TransformerConfig):
         super().__post_init__()
         if crnet_recompute:
             self.recompute_granularity = "crnet"
+            if self.crnet_projection != "crnet":
+                raise _bad("recompute_granularity", "crnet",
+                           f"Algorithm 1 inverts the cross-layer chain, which crnet_projection="
+                           f"{self.crnet_projection!r} does not have; use 'full' or 'selective'")
         if self.crnet_checkpoint_every < 1:
             raise _bad("crnet_checkpoint_every", self.crnet_checkpoint_every, "must be >= 1")
         if not self.crnet_recompute_min_scale >= 0:
@@ -106,9 +117,13 @@ class CRNetConfig(TransformerConfig):
             raise _bad("crnet_beta_init", 0, "must be non-zero (sign(0)=0 gives a dead beta)")
         if not self.crnet_eps > 0:
             raise _bad("crnet_eps", self.crnet_eps, "must be > 0")
-        if not 1 <= self.crnet_dense_layers <= self.num_layers:
+        if self.crnet_projection not in PROJECTIONS:
+            raise _bad("crnet_projection", self.crnet_projection, f"one of {PROJECTIONS}")
+        lowest = 0 if self.crnet_projection == "lowrank" else 1
+        if not lowest <= self.crnet_dense_layers <= self.num_layers:
             raise _bad("crnet_dense_layers", self.crnet_dense_layers,
-                       f"must be in [1, num_layers={self.num_layers}]")
+                       f"must be in [{lowest}, num_layers={self.num_layers}]"
+                       + (" (a CR-Net chain needs a dense layer to seed it)" if lowest else ""))
         if self.crnet_rank_schedule not in RANK_SCHEDULES:
             raise _bad("crnet_rank_schedule", self.crnet_rank_schedule, f"one of {RANK_SCHEDULES}")
         if self.crnet_lowrank_init not in LOWRANK_INITS:
@@ -132,7 +147,19 @@ class CRNetConfig(TransformerConfig):
             raise _bad("ffn_hidden_size", self.ffn_hidden_size,
                        f"must be divisible by tensor_model_parallel_size={tp}")
 
+    @property
+    def num_dense_layers(self) -> int:
+        """Leading dense layers: all of them for the dense baseline."""
+        return self.num_layers if self.crnet_projection == "dense" else self.crnet_dense_layers
+
+    @property
+    def carries_chains(self) -> bool:
+        """Whether layers hand projection outputs to the next layer (CR-Net only)."""
+        return self.crnet_projection == "crnet"
+
     def _resolve_ranks(self) -> List[int]:
+        if self.crnet_projection == "dense":
+            return []
         n = self.num_layers - self.crnet_dense_layers
         r = self.crnet_rank
         if isinstance(r, (list, tuple)):
@@ -181,9 +208,9 @@ class CRNetConfig(TransformerConfig):
     # -- queries ---------------------------------------------------------------------------
     def is_crnet_layer(self, layer_number: int) -> bool:
         """layer_number is 1-based and global."""
-        return layer_number > self.crnet_dense_layers
+        return layer_number > self.num_dense_layers
 
     def rank_of_layer(self, layer_number: int) -> Optional[int]:
         if not self.is_crnet_layer(layer_number):
             return None
-        return self.crnet_layer_ranks[layer_number - self.crnet_dense_layers - 1]
+        return self.crnet_layer_ranks[layer_number - self.num_dense_layers - 1]

@@ -8,7 +8,7 @@ without a causal discount (torchtitan's and Megatron's convention).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional
 
 
@@ -22,6 +22,7 @@ class ModelShape:
     groups: Optional[int] = None
     head_dim: Optional[int] = None
     dense_layers: int = 1
+    projection: str = "crnet"  # or the baselines "lowrank" (no betas, no chain add) and "dense"
 
     @property
     def q_size(self) -> int:
@@ -42,7 +43,17 @@ class ModelShape:
         return cls(hidden=config.hidden_size, ffn=config.ffn_hidden_size,
                    heads=config.num_attention_heads, layers=config.num_layers, vocab=vocab,
                    groups=config.num_query_groups, head_dim=config.kv_channels,
-                   dense_layers=config.crnet_dense_layers)
+                   dense_layers=config.num_dense_layers, projection=config.crnet_projection)
+
+    def variant(self, projection: str) -> "ModelShape":
+        """The same shape as another projection variant (the dense one has only dense layers)."""
+        dense_layers = self.layers if projection == "dense" else (
+            self.dense_layers if self.dense_layers < self.layers else 1)
+        return replace(self, projection=projection, dense_layers=dense_layers)
+
+    @property
+    def chained(self) -> bool:
+        return self.projection == "crnet"
 
 
 # LLaMA shapes of the paper's protocol (crnet_method.md §3.1).
@@ -59,7 +70,7 @@ LLAMA_SHAPES = {
 def layer_ranks(shape: ModelShape, rank) -> List[Optional[int]]:
     """Per layer: None for dense layers, the rank for CR-Net layers. ``rank=None`` = all dense."""
     n = shape.layers - shape.dense_layers
-    if rank is None:
+    if rank is None or shape.projection == "dense":
         return [None] * shape.layers
     ranks = list(rank) if isinstance(rank, (list, tuple)) else [rank] * n
     if len(ranks) != n:
@@ -72,7 +83,8 @@ def layer_params(shape: ModelShape, rank: Optional[int]) -> int:
     norms = 2 * shape.hidden
     if rank is None:
         return sum(i * o for _, i, o in shape.projections()) + norms
-    return sum((i + o) * rank for _, i, o in shape.projections()) + 7 + norms
+    betas = 7 if shape.chained else 0
+    return sum((i + o) * rank for _, i, o in shape.projections()) + betas + norms
 
 
 def count_params(shape: ModelShape, rank=None) -> Dict:
@@ -88,7 +100,8 @@ def layer_linear_flops(shape: ModelShape, rank: Optional[int]) -> int:
     """Forward FLOPs per token of one layer's 7 projections (+ the CR-Net chain scale-add)."""
     if rank is None:
         return sum(2 * i * o for _, i, o in shape.projections())
-    return sum(2 * (i + o) * rank + 2 * o for _, i, o in shape.projections())
+    add = 2 if shape.chained else 0  # the chain's scale and add
+    return sum(2 * (i + o) * rank + add * o for _, i, o in shape.projections())
 
 
 def flops_per_token(shape: ModelShape, rank=None, seq_len: int = 256) -> Dict:
@@ -120,7 +133,8 @@ def pipeline_boundary(shape: ModelShape, seq_len: int, micro_batch_size: int, tp
     dense = hidden_tokens * shape.hidden * dtype_bytes
     sharded = tokens * (shape.q_size + 2 * shape.kv_size + 2 * shape.ffn) // tp  # qkv, fc1 chains
     replicated_layout = hidden_tokens * 2 * shape.hidden  # o/down chains: residual layout
-    crnet = dense + (sharded + replicated_layout) * dtype_bytes
+    chains = (sharded + replicated_layout) * dtype_bytes if shape.chained else 0
+    crnet = dense + chains
     return dict(dense_bytes=dense, crnet_bytes=crnet, ratio=crnet / dense)
 
 
@@ -143,7 +157,8 @@ def recompute_saved_elements(shape: ModelShape, rank, mode: str, every: int = 8)
     ranks = layer_ranks(shape, rank)
     crnet_layers = [r for r in ranks if r is not None]
     if mode == "full":
-        return shape.layers * shape.hidden + (shape.layers - 1) * chain_width(shape)
+        chains = (shape.layers - 1) * chain_width(shape) if shape.chained else 0
+        return shape.layers * shape.hidden + chains
     if mode == "crnet":
         a = checkpoint_count(shape.layers, shape.dense_layers, every)
         return (shape.layers * shape.hidden + 7 * sum(crnet_layers)

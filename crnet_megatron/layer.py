@@ -3,7 +3,8 @@
 Chains are the outputs of the fused projections (``linear_qkv``, ``linear_proj``,
 ``linear_fc1``, ``linear_fc2``) in their TP layout: qkv/fc1 sharded on the output dimension,
 proj/fc2 in the residual stream's layout. A dense layer ignores incoming chains and seeds new
-ones with its outputs; a CR-Net layer adds ``s(beta) * chain`` to each projection.
+ones with its outputs; a CR-Net layer adds ``s(beta) * chain`` to each projection. The lowrank
+and dense baselines hand no chains on (``None``).
 """
 
 from __future__ import annotations
@@ -36,4 +37,6 @@ class CRNetTransformerLayer(TransformerLayer):
         x = self.pre_mlp_layernorm(hidden_states)
         mlp_out, (fc1, fc2) = self.mlp(
             x, chains=None if chains is None else (chains.fc1, chains.fc2))
+        if not self.config.carries_chains:  # lowrank/dense baselines: no cross-layer term
+            return hidden_states + mlp_out, None
         return hidden_states + mlp_out, Chains(qkv, proj, fc1, fc2)

@@ -76,6 +76,17 @@ def _lowrank_std(config: CRNetConfig, h_in: int, h_out: int, rank: int) -> float
     return config.init_method_std
 
 
+def _make_beta(n: int, config: CRNetConfig):
+    """The n chain scales of a projection; None for the lowrank baseline (no chain), frozen at
+    their init when ``crnet_learn_beta`` is False."""
+    if config.crnet_projection != "crnet":
+        return None
+    beta = torch.nn.Parameter(torch.full((n,), float(config.crnet_beta_init),
+                                         dtype=config.params_dtype, device=_device(config)))
+    beta.requires_grad_(bool(config.crnet_learn_beta))
+    return beta
+
+
 def _normal(std: float):
     return lambda t: torch.nn.init.normal_(t, mean=0.0, std=std)
 
@@ -140,8 +151,7 @@ class CRNetColumnParallelLinear(MegatronModule):
             b.disable_grad_reduce = True
             self.linear_b.add_module(name, b)
 
-        self.beta = torch.nn.Parameter(torch.full(
-            (n,), float(config.crnet_beta_init), dtype=config.params_dtype, device=_device(config)))
+        self.beta = _make_beta(n, config)
         self.output_width = output_size // t  # this rank's share of the fused output
 
     @staticmethod
@@ -218,6 +228,8 @@ class CRNetColumnParallelLinear(MegatronModule):
 
     def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
         zb = self.expand(self.gather_codes(self.codes(x)))
+        if self.beta is None:  # the lowrank baseline: no cross-layer term
+            return zb, None
         return chain_add(zb, chain_prev, self.position_scales(), self.slices), None
 
     def forward_with_codes(self, x, chain_prev, keep_zb: bool = False):
@@ -260,13 +272,13 @@ class CRNetRowParallelLinear(MegatronModule):
                                         dtype=config.params_dtype)
         with torch.no_grad():
             _normal(std)(self.linear_b.weight)
-        self.beta = torch.nn.Parameter(torch.full(
-            (1,), float(config.crnet_beta_init), dtype=config.params_dtype, device=_device(config)))
+        self.beta = _make_beta(1, config)
         # Under SP each rank holds a sequence shard, so B and beta see partial gradients: marked
         # like Megatron's norms, they are summed over TP once per step (finalize_model_grads,
         # in fp32), not all-reduced in autograd on every micro-batch.
         for param in (self.linear_b.weight, self.beta):
-            param.sequence_parallel = self.linear_a.sequence_parallel
+            if param is not None:
+                param.sequence_parallel = self.linear_a.sequence_parallel
 
     def _b_and_beta(self):
         return self.linear_b.weight, self.beta
@@ -287,6 +299,8 @@ class CRNetRowParallelLinear(MegatronModule):
     def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
         b, beta = self._b_and_beta()
         zb = F.linear(self.codes(x), b)
+        if beta is None:  # the lowrank baseline: no cross-layer term
+            return zb, None
         return chain_add(zb, chain_prev, signed_scale(beta, self.eps), whole), None
 
     def forward_with_codes(self, x, chain_prev, keep_zb: bool = False):

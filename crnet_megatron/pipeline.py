@@ -36,7 +36,10 @@ def _chain_widths(config) -> Tuple[int, int, int]:
 
 
 def payload_width(config) -> int:
-    """Last dimension of the packed stage-boundary tensor."""
+    """Last dimension of the packed stage-boundary tensor (the residual stream alone for the
+    lowrank and dense baselines, which carry no chains)."""
+    if not config.carries_chains:
+        return config.hidden_size
     qkv, fc1, fold = _chain_widths(config)
     return 3 * config.hidden_size + fold * (qkv + fc1)
 
@@ -57,6 +60,8 @@ def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
 
 def pack_stage_output(hidden: torch.Tensor, chains: Chains, config) -> torch.Tensor:
     """Residual stream + the four chains -> one ``(s', b, payload_width)`` tensor."""
+    if not config.carries_chains:
+        return hidden
     _, _, fold = _chain_widths(config)
     parts = [hidden, chains.proj, chains.fc2, _fold(chains.qkv, fold), _fold(chains.fc1, fold)]
     return torch.cat(parts, dim=-1)
@@ -70,6 +75,8 @@ def unpack_stage_input(packed: torch.Tensor, config) -> Tuple[torch.Tensor, Chai
     if packed.shape[-1] != expected:
         raise ValueError(f"stage input has width {packed.shape[-1]}, expected {expected} "
                          "(residual + chains); are all stages built with the same config?")
+    if not config.carries_chains:
+        return packed, None
     hidden, proj, fc2, qkv, fc1 = packed.split([h, h, h, fold * qkv_w, fold * fc1_w], dim=-1)
     return hidden, Chains(qkv=_unfold(qkv, fold), proj=proj, fc2=fc2, fc1=_unfold(fc1, fold))
 

@@ -232,7 +232,7 @@ def megatron_full_recompute(layers, hidden, chains: Optional[Chains], rope, conf
             cs = Chains(*c) if c else None
             for layer in layers[start:end]:
                 h, cs = layer(h, cs, rotary_pos_emb=rope)
-            return (h, *cs)
+            return (h, *(cs or ()))
         return fn
 
     start = 0
@@ -243,7 +243,9 @@ def megatron_full_recompute(layers, hidden, chains: Optional[Chains], rope, conf
             end = n
         else:
             out = tensor_parallel.checkpoint(run(start, end), False, hidden, *(chains or ()))
-        hidden, chains = out[0], Chains(*out[1:])
+        if not isinstance(out, tuple):
+            out = (out,)
+        hidden, chains = out[0], (Chains(*out[1:]) if len(out) > 1 else None)
         start = end
     return hidden, chains
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-import warnings
 from typing import List, Optional
+
+from .cli import run_cli
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -24,22 +24,18 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="check the config and print this rank's launch (rank, world, TP x "
                              "PP x DP, master, config) without starting anything")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")  # megatron-core's import-time notes about Apex/TE
-    from .training.checkpointing import CheckpointSaveError
+    run_cli("crnet-train", lambda: _train(args))
+
+
+def _train(args) -> None:
     from .training.config import load_run_config
 
-    try:
-        cfg = load_run_config(args.config, args.set)
-        if args.dry_run:
-            return dry_run(cfg, args)
-        from .training.loop import run
+    cfg = load_run_config(args.config, args.set)
+    if args.dry_run:
+        return dry_run(cfg, args)
+    from .training.loop import run
 
-        run(cfg)
-    except (ValueError, OSError, CheckpointSaveError) as e:
-        if os.environ.get("CRNET_TRACEBACK"):
-            raise
-        print(f"crnet-train: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    run(cfg)
 
 
 def dry_run(cfg, args) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from ..config import LOWRANK_INITS, RANK_SCHEDULES
+from ..config import LOWRANK_INITS, PROJECTIONS, RANK_SCHEDULES
 
 NUM = (int, float)
 OPT_INT, OPT_NUM, OPT_STR = (int, type(None)), (int, float, type(None)), (str, type(None))
@@ -24,6 +24,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "num_layers": (4, int), "hidden_size": (128, int), "ffn_hidden_size": (344, int),
         "num_attention_heads": (4, int), "num_query_groups": (None, OPT_INT),
         "kv_channels": (None, OPT_INT), "seq_length": (128, int),
+        "projection": ("crnet", str), "crnet_learn_beta": (True, bool),
         "crnet_rank": (32, (int, list)), "crnet_rank_schedule": ("uniform", str),
         "crnet_dense_layers": (1, int), "crnet_beta_init": (1.0, NUM), "crnet_eps": (1e-6, NUM),
         "crnet_lowrank_init": ("cola", str), "init_method_std": (0.02, NUM),
@@ -77,7 +78,7 @@ _POS, _NONNEG = (1, None, False, False), (0, None, False, False)
 RANGES: Dict[str, tuple] = {
     "model.num_layers": _POS, "model.hidden_size": _POS, "model.ffn_hidden_size": _POS,
     "model.num_attention_heads": _POS, "model.num_query_groups": _POS, "model.kv_channels": _POS,
-    "model.seq_length": _POS, "model.crnet_dense_layers": _POS, "model.crnet_eps": _NONNEG,
+    "model.seq_length": _POS, "model.crnet_dense_layers": _NONNEG, "model.crnet_eps": _NONNEG,
     "model.init_method_std": (0, None, True, False), "model.rotary_base": (1, None, False, False),
     "model.layernorm_epsilon": (0, None, True, False),
     "parallel.tensor_model_parallel_size": _POS, "parallel.pipeline_model_parallel_size": _POS,
@@ -99,6 +100,7 @@ RANGES: Dict[str, tuple] = {
     "safety.max_nonfinite_in_a_row": _POS,
 }
 CHOICES: Dict[str, tuple] = {
+    "model.projection": PROJECTIONS,
     "model.crnet_rank_schedule": RANK_SCHEDULES,
     "model.crnet_lowrank_init": LOWRANK_INITS,
     "optimizer.optimizer": ("adam", "sgd"),
@@ -144,6 +146,14 @@ def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
     if m["crnet_dense_layers"] > m["num_layers"]:
         raise ValueError(f"config key model.crnet_dense_layers = {m['crnet_dense_layers']} must "
                          f"be <= model.num_layers = {m['num_layers']}")
+    if m["crnet_dense_layers"] == 0 and m["projection"] != "lowrank":
+        raise ValueError("config key model.crnet_dense_layers = 0 needs model.projection: lowrank "
+                         f"(model.projection = {m['projection']!r}: a CR-Net chain needs a dense "
+                         "layer to seed it)")
+    if cfg["recompute"]["recompute_granularity"] == "crnet" and m["projection"] != "crnet":
+        raise ValueError("config key recompute.recompute_granularity = 'crnet' needs "
+                         f"model.projection: crnet (model.projection = {m['projection']!r} has no "
+                         "cross-layer chain to invert); use 'full' or 'selective'")
     rank = m["crnet_rank"]
     ranks = rank if isinstance(rank, list) else [rank]
     if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
@@ -213,6 +223,13 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
             updates.setdefault(section, {})[name] = yaml.safe_load(value)
         except yaml.YAMLError:
             raise ValueError(f"--set {item!r}: the value is not valid YAML") from None
+    return from_mapping(updates, cfg)
+
+
+def from_mapping(updates: Dict[str, Any], cfg: Optional[Dict[str, Dict[str, Any]]] = None):
+    """Defaults (or ``cfg``) <- a mapping of sections, checked key by key (a checkpoint's stored
+    config is read through here too: it is untrusted input like a YAML file)."""
+    cfg = cfg if cfg is not None else defaults()
     for section, values in updates.items():
         if section not in SCHEMA:
             raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
@@ -242,6 +259,7 @@ def to_crnet_config(cfg, params_dtype=None):
         num_layers=m["num_layers"], hidden_size=m["hidden_size"],
         ffn_hidden_size=m["ffn_hidden_size"], num_attention_heads=m["num_attention_heads"],
         num_query_groups=m["num_query_groups"], kv_channels=m["kv_channels"],
+        crnet_projection=m["projection"], crnet_learn_beta=m["crnet_learn_beta"],
         crnet_rank=m["crnet_rank"], crnet_rank_schedule=m["crnet_rank_schedule"],
         crnet_dense_layers=m["crnet_dense_layers"], crnet_beta_init=float(m["crnet_beta_init"]),
         crnet_eps=float(m["crnet_eps"]), crnet_lowrank_init=m["crnet_lowrank_init"],
@@ -303,7 +321,7 @@ def to_optimizer_config(cfg, distributed: bool):
 
 def shape_keys(cfg) -> Dict[str, Any]:
     """The model keys a checkpoint must agree on to be loadable."""
-    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    keys = ("projection", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
             "num_query_groups", "kv_channels", "crnet_rank", "crnet_rank_schedule",
             "crnet_dense_layers", "rotary_base")
     return {k: cfg["model"][k] for k in keys}

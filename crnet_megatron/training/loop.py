@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -222,15 +223,12 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Loss on a fixed validation budget: eval_iters global batches from the split start."""
-        it = self._iterator(self.valid_ds, 0)
+        from .evaluation import mean_loss
+
         s = self.cfg["schedule"]
-        self.model.eval()
-        with torch.no_grad():
-            losses = [run_schedule(self.model, it, self.num_microbatches, self.cfg["model"]["seq_length"],
-                                   s["micro_batch_size"], forward_only=True)
-                      for _ in range(self.cfg["eval"]["eval_iters"])]
-        self.model.train()
-        return sum(losses) / len(losses)  # run_schedule already averages over DP
+        return mean_loss(self.model, self._iterator(self.valid_ds, 0), self.cfg["eval"]["eval_iters"],
+                         self.num_microbatches, self.cfg["model"]["seq_length"],
+                         s["micro_batch_size"])
 
     def save(self):
         from .checkpointing import save_checkpoint
@@ -238,7 +236,7 @@ class Trainer:
         ck = self.cfg["checkpoint"]
         common = dict(consumed_samples=self.consumed, scheduler=self.scheduler.state_dict(),
                       skipped_iterations=self.skipped_total, config=self.cfg,
-                      model_shape=run_config.shape_keys(self.cfg),
+                      model_shape=run_config.shape_keys(self.cfg), vocab_size=self.vocab,
                       tokenizer=self.tokenizer.fingerprint())
         path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer, common,
                                ck["keep_last"])
@@ -288,7 +286,9 @@ class Trainer:
                 os.makedirs(ck["save"], exist_ok=True)
                 with open(os.path.join(ck["save"], "config.yaml"), "w") as f:
                     f.write(run_config.dump(cfg))
-            print(f"CR-Net: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
+                # the tokenizer travels with the run (export, eval and generation read it)
+                shutil.copyfile(self.tokenizer.path, os.path.join(ck["save"], "tokenizer.json"))
+            print(f"{self.config.crnet_projection}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
                   f"on this rank; ranks {self.config.crnet_layer_ranks}; {self.flops / 1e9:.3f} "
                   f"GFLOP/token (dense equivalent {self.dense_flops / 1e9:.3f}); MFU peak "
                   f"{self.peak or 'n/a'} TFLOP/s", flush=True)

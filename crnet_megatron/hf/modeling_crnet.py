@@ -1,0 +1,274 @@
+"""CRNetForCausalLM: a self-contained PyTorch CR-Net LLaMA for exported checkpoints.
+
+This one file is what an export directory carries for ``trust_remote_code``: it imports only
+torch, safetensors and (when installed) transformers, never Megatron. Layers up to the first
+low-rank one are LLaMA layers with HF Llama's tensor names (``q_proj.weight`` ...); a low-rank
+projection has ``A.weight`` (r x h_in), ``B.weight`` (h_out x r) and, for CR-Net,
+``beta`` (1): ``Y_l = s(beta) Y_{l-1} + B(A X_l)`` with ``s(beta) = sign(beta)(|beta| + eps)``.
+The chain is per position (token), so a KV-cached decode step needs only the new token's
+previous-layer projection outputs. ``config.crnet_projection``: "crnet", "lowrank" or "dense"
+(a plain LLaMA; a Llama ``config.json`` loads as that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # with transformers: AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
+    from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    HAVE_TRANSFORMERS = True
+except ImportError:  # plain PyTorch
+    HAVE_TRANSFORMERS = False
+
+    class PretrainedConfig:  # the attributes-from-kwargs part of transformers' class
+        model_type = ""
+
+        def __init__(self, **kwargs):
+            for key, value in kwargs.items():
+                setattr(self, key, value)
+
+    class PreTrainedModel(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+
+        def post_init(self):
+            pass
+
+    class GenerationMixin:
+        pass
+
+    class CausalLMOutputWithPast(dict):
+        def __getattr__(self, name):
+            return self.get(name)
+
+_CACHE_FIELD = ("cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__",
+                                              {"cache": None}) else "past_key_values")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class CRNetLlamaConfig(PretrainedConfig):
+    model_type = "crnet_llama"
+
+    def __init__(self, vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                 head_dim=None, rms_norm_eps=1e-6, rope_theta=10000.0,
+                 max_position_embeddings=4096, crnet_projection="dense",
+                 crnet_layer_ranks=None, crnet_eps=1e-6, **kwargs):
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.intermediate_size, self.num_hidden_layers = intermediate_size, num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.rms_norm_eps, self.rope_theta = rms_norm_eps, rope_theta
+        self.max_position_embeddings = max_position_embeddings
+        self.crnet_projection = crnet_projection
+        self.crnet_layer_ranks = list(crnet_layer_ranks or [None] * num_hidden_layers)
+        self.crnet_eps = crnet_eps
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+
+class KVCache:
+    """Keys and values per layer ([b, kv_heads, t, head_dim], after RoPE); the same ``update``
+    / ``get_seq_length`` calls as transformers' DynamicCache, which may be passed instead."""
+
+    def __init__(self):
+        self.layers: List[Tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(self, key, value, layer_idx, cache_kwargs=None):
+        if layer_idx == len(self.layers):
+            self.layers.append((key, value))
+        else:
+            k, v = self.layers[layer_idx]
+            self.layers[layer_idx] = (torch.cat([k, key], dim=2), torch.cat([v, value], dim=2))
+        return self.layers[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx][0].shape[2] if len(self.layers) > layer_idx else 0
+
+
+class LowRank(nn.Module):
+    """``B(A x)``, plus ``s(beta) * prev`` when chained (CR-Net)."""
+
+    def __init__(self, h_in: int, h_out: int, rank: int, chained: bool, eps: float):
+        super().__init__()
+        self.A = nn.Linear(h_in, rank, bias=False)
+        self.B = nn.Linear(rank, h_out, bias=False)
+        self.beta = nn.Parameter(torch.ones(1)) if chained else None
+        self.eps = eps
+
+    def forward(self, x, prev):
+        y = self.B(self.A(x))
+        if self.beta is None:
+            return y
+        return y + torch.sign(self.beta) * (self.beta.abs() + self.eps) * prev
+
+
+def _project(module, x, prev):
+    return module(x, prev) if isinstance(module, LowRank) else module(x)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class CRNetLayer(nn.Module):
+    def __init__(self, config: CRNetLlamaConfig, rank: Optional[int]):
+        super().__init__()
+        c = config
+        self.heads, self.kv_heads, self.head_dim = (c.num_attention_heads,
+                                                    c.num_key_value_heads, c.head_dim)
+        q, kv, h, f = self.heads * self.head_dim, self.kv_heads * self.head_dim, c.hidden_size, \
+            c.intermediate_size
+        shapes = dict(q_proj=(h, q), k_proj=(h, kv), v_proj=(h, kv), o_proj=(q, h),
+                      gate_proj=(h, f), up_proj=(h, f), down_proj=(f, h))
+        chained = c.crnet_projection == "crnet"
+
+        def make(name):
+            i, o = shapes[name]
+            if rank is None:
+                return nn.Linear(i, o, bias=False)
+            return LowRank(i, o, rank, chained, c.crnet_eps)
+
+        self.self_attn = nn.Module()
+        for name in PROJECTIONS[:4]:
+            self.self_attn.add_module(name, make(name))
+        self.mlp = nn.Module()
+        for name in PROJECTIONS[4:]:
+            self.mlp.add_module(name, make(name))
+        self.input_layernorm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(h, eps=c.rms_norm_eps)
+
+    def forward(self, x, chains, cos, sin, cache, layer_idx):
+        """x: [b, t, h]; chains: the previous layer's 7 projection outputs (or None)."""
+        prev = chains or [None] * 7
+        a, m = self.self_attn, self.mlp
+        y = self.input_layernorm(x)
+        q, k, v = (_project(getattr(a, n), y, p) for n, p in zip(PROJECTIONS[:3], prev[:3]))
+        outs = [q, k, v]
+        b, t = x.shape[:2]
+        qh = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        kh = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        vh = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        qh, kh = qh * cos + _rotate_half(qh) * sin, kh * cos + _rotate_half(kh) * sin
+        past = 0
+        if cache is not None:
+            past = cache.get_seq_length(layer_idx)
+            kh, vh = cache.update(kh, vh, layer_idx)
+        mask = None
+        if past and t > 1:  # causal with an offset: query i sees keys up to past + i
+            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(past)
+        ctx = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, is_causal=mask is None and t > 1,
+            enable_gqa=self.heads != self.kv_heads)
+        ctx = ctx.transpose(1, 2).reshape(b, t, -1)
+        o = _project(a.o_proj, ctx, prev[3])
+        x = x + o
+        y = self.post_attention_layernorm(x)
+        gate = _project(m.gate_proj, y, prev[4])
+        up = _project(m.up_proj, y, prev[5])
+        down = _project(m.down_proj, F.silu(gate) * up, prev[6])
+        return x + down, outs + [o, gate, up, down]
+
+
+class CRNetModel(nn.Module):
+    def __init__(self, config: CRNetLlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([CRNetLayer(config, r) for r in config.crnet_layer_ranks])
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.head_dim, self.rope_theta = config.head_dim, config.rope_theta
+        self.chained = config.crnet_projection == "crnet"
+
+    def forward(self, input_ids, cache=None):
+        past = cache.get_seq_length() if cache is not None else 0
+        x = self.embed_tokens(input_ids)
+        pos = torch.arange(past, past + input_ids.shape[1], device=x.device, dtype=torch.float32)
+        # computed here, not held in a buffer: transformers builds models on the meta device
+        dim = self.head_dim
+        inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                                           device=x.device) / dim))
+        freqs = torch.outer(pos, inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        chains = None
+        for i, layer in enumerate(self.layers):
+            x, outs = layer(x, chains, cos, sin, cache, i)
+            chains = outs if self.chained else None
+        return self.norm(x)
+
+
+class CRNetForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = CRNetLlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["CRNetLayer"]
+    _supports_cache_class = True
+
+    def __init__(self, config: CRNetLlamaConfig):
+        super().__init__(config)
+        self.model = CRNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module):  # only for tensors a checkpoint lacks (transformers)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, LowRank) and module.beta is not None:
+            nn.init.ones_(module.beta)
+
+    def forward(self, input_ids, cache=None, use_cache: bool = False, labels=None,
+                attention_mask=None, past_key_values=None, **unused):
+        """Logits [b, t, vocab]; with a cache, ``input_ids`` are the tokens after it."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("CRNetForCausalLM: padded batches are not supported; pass "
+                             "equal-length sequences")
+        cache = cache if cache is not None else past_key_values  # (older transformers' name)
+        if cache is None and use_cache:
+            cache = KVCache()
+        logits = self.lm_head(self.model(input_ids, cache))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+    @classmethod
+    def from_export(cls, path: str, dtype: Optional[torch.dtype] = None,
+                    device: str = "cpu") -> "CRNetForCausalLM":
+        """Load an export directory with PyTorch and safetensors alone (never unpickles)."""
+        from safetensors.torch import load_file
+
+        config_path = os.path.join(path, "config.json")
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        known = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                 "rope_theta", "max_position_embeddings", "crnet_projection",
+                 "crnet_layer_ranks", "crnet_eps", "eos_token_id", "bos_token_id")
+        config = CRNetLlamaConfig(**{k: raw[k] for k in known if k in raw})
+        model = cls(config)
+        state = load_file(os.path.join(path, "model.safetensors"), device=device)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # a tensor of another shape
+            raise ValueError(f"{path}/model.safetensors does not match {config_path}: "
+                             f"{str(e).splitlines()[-1].strip()}") from None
+        bad = list(result.missing_keys) + list(result.unexpected_keys)
+        if bad:
+            raise ValueError(f"{path}/model.safetensors does not match {config_path} "
+                             f"(crnet_projection={config.crnet_projection!r}): missing or "
+                             f"unexpected tensors {bad[:4]}")
+        model = model.to(device)
+        return model.to(dtype) if dtype is not None else model
+
