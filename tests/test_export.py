@@ -1,0 +1,146 @@
+"""Export round trips: a TP=2 or PP=2 checkpoint of each variant, exported, gives the Megatron
+model's loss and logits; transformers loads it (remote code, or LlamaForCausalLM when dense)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.driver_utils import driver_cfg
+from tests.helpers import run_distributed
+
+SEQ = 32  # driver_utils.TINY's model.seq_length
+WINDOWS = 3
+
+
+def _windows(vocab: int) -> np.ndarray:
+    return np.random.default_rng(5).integers(0, vocab, WINDOWS * SEQ + 1)
+
+
+def _train_and_score(rank, world, cfg, tokens):
+    """Train through the real driver, then the Megatron model's loss on fixed windows, computed
+    in the run's own TP/PP layout (the schedule used by training-time eval)."""
+    from crnet_megatron.parallel import destroy_distributed
+    from crnet_megatron.training.data import SampleIterator
+    from crnet_megatron.training.evaluation import TokenWindows, mean_loss
+    from crnet_megatron.training.loop import Trainer
+
+    try:
+        trainer = Trainer(cfg)
+        trainer.train()
+        device = next(trainer.model.parameters()).device
+        it = SampleIterator(TokenWindows(tokens, SEQ, WINDOWS), 1, 0, 1, 0, device)
+        return mean_loss(trainer.model, it, WINDOWS, 1, SEQ, 1)
+    finally:
+        destroy_distributed()
+
+
+def _hf_loss(model, tokens) -> float:
+    ids = torch.as_tensor(tokens, dtype=torch.long)
+    losses = []
+    for i in range(WINDOWS):
+        w = ids[i * SEQ:(i + 1) * SEQ + 1]
+        logits = model(w[None, :-1]).logits[0].float()
+        losses.append(F.cross_entropy(logits, w[1:]))
+    return float(torch.stack(losses).mean())
+
+
+LAYOUTS = {"tp2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
+           "pp2": ["parallel.pipeline_model_parallel_size=2"]}
+
+
+@pytest.mark.parametrize("projection,layout", [
+    ("crnet", "tp2"), ("crnet", "pp2"), ("lowrank", "tp2"), ("lowrank", "pp2"),
+    ("dense", "tp2"), ("dense", "pp2")])
+def test_export_matches_megatron(tiny_dataset, tmp_path, projection, layout):
+    from crnet_megatron.hf import CRNetForCausalLM
+    from crnet_megatron.inference import load_megatron_model, megatron_logits, single_process
+    from tools.export_hf import main as export_main
+
+    save, out = str(tmp_path / "run"), str(tmp_path / "export")
+    cfg = driver_cfg(tiny_dataset, str(tmp_path / "cache"), save, f"model.projection={projection}",
+                     "model.crnet_beta_init=-0.7", "schedule.train_iters=3",
+                     "eval.eval_interval=3", *LAYOUTS[layout])
+    from tokenizers import Tokenizer
+
+    tokens = _windows(Tokenizer.from_file(tiny_dataset[1]).get_vocab_size())
+    megatron_loss = run_distributed(_train_and_score, 2, cfg, tokens, timeout=400)[-1]
+    assert export_main([save, out]) == 0
+
+    files = sorted(os.listdir(out))
+    config = json.load(open(os.path.join(out, "config.json")))
+    if projection == "dense":
+        assert config["architectures"] == ["LlamaForCausalLM"] and "modeling_crnet.py" not in files
+    else:
+        assert config["crnet_projection"] == projection and "modeling_crnet.py" in files
+    assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(files)
+    exported = CRNetForCausalLM.from_export(out).eval()
+    with torch.no_grad():
+        hf_loss = _hf_loss(exported, tokens)
+    # the TP=2/PP=2 run's own loss on the same windows (fp32; reductions in another order)
+    assert hf_loss == pytest.approx(megatron_loss, rel=2e-6)
+    ids = torch.as_tensor(tokens[:SEQ])[None]
+    with single_process():
+        model, loaded = load_megatron_model(save)
+        ref = megatron_logits(model, ids)[..., :config["vocab_size"]]
+    with torch.no_grad():
+        got = exported(ids).logits
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    betas = [t for n, t in exported.named_parameters() if n.endswith("beta")]
+    assert (projection == "crnet") == bool(betas)
+
+
+def test_transformers_loads_exports(tiny_dataset, tmp_path):
+    """AutoModelForCausalLM (trust_remote_code) gives our logits; a dense export is a plain
+    LlamaForCausalLM with the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from crnet_megatron.hf import CRNetForCausalLM
+    from tests.driver_utils import run_in_process
+    from tools.export_hf import main as export_main
+
+    ids = torch.arange(20)[None] % 200
+    for projection, cls in (("crnet", "CRNetForCausalLM"), ("dense", "LlamaForCausalLM")):
+        save, out = str(tmp_path / projection), str(tmp_path / f"{projection}_export")
+        cfg = driver_cfg(tiny_dataset, str(tmp_path / "cache"), save, f"model.projection={projection}",
+                         "schedule.train_iters=2", "eval.eval_interval=2",
+                         "model.num_query_groups=2")
+        run_in_process(cfg)
+        assert export_main([save, out, "--no-verify"]) == 0
+        ours = CRNetForCausalLM.from_export(out).eval()
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(
+            out, trust_remote_code=projection != "dense").eval()
+        assert type(theirs).__name__ == cls
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_nonempty_directory(tiny_dataset, tmp_path, capsys):
+    from tests.driver_utils import run_in_process
+    from tools.export_hf import main as export_main
+
+    save, out = str(tmp_path / "run"), tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    run_in_process(driver_cfg(tiny_dataset, str(tmp_path / "cache"), save,
+                              "schedule.train_iters=1", "eval.eval_interval=1"))
+    with pytest.raises(SystemExit) as e:
+        export_main([save, str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists and is not empty" in err[0] and str(out) in err[0]
+    assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    os.remove(os.path.join(save, "tokenizer.json"))  # the run's copy gone, and the original
+    cfg_tok = tiny_dataset[1]
+    moved = cfg_tok + ".moved"
+    os.replace(cfg_tok, moved)
+    try:
+        with pytest.raises(SystemExit):
+            export_main([save, str(tmp_path / "export2")])
+    finally:
+        os.replace(moved, cfg_tok)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer for checkpoint" in err[0] and "--tokenizer" in err[0]
+    assert not os.path.exists(tmp_path / "export2")
