@@ -1,0 +1,1 @@
+"""Post-training analyses (the rank advisor)."""
