@@ -1,4 +1,4 @@
-"""Parameter and FLOP calculator: CR-Net vs dense for the paper's LLaMA shapes.
+"""Parameter and FLOP calculator: CR-Net vs its lowrank and dense baselines, the paper's shapes.
 
     python tools/param_calculator.py --size 1b --rank 448 512 --seq-len 256 [--json out.json]
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from crnet_megatron.counting import LLAMA_SHAPES, summary  # noqa: E402
+from crnet_megatron.counting import LLAMA_SHAPES, count_params, summary  # noqa: E402
 
 
 def main(argv=None):
@@ -23,7 +23,7 @@ def main(argv=None):
     p.add_argument("--json", help="write the rows as JSON here")
     args = p.parse_args(argv)
     rows = []
-    print(f"{'size':>5} {'rank':>5} {'params':>10} {'dense':>10} {'ratio':>6} "
+    print(f"{'size':>5} {'rank':>5} {'params':>10} {'lowrank':>10} {'dense':>10} {'ratio':>6} "
           f"{'train GFLOP/tok':>16} {'linear FLOP ratio':>18}")
     for size in args.size:
         shape = LLAMA_SHAPES[size]
@@ -31,8 +31,10 @@ def main(argv=None):
             if r >= shape.hidden:
                 continue
             s = summary(shape, r, args.seq_len)
-            rows.append(dict(size=size, rank=r, **s))
-            print(f"{size:>5} {r:>5} {s['params'] / 1e6:>9.1f}M {s['dense_params'] / 1e6:>9.1f}M "
+            lowrank = count_params(shape.variant("lowrank"), r)["total"]
+            rows.append(dict(size=size, rank=r, lowrank_params=lowrank, **s))
+            print(f"{size:>5} {r:>5} {s['params'] / 1e6:>9.1f}M {lowrank / 1e6:>9.1f}M "
+                  f"{s['dense_params'] / 1e6:>9.1f}M "
                   f"{s['param_ratio']:>6.3f} {s['training_flops_per_token'] / 1e9:>16.3f} "
                   f"{s['linear_flop_ratio']:>18.3f}")
     if args.json:
