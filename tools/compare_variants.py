@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     print(f"| variant | params | train GFLOP/token | iters | train loss | valid loss | valid ppl | s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r["params"]:,} | {r['train_flops_per_token'] / 1e9:.4f} "
+        print(f"| {r['variant']} | {r['params']:,} | {r['train_flops_per_token'] / 1e9:.4f} "
               f"| {r['iterations']} | {r['train_loss']:.4f} | {r['valid_loss']:.4f} "
               f"| {r['valid_ppl']:.2f} | {r['seconds']:.0f} |")
     if args.json:
