@@ -22,3 +22,23 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> Tuple[int, Any]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return total[0], out
+
+
+def saved_activation_storage_bytes(fn: Callable[[], Any], exclude=()) -> Tuple[int, Any]:
+    """Like ``saved_activation_bytes``, but counting memory: each storage autograd keeps is
+    counted once, whole, however many views of it are saved; storages of ``exclude`` (the
+    model's parameters) are not activations and are skipped."""
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    seen, total = set(), [0]
+
+    def pack(t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in seen and key not in skip:
+            seen.add(key)
+            total[0] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return total[0], out

@@ -1,0 +1,1 @@
+"""``crnet-plan``: memory fit and step-time model for a run, before renting the GPUs."""

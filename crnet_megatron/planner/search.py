@@ -1,0 +1,97 @@
+"""The questions a user asks before a run: does it fit, what is the smallest change that makes
+it fit, which layouts are fastest, and how does it scale (weak scaling, 8 to 1024 GPUs)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Dict, List, Optional
+
+from .hardware import GPU
+from .memory import GIB, plan_memory
+from .model import Plan
+from .step_time import step_time
+
+
+def evaluate(plan: Plan, gpu: GPU) -> Dict:
+    mem = plan_memory(plan)
+    t = step_time(plan, gpu)
+    return dict(plan=plan, memory=mem, time=t, fits=mem["total"] <= gpu.memory_gib * GIB)
+
+
+def valid(plan: Plan, gpus: int) -> bool:
+    s = plan.shape
+    if plan.tp * plan.pp * plan.dp != gpus or s.layers % plan.pp:
+        return False
+    if s.heads % plan.tp or (s.groups or s.heads) % plan.tp or s.ffn % plan.tp:
+        return False
+    if plan.global_batch % (plan.micro_batch * plan.dp):
+        return False
+    if plan.recompute == "crnet" and not s.chained:
+        return False
+    if any(r is not None and r % plan.tp for r in plan.ranks):
+        return False
+    return True
+
+
+def recompute_modes(plan: Plan) -> List[str]:
+    return ["none", "selective", "full"] + (["crnet"] if plan.shape.chained else [])
+
+
+def search(plan: Plan, gpu: GPU, gpus: int, top: int = 5,
+           node: Optional[int] = None) -> List[Dict]:
+    """The fastest layouts that fit: TP within a node, PP dividing the layers, every micro-batch
+    size and recompute mode; the global batch is kept."""
+    node = node or gpu.gpus_per_node
+    found = []
+    for tp in (t for t in (1, 2, 4, 8) if t <= node and gpus % t == 0):
+        for pp in (p for p in range(1, 65) if (gpus // tp) % p == 0):
+            dp = gpus // (tp * pp)
+            for mbs in (1, 2, 4, 8):
+                for mode in recompute_modes(plan):
+                    cand = replace(plan, tp=tp, pp=pp, dp=dp, micro_batch=mbs, recompute=mode,
+                                   sequence_parallel=tp > 1)
+                    if not valid(cand, gpus):
+                        continue
+                    r = evaluate(cand, gpu)
+                    if r["fits"]:
+                        found.append(r)
+    found.sort(key=lambda r: -r["time"]["tokens_per_s"])
+    return found[:top]
+
+
+def smallest_fix(plan: Plan, gpu: GPU) -> Optional[Dict]:
+    """One change to a layout that does not fit (recompute mode, micro-batch, distributed
+    optimizer, then more TP or PP within the same GPUs): the fastest one that fits."""
+    gpus = plan.gpus
+    options = [replace(plan, recompute=m) for m in recompute_modes(plan) if m != plan.recompute]
+    options += [replace(plan, micro_batch=b) for b in (1, 2, 4) if b < plan.micro_batch]
+    if not plan.distributed_optimizer:
+        options.append(replace(plan, distributed_optimizer=True))
+    for tp in (2, 4, 8):
+        if tp > plan.tp and gpus % (tp * plan.pp) == 0:
+            options.append(replace(plan, tp=tp, dp=gpus // (tp * plan.pp), sequence_parallel=True))
+    for pp in (2, 4, 8, 16):
+        if pp > plan.pp and gpus % (plan.tp * pp) == 0:
+            options.append(replace(plan, pp=pp, dp=gpus // (plan.tp * pp)))
+    fits = [evaluate(p, gpu) for p in options if valid(p, gpus)]
+    fits = [r for r in fits if r["fits"]]
+    return max(fits, key=lambda r: r["time"]["tokens_per_s"]) if fits else None
+
+
+def weak_scaling(plan: Plan, gpu: GPU, counts=(8, 16, 32, 64, 128, 256, 512, 1024)) -> List[Dict]:
+    """Fixed model and per-replica work (TP, PP, micro-batch, micro-batches per replica):
+    only DP grows. Efficiency = tokens/s per GPU relative to the first count."""
+    per_replica = plan.global_batch // plan.dp
+    rows, base = [], None
+    for n in counts:
+        if n % (plan.tp * plan.pp):
+            continue
+        dp = n // (plan.tp * plan.pp)
+        p = replace(plan, dp=dp, global_batch=per_replica * dp)
+        t = step_time(p, gpu)
+        base = base or t["tokens_per_s_per_gpu"]
+        rows.append(dict(gpus=n, dp=dp, global_batch=p.global_batch,
+                         tokens_per_s=t["tokens_per_s"], tokens_per_s_per_gpu=t["tokens_per_s_per_gpu"],
+                         mfu=t["mfu"], dp_exposed_s=t["dp_exposed_s"], step_s=t["step_s"],
+                         efficiency=t["tokens_per_s_per_gpu"] / base))
+    return rows
