@@ -17,8 +17,9 @@ token of one micro-batch; ``H`` marks hidden-wide tensors, which sequence parall
   chains are outputs the previous layer keeps anyway (attention's v and SwiGLU's gate/up
   views hold them), so they cost nothing more;
 * Megatron ``full`` keeps each layer's input (H) and incoming chains; ``selective`` (core
-  attention) saves only the log-sum-exp, as flash attention keeps no score matrix; ``crnet`` (Algorithm 1) keeps layer inputs,
-  the codes and the chains at its checkpoint layers (``counting.recompute_saved_elements``).
+  attention) saves only the log-sum-exp, as flash attention keeps no score matrix; ``crnet``
+  (Algorithm 1) keeps layer inputs, each rank's own codes (7r, split under SP) and the chains
+  at its checkpoint layers (``counting.recompute_saved_elements``).
   With ``full``/``crnet`` one layer's activations are live again during its backward.
 """
 
@@ -144,7 +145,9 @@ def stage_activation_elements(plan: Plan, stage: int) -> float:
         return len(layers) * H + carried * chain_elements(plan)
     if mode == "crnet":
         ranks = plan.ranks
-        codes = sum(5 * ranks[i] + 2 * (ranks[i] / t if plan.sp else ranks[i])
+        # Algorithm 1 stores each rank's own codes (a sequence shard under SP: the column
+        # codes are gathered again in backward)
+        codes = sum(7 * (ranks[i] / t if plan.sp else ranks[i])
                     for i in layers if ranks[i] is not None)
         stored = checkpoint_count(len(layers), sum(1 for i in layers if ranks[i] is None),
                                   plan.every)
