@@ -135,3 +135,31 @@ def test_generate_cli_and_bad_inputs(tiny_dataset, tmp_path, capsys):
         train_main([a for s in sets for a in ("--set", s)])
     err = capsys.readouterr().err.strip().splitlines()
     assert "another model shape" in err[-1] and "model.projection: checkpoint 'crnet' vs config 'lowrank'" in err[-1]
+
+
+def test_export_of_another_variant_is_refused(tmp_path, capsys):
+    """An export whose tensors do not match its config.json (here: CR-Net tensors, a lowrank
+    config) gets one line naming both files; nothing is loaded."""
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from crnet_megatron.generate import main as gen_main
+
+    model = _model("crnet")
+    out = tmp_path / "export"
+    out.mkdir()
+    config = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40,
+                  crnet_projection="lowrank", crnet_layer_ranks=[None, 8, 12, 8], eos_token_id=0)
+    (out / "config.json").write_text(_json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(out / "tokenizer.json"))
+    with pytest.raises(SystemExit) as e:
+        gen_main([str(out), "--prompt", "a"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert "model.safetensors does not match" in err[0] and "lowrank" in err[0] and "beta" in err[0]
