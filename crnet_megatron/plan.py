@@ -155,7 +155,7 @@ def plot_weak_scaling(out: Dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for n, style in (("crnet", "o-"), ("lowrank", "s-"), ("dense", "^-")):
+    for n, style in (("dense", "^-"), ("lowrank", "s--"), ("crnet", "o-")):  # CR-Net on top
         rows = out["variants"][n]["weak_scaling"]
         if not rows:
             continue
