@@ -81,3 +81,27 @@ def test_distributed_optimizer_logs_the_global_grad_norm(reference, tiny_dataset
     assert max(_relative(g, r["grad_norm"]) for g, r in zip(norms[0], reference)) < RTOL
     assert max(_relative(g["loss"], r["loss"])
                for g, r in zip(results[0]["history"], reference)) < RTOL
+
+
+FULL = ["recompute.recompute_granularity=full", "recompute.recompute_method=uniform",
+        "recompute.recompute_num_layers=1"]
+BASELINES = {  # the paper's baselines and ablation, each at a multi-process layout
+    "lowrank-tp2-pp2-sp-full": (4, ["model.projection=lowrank"] + TP2 + PP2 + SP + FULL),
+    "dense-tp2-sp": (2, ["model.projection=dense"] + TP2 + SP),
+    "frozen-beta-pp2-dp2": (4, ["model.crnet_learn_beta=false"] + PP2),
+}
+
+
+@pytest.mark.parametrize("name", list(BASELINES))
+def test_baselines_train_the_same_model_at_every_layout(tiny_dataset, tmp_path, name):
+    """A baseline at a multi-process layout gives its own TP=1/PP=1/DP=1 run's losses and grad
+    norms (the variant keys only; recompute modes are layout-invariant already)."""
+    world, sets = BASELINES[name]
+    variant = [s for s in sets if s.startswith("model.")]
+    ref = run_in_process(driver_cfg(tiny_dataset, tmp_path / "r", None, *BASE, *variant))["history"]
+    cfg = driver_cfg(tiny_dataset, tmp_path / "c", None, *BASE, *sets)
+    got = run_distributed(run_worker, world, cfg, timeout=400)[0]["history"]
+    worst_loss = max(_relative(g["loss"], r["loss"]) for g, r in zip(got, ref))
+    worst_norm = max(_relative(g["grad_norm"], r["grad_norm"]) for g, r in zip(got, ref))
+    assert worst_loss < RTOL and worst_norm < RTOL, (worst_loss, worst_norm)
+    assert got[-1]["loss"] < got[0]["loss"] - 0.05
