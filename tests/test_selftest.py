@@ -16,6 +16,8 @@ def test_selftest_single_process(tmp_path, monkeypatch):
     assert rc == 0
     assert rows["bf16_vs_fp32"]["status"] == "pass"
     assert rows["te_vs_local"]["status"] == "skip"  # no CUDA here
+    assert rows["planner_memory"]["status"] == "pass"
+    assert "activations predicted/measured 1.000" in rows["planner_memory"]["detail"]
     assert rows["pp_chains_p2p"]["status"] == "skip" and "torchrun" in rows["pp_chains_p2p"]["detail"]
 
 

@@ -13,6 +13,9 @@ Checks, each with a timing, as a pass/fail/skip table (and ``--json OUT``):
   its checkpoints without them).
 * ``pp_chains_p2p``: PP=2 (CR-Net chains packed into the P2P tensor; NCCL on GPUs, gloo on CPU)
   trains to the same losses as PP=1 (needs 2+ processes).
+* ``planner_memory``: ``crnet-plan``'s activation model against what autograd keeps in a real
+  CR-Net forward on this device (bf16 on GPU, within 10%), and on GPU its activations + logits
+  against the CUDA memory a whole forward holds for backward (within 25%).
 
 On CPU the CUDA-only checks are reported as skipped; the exit code is 1 when any check fails.
 """
@@ -137,9 +140,63 @@ def check_pp_chains_p2p(workdir):
     return f"max relative loss difference {rel:.1e} over {len(pp1)} steps"
 
 
+def check_planner_memory(workdir):
+    import torch
+    from megatron.core import parallel_state
+
+    from crnet_megatron import build_model
+    from crnet_megatron.counting import ModelShape
+    from crnet_megatron.parallel import init_distributed
+    from crnet_megatron.planner.memory import stage_memory
+    from crnet_megatron.planner.model import Plan, norm_elements, stage_activation_elements
+    from crnet_megatron.profiling import saved_activation_storage_bytes
+    from crnet_megatron.training.config import load_run_config, to_crnet_config
+
+    if _world() > 1:
+        raise Skip("single-process check")
+    init_distributed(1, 1)
+    cuda = torch.cuda.is_available()
+    try:
+        cfg = load_run_config(None, TINY + [f"optimizer.bf16={str(cuda).lower()}"])
+        config = to_crnet_config(cfg)
+        seq, batch, vocab = 64, 2, 512
+        model = build_model(config, vocab, seq, backend="local", seed=1)
+        device = next(model.parameters()).device
+        hidden = torch.randn(seq, batch, config.hidden_size, device=device,
+                             dtype=config.params_dtype, requires_grad=True)
+        rope = model.rotary_pos_emb(seq)
+        measured, _ = saved_activation_storage_bytes(
+            lambda: model.decoder(hidden, None, rotary_pos_emb=rope), list(model.parameters()))
+        plan = Plan(ModelShape.from_config(config, vocab), config.crnet_layer_ranks, seq,
+                    micro_batch=batch, global_batch=batch, bf16=cuda, backend="local",
+                    distributed_optimizer=False)
+        elements = stage_activation_elements(plan, 0) + norm_elements(plan) - config.hidden_size
+        predicted = elements * seq * batch * (2 if cuda else 4)
+        rel = predicted / measured - 1
+        detail = f"activations predicted/measured {predicted / measured:.3f}"
+        assert abs(rel) < 0.10, f"activation model off by {rel:+.1%} on this device"
+        if cuda:  # memory a whole forward holds for backward (decoder, logits, loss)
+            del hidden
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            ids = torch.randint(0, vocab, (batch, seq), device=device)
+            pos = torch.arange(seq, device=device)[None].expand(batch, -1)
+            loss = model(ids, pos, None, labels=ids).float().mean()
+            torch.cuda.synchronize()
+            held = torch.cuda.memory_allocated() - base
+            parts = stage_memory(plan, 0)
+            ratio = (parts["activations"] + parts["logits"]) / held
+            detail += f"; whole forward held predicted/measured {ratio:.2f}"
+            del loss
+            assert 0.75 < ratio < 1.33, f"forward memory model off: predicted/measured {ratio:.2f}"
+    finally:
+        parallel_state.destroy_model_parallel()
+    return detail
+
+
 CHECKS = {"te_vs_local": check_te_vs_local, "bf16_vs_fp32": check_bf16_vs_fp32,
           "dist_optimizer_resume": check_dist_optimizer_resume,
-          "pp_chains_p2p": check_pp_chains_p2p}
+          "pp_chains_p2p": check_pp_chains_p2p, "planner_memory": check_planner_memory}
 
 
 def run_checks(names, workdir):
