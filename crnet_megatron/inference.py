@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -104,8 +103,8 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
     tok = find_tokenizer(common, cfg, run_dir, tokenizer)
     vocab = common.get("vocab_size")
     if not isinstance(vocab, int):  # Megatron-LM's padding at the training TP size
-        multiple = 128 * cfg["parallel"]["tensor_model_parallel_size"]
-        vocab = int(math.ceil(tok.vocab_size / multiple) * multiple)
+        vocab = run_config.padded_vocab(tok.vocab_size,
+                                        cfg["parallel"]["tensor_model_parallel_size"])
     single = copy.deepcopy(cfg)
     single["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                               sequence_parallel=False, num_layers_in_first_pipeline_stage=None,

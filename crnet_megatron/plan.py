@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 from dataclasses import asdict, replace
@@ -41,8 +40,7 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
     single["recompute"]["recompute_granularity"] = None
     config = run_config.to_crnet_config(single)
     vocab = vocab or _vocab(cfg)
-    multiple = 128 * tp
-    shape = ModelShape.from_config(config, int(math.ceil(vocab / multiple) * multiple))
+    shape = ModelShape.from_config(config, run_config.padded_vocab(vocab, tp))
     dp = gpus // (tp * pp)
     recompute = cfg["recompute"]["recompute_granularity"] or "none"
     return Plan(shape, config.crnet_layer_ranks, m["seq_length"], tp=tp, pp=pp, dp=dp,

@@ -12,7 +12,6 @@ every variant).
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from crnet_megatron.counting import ModelShape, count_params, flops_per_token
-    from crnet_megatron.training.config import load_run_config, to_crnet_config
+    from crnet_megatron.training.config import load_run_config, padded_vocab, to_crnet_config
 
     rows = []
     for variant in args.variants:
@@ -51,10 +50,8 @@ def main(argv=None) -> int:
         subprocess.run(cmd + [a for s in sets for a in ("--set", s)], check=True,
                        stdout=subprocess.DEVNULL)
         vocab = json.load(open(os.path.join(save, "tokenizer.json")))["model"]["vocab"]
-        # the model's padded vocabulary, as the trainer builds it
-        multiple = 128 * cfg["parallel"]["tensor_model_parallel_size"]
-        padded = math.ceil(len(vocab) / multiple) * multiple
-        shape = ModelShape.from_config(config, padded)
+        shape = ModelShape.from_config(config, padded_vocab(
+            len(vocab), cfg["parallel"]["tensor_model_parallel_size"]))
         metrics = os.path.join(save, "metrics.jsonl")
         valid, train = _last(metrics, "valid"), _last(metrics, "train")
         rows.append(dict(variant=variant, params=count_params(shape, config.crnet_layer_ranks)["total"],
@@ -63,7 +60,7 @@ def main(argv=None) -> int:
                          iterations=valid["iteration"], train_loss=train["loss"],
                          valid_loss=valid["loss"], valid_ppl=valid["ppl"],
                          seconds=time.perf_counter() - start))
-    print(f"| variant | params | train GFLOP/token | iters | train loss | valid loss | valid ppl | s |")
+    print("| variant | params | train GFLOP/token | iters | train loss | valid loss | valid ppl | s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['params']:,} | {r['train_flops_per_token'] / 1e9:.4f} "

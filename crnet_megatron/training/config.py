@@ -327,6 +327,12 @@ def shape_keys(cfg) -> Dict[str, Any]:
     return {k: cfg["model"][k] for k in keys}
 
 
+def padded_vocab(vocab_size: int, tensor_model_parallel_size: int) -> int:
+    """The model's vocabulary: Megatron-LM's padding to a multiple of 128 x TP."""
+    multiple = 128 * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
 def validate_batch(cfg, dp_size: int) -> int:
     """Number of micro-batches per step; global batch must split over DP and micro-batches."""
     s = cfg["schedule"]

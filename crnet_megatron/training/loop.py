@@ -141,8 +141,8 @@ class Trainer:
         sizes = [s["train_iters"] * gbs, evals * e["eval_iters"] * gbs, e["eval_iters"] * gbs]
         self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer, prefixes, weights,
                                                          sizes)
-        multiple = 128 * p["tensor_model_parallel_size"]  # Megatron-LM: make-vocab-size-divisible-by 128
-        self.vocab = int(math.ceil(self.tokenizer.vocab_size / multiple) * multiple)
+        self.vocab = run_config.padded_vocab(self.tokenizer.vocab_size,
+                                             p["tensor_model_parallel_size"])
 
         model = build_model(self.config, vocab_size=self.vocab, max_sequence_length=m["seq_length"],
                             rotary_base=m["rotary_base"], seed=s["seed"])
