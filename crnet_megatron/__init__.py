@@ -1,9 +1,46 @@
-"""CR-Net (cross-layer low-rank LLaMA) on Megatron-Core."""
+"""CR-Net (cross-layer low-rank LLaMA) on Megatron-Core.
 
-from .config import CRNetConfig
-from .layer import Chains
-from .model import CRNetGPTModel, build_model
-from .specs import get_crnet_decoder_block_spec, get_crnet_layer_spec
+The package is built in wings, each importing only the wings below it (``tests/test_layering.py``
+checks the order stated in ``LAYERS``):
 
-__all__ = ["CRNetConfig", "Chains", "CRNetGPTModel", "build_model",
-           "get_crnet_decoder_block_spec", "get_crnet_layer_spec"]
+    model     what the network is: config, the positions table, chain ops, TP linears, layers,
+              block, GPT model, specs, init                        (torch, megatron-core)
+    parallel  how it is distributed: process groups and the plan, building a rank's stage,
+              pipeline payload, recompute, the CPU adaptation of megatron-core
+    data      corpus, tokenizer, preprocessing, validation, evaluation windows
+    analysis  formulas (parameters, FLOPs, payload, recompute memory, TP traffic; no torch) and
+              the rank advisor
+    planner   ``crnet-plan``'s model (no torch)
+    training  the driver: run config, datasets, the step, the trainer, checkpoints, metrics
+    export    after training: checkpoint -> single-process model, HF export, generation,
+              perplexity, the self-contained ``modeling_crnet.py``
+    testing   the oracle, communication counters and the saved-activation profiler
+    bench     ``crnet-bench``: one runner, one table and JSON writer
+    cli       every console script
+
+Importing this package loads nothing heavy; the model's public names below are loaded on first
+use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+LAYERS = ("model", "parallel", "data", "analysis", "planner", "training", "export", "testing",
+          "bench", "cli")
+
+_EXPORTS = {
+    "CRNetConfig": "crnet_megatron.model.config",
+    "Chains": "crnet_megatron.model.layer",
+    "CRNetGPTModel": "crnet_megatron.model.gpt",
+    "build_model": "crnet_megatron.parallel.build",
+    "get_crnet_decoder_block_spec": "crnet_megatron.model.specs",
+    "get_crnet_layer_spec": "crnet_megatron.model.specs",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'crnet_megatron' has no attribute {name!r}")

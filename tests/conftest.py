@@ -10,7 +10,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 @pytest.fixture
 def megatron_single():
     """Single-process gloo group with TP=PP=1 (Megatron modules need parallel_state)."""
-    from crnet_megatron.parallel import destroy_distributed, init_distributed
+    from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
     from tests.helpers import free_port
 
     os.environ["MASTER_PORT"] = str(free_port())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crnet_megatron.training.config import load_run_config
+from crnet_megatron.training.run_config import load_run_config
 
 TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=172",
         "model.crnet_rank=16", "model.seq_length=32", "schedule.train_iters=8",
@@ -23,14 +23,14 @@ def driver_cfg(data, cache, save=None, *extra):
 def run_in_process(cfg, monkeypatch=None):
     import os
 
+    from crnet_megatron.training.trainer import run
     from tests.helpers import free_port
-    from crnet_megatron.training.loop import run
 
     os.environ["MASTER_PORT"] = str(free_port())
     return run(cfg)
 
 
 def run_worker(rank, world, cfg):
-    from crnet_megatron.training.loop import run
+    from crnet_megatron.training.trainer import run
 
     return run(cfg)

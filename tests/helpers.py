@@ -36,7 +36,8 @@ def batch(seed: int = 0):
 def load_full_weights(model, full: Dict[str, torch.Tensor]):
     """Copy TP=1 weights into this rank's shards."""
     from megatron.core import parallel_state as ps
-    from crnet_megatron.tp_layout import shard_for_tp, tp_split_dim
+
+    from crnet_megatron.model.tp_layout import shard_for_tp, tp_split_dim
 
     r, t = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     with torch.no_grad():

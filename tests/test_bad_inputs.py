@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from crnet_megatron.data.validate import _HEADER, read_index, validate_prefix
-from crnet_megatron.training.config import load_run_config
+from crnet_megatron.training.run_config import load_run_config
 from tests.driver_utils import driver_cfg, run_in_process
 
 
@@ -93,8 +93,8 @@ def test_every_batch_is_checked_against_the_vocabulary():
 
 
 def test_bad_tokenizer_and_input_files(tiny_dataset, tmp_path, capsys):
+    from crnet_megatron.cli.preprocess import main as preprocess_main
     from crnet_megatron.data.preprocess import HFTokenizer, preprocess_jsonl
-    from tools.preprocess_data import main as preprocess_main
 
     bad_tok = tmp_path / "tok.json"
     bad_tok.write_text('{"version": "1.0", "model": ')
@@ -169,7 +169,7 @@ def test_empty_config_unknown_and_removed_keys(tmp_path):
 
 
 def test_rotary_base_reaches_the_model(megatron_single):
-    from crnet_megatron.model import build_model
+    from crnet_megatron.parallel.build import build_model
     from tests.helpers import batch, tiny_config
 
     ids, pos, _ = batch()
@@ -186,7 +186,7 @@ def test_rotary_base_reaches_the_model(megatron_single):
 
 
 def test_main_prints_one_line(tmp_path, capsys):
-    from crnet_megatron.train import main
+    from crnet_megatron.cli.train import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing.yaml")])

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from crnet_megatron import build_model
-from crnet_megatron.counting import LLAMA_SHAPES, ModelShape, count_params, flops_per_token
+from crnet_megatron.analysis.counting import (
+    LLAMA_SHAPES,
+    ModelShape,
+    count_params,
+    flops_per_token,
+)
 from tests.driver_utils import driver_cfg, run_in_process
 from tests.helpers import SEQ, VOCAB, batch, tiny_config
 
@@ -64,7 +69,7 @@ def test_variant_flops_and_paper_shapes():
     (["model.projection=cola"], "model.projection = 'cola' is not one of"),
 ])
 def test_variant_config_errors(sets, needle):
-    from crnet_megatron.training.config import load_run_config
+    from crnet_megatron.training.run_config import load_run_config
 
     with pytest.raises(ValueError, match=needle):
         load_run_config(None, sets)
@@ -77,7 +82,7 @@ def test_frozen_beta_stays_at_init_through_training(tiny_dataset, tmp_path):
                      "model.crnet_beta_init=0.5", "schedule.train_iters=3", "eval.eval_interval=3")
     out = run_in_process(cfg)
     assert out["iteration"] == 3
-    from crnet_megatron.inference import load_megatron_model, single_process
+    from crnet_megatron.export.loader import load_megatron_model, single_process
 
     with single_process():
         model, _ = load_megatron_model(save)

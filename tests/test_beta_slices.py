@@ -47,7 +47,7 @@ def test_perturbing_one_beta_changes_only_its_slice(megatron_single, module_path
 
 
 def test_signed_scale_keeps_the_sign_and_adds_eps():
-    from crnet_megatron.linears import signed_scale
+    from crnet_megatron.model.linears import signed_scale
 
     beta = torch.tensor([-0.5, 0.5, -2.0, 1e-3])
     torch.testing.assert_close(signed_scale(beta, 0.25), torch.tensor([-0.75, 0.75, -2.25, 0.251]),
@@ -87,7 +87,7 @@ def test_chain_term_is_signed_scale_times_previous_output(megatron_single, modul
 @pytest.mark.parametrize("layout", ["qkv-gqa", "glu", "whole"])
 def test_chain_add_gradcheck(layout):
     """The fused chain update against autograd's own derivative, in float64."""
-    from crnet_megatron.chain_ops import chain_add, whole
+    from crnet_megatron.model.chain_ops import chain_add, whole
 
     g = torch.Generator().manual_seed(3)
     if layout == "qkv-gqa":  # 2 groups of [2 q heads | k | v], head dim 3
@@ -114,7 +114,7 @@ def test_chain_add_gradcheck(layout):
 def test_replay_chain_backpropagates_as_chain_add():
     """Recompute's replay returns the known Y and must give chain_add's gradients (float64):
     to the B pieces (their slices of dY), to Y_prev and to s."""
-    from crnet_megatron.chain_ops import chain_add, invert_chain, replay_chain
+    from crnet_megatron.model.chain_ops import chain_add, invert_chain, replay_chain
 
     def slices(t):
         return list(t.view(*t.shape[:-1], 2, 12).split([6, 3, 3], dim=-1))

@@ -15,7 +15,14 @@ measured), which the last assertion shows.
 import torch
 
 from crnet_megatron import build_model
-from tests.helpers import SEQ, VOCAB, batch, load_full_weights, randomize_betas, tiny_config
+from tests.helpers import (
+    SEQ,
+    VOCAB,
+    batch,
+    load_full_weights,
+    randomize_betas,
+    tiny_config,
+)
 
 
 def _run(full, **kw):
@@ -44,7 +51,7 @@ def test_bf16_tracks_fp32_and_crnet_recompute_adds_no_error(megatron_single, cap
     bf16 = dict(bf16=True, params_dtype=torch.bfloat16)
     loss32, g32 = _run(full)
     loss16, g16 = _run(full, **bf16)
-    with caplog.at_level("WARNING", logger="crnet_megatron.recompute"):
+    with caplog.at_level("WARNING", logger="crnet_megatron.parallel.recompute"):
         loss16r, g16r = _run(full, recompute_granularity="crnet", **bf16)
     # the dense layer's o/down outputs are dwarfed by layer 2's low-rank updates at init:
     # inverting through them in bf16 would lose all mantissa bits, so they are stored

@@ -10,8 +10,8 @@ SHAPE = dict(hidden=64, ffn=96, heads=4, groups=2, rank=16, seq=16, batch=2)
 
 
 def _worker(rank, world, sp):
-    from crnet_megatron.comm_probe import measure_layer_comm
-    from crnet_megatron.parallel import init_distributed
+    from crnet_megatron.parallel.groups import init_distributed
+    from crnet_megatron.testing.comm_probe import measure_layer_comm
 
     init_distributed(tensor_model_parallel_size=world)
     return measure_layer_comm(**SHAPE, tp=world, sequence_parallel=sp)
@@ -19,7 +19,7 @@ def _worker(rank, world, sp):
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
 def test_measured_communication_equals_the_formula(sp):
-    from crnet_megatron.counting import comm_wire_bytes, tp_layer_comm
+    from crnet_megatron.analysis.counting import comm_wire_bytes, tp_layer_comm
 
     results = run_distributed(_worker, 2, sp, timeout=300)
     tokens = SHAPE["seq"] * SHAPE["batch"]

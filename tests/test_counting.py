@@ -3,7 +3,12 @@
 import pytest
 
 from crnet_megatron import build_model
-from crnet_megatron.counting import LLAMA_SHAPES, ModelShape, count_params, flops_per_token
+from crnet_megatron.analysis.counting import (
+    LLAMA_SHAPES,
+    ModelShape,
+    count_params,
+    flops_per_token,
+)
 from tests.helpers import SEQ, VOCAB, tiny_config
 
 
@@ -47,7 +52,7 @@ def test_dense_and_crnet_flops_differ_by_linear_part():
 
 
 def test_pipeline_boundary_ratio_matches_llama_formula():
-    from crnet_megatron.counting import pipeline_boundary
+    from crnet_megatron.analysis.counting import pipeline_boundary
 
     for size in ("1b", "7b"):
         s = LLAMA_SHAPES[size]
@@ -59,8 +64,8 @@ def test_pipeline_boundary_bytes_equal_packed_payload(megatron_single):
     """The counting module's bytes equal the tensor the pipeline really packs (TP=1)."""
     import torch
 
-    from crnet_megatron.counting import pipeline_boundary
-    from crnet_megatron.pipeline import payload_width
+    from crnet_megatron.analysis.counting import pipeline_boundary
+    from crnet_megatron.parallel.pipeline import payload_width
 
     config = tiny_config()
     shape = ModelShape.from_config(config, VOCAB)

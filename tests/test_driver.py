@@ -4,7 +4,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from crnet_megatron.training import checkpointing
 from crnet_megatron.training.checkpointing import read_latest
@@ -74,7 +73,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_dataset, tmp_path, mon
 
 
 def test_nonfinite_steps_are_skipped_then_training_stops(tiny_dataset, tmp_path, monkeypatch):
-    from crnet_megatron.training import loop
+    from crnet_megatron.training import step as loop
 
     real = loop._forward_step
     bad_iters = {3, 6, 7}
@@ -104,7 +103,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tiny_dataset, tmp_path,
 def test_sigterm_saves_a_final_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     import signal
 
-    from crnet_megatron.training import loop
+    from crnet_megatron.training import step as loop
 
     real, state = loop._forward_step, {"calls": 0}
 
@@ -122,8 +121,8 @@ def test_sigterm_saves_a_final_checkpoint(tiny_dataset, tmp_path, monkeypatch):
 
 
 def test_schedule_and_weight_decay_follow_the_config(tiny_dataset, tmp_path):
-    from crnet_megatron.parallel import destroy_distributed
-    from crnet_megatron.training.loop import Trainer
+    from crnet_megatron.parallel.groups import destroy_distributed
+    from crnet_megatron.training.trainer import Trainer
     from tests.helpers import free_port
 
     os.environ["MASTER_PORT"] = str(free_port())
@@ -169,7 +168,7 @@ def test_blend_of_two_prefixes_trains(tiny_dataset, tmp_path):
 def test_builtin_corpus_run_learns_and_writes_artifacts(tmp_path):
     """The README job's path: built-in corpus preprocessed into the cache, training, eval,
     checkpoint, metrics JSONL and loss plot."""
-    from crnet_megatron.training.config import load_run_config
+    from crnet_megatron.training.run_config import load_run_config
 
     save = tmp_path / "run"
     cfg = load_run_config("examples/configs/tiny_cpu.yaml", [

@@ -23,10 +23,11 @@ def _windows(vocab: int) -> np.ndarray:
 def _train_and_score(rank, world, cfg, tokens):
     """Train through the real driver, then the Megatron model's loss on fixed windows, computed
     in the run's own TP/PP layout (the schedule used by training-time eval)."""
-    from crnet_megatron.parallel import destroy_distributed
+    from crnet_megatron.data.token_windows import TokenWindows
+    from crnet_megatron.parallel.groups import destroy_distributed
     from crnet_megatron.training.data import SampleIterator
-    from crnet_megatron.training.evaluation import TokenWindows, mean_loss
-    from crnet_megatron.training.loop import Trainer
+    from crnet_megatron.training.step import mean_loss
+    from crnet_megatron.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
@@ -56,9 +57,13 @@ LAYOUTS = {"tp2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_p
     ("crnet", "tp2"), ("crnet", "pp2"), ("lowrank", "tp2"), ("lowrank", "pp2"),
     ("dense", "tp2"), ("dense", "pp2")])
 def test_export_matches_megatron(tiny_dataset, tmp_path, projection, layout):
-    from crnet_megatron.hf import CRNetForCausalLM
-    from crnet_megatron.inference import load_megatron_model, megatron_logits, single_process
-    from tools.export_hf import main as export_main
+    from crnet_megatron.cli.export import main as export_main
+    from crnet_megatron.export.loader import (
+        load_megatron_model,
+        megatron_logits,
+        single_process,
+    )
+    from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
 
     save, out = str(tmp_path / "run"), str(tmp_path / "export")
     cfg = driver_cfg(tiny_dataset, str(tmp_path / "cache"), save, f"model.projection={projection}",
@@ -97,9 +102,9 @@ def test_transformers_loads_exports(tiny_dataset, tmp_path):
     """AutoModelForCausalLM (trust_remote_code) gives our logits; a dense export is a plain
     LlamaForCausalLM with the same logits."""
     transformers = pytest.importorskip("transformers")
-    from crnet_megatron.hf import CRNetForCausalLM
+    from crnet_megatron.cli.export import main as export_main
+    from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
     from tests.driver_utils import run_in_process
-    from tools.export_hf import main as export_main
 
     ids = torch.arange(20)[None] % 200
     for projection, cls in (("crnet", "CRNetForCausalLM"), ("dense", "LlamaForCausalLM")):
@@ -118,8 +123,8 @@ def test_transformers_loads_exports(tiny_dataset, tmp_path):
 
 
 def test_export_refuses_a_nonempty_directory(tiny_dataset, tmp_path, capsys):
+    from crnet_megatron.cli.export import main as export_main
     from tests.driver_utils import run_in_process
-    from tools.export_hf import main as export_main
 
     save, out = str(tmp_path / "run"), tmp_path / "export"
     out.mkdir()

@@ -124,7 +124,7 @@ _KILL_SCRIPT = textwrap.dedent("""
 
     if __name__ == "__main__":  # megatron-core may spawn helpers that import this file
         FileSystemWriterAsync.write_preloaded_data = staticmethod(slow)
-        from crnet_megatron.train import main
+        from crnet_megatron.cli.train import main
         main([{config!r}] + {sets!r})
 """)
 
@@ -169,7 +169,7 @@ def test_kill_during_save_leaves_no_processes(tiny_dataset, tmp_path):
 
 def test_single_process_runs_pick_a_free_port(tiny_dataset, tmp_path, monkeypatch):
     """Another job holds the default port 29500: a single-process run still starts."""
-    from crnet_megatron.training.loop import run
+    from crnet_megatron.training.trainer import run
 
     blocker = socket.socket()
     try:

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crnet_megatron.generate import generate, sample_next
-from crnet_megatron.hf import CRNetForCausalLM, CRNetLlamaConfig
+from crnet_megatron.export.generation import generate, sample_next
+from crnet_megatron.export.modeling_crnet import CRNetForCausalLM, CRNetLlamaConfig
 from tests.driver_utils import driver_cfg, run_in_process
 
 
@@ -45,7 +45,7 @@ def test_cached_decoding_equals_full_forward(projection):
 
 def test_cache_feeds_several_tokens_at_once():
     """A multi-token step after a cache (offset causal mask) equals the full forward."""
-    from crnet_megatron.hf import KVCache
+    from crnet_megatron.export.modeling_crnet import KVCache
 
     model = _model("crnet", seed=1)
     ids = torch.randint(0, 97, (2, 20))
@@ -78,8 +78,8 @@ def test_generation_stops_at_sequence_length_and_refuses_long_prompts():
 
 
 def test_eval_is_deterministic_and_equals_direct_loss(tiny_dataset, tmp_path, capsys):
-    from crnet_megatron.evaluate import main as eval_main
-    from crnet_megatron.generate import load_for_generation
+    from crnet_megatron.cli.evaluate import main as eval_main
+    from crnet_megatron.export.generation import load_for_generation
 
     save = str(tmp_path / "run")
     run_in_process(driver_cfg(tiny_dataset, str(tmp_path / "cache"), save,
@@ -99,7 +99,7 @@ def test_eval_is_deterministic_and_equals_direct_loss(tiny_dataset, tmp_path, ca
     assert results[1]["loss"] == pytest.approx(r["loss"], rel=1e-6)
     # direct: the exported model's token-mean cross entropy over the same windows
     from crnet_megatron.data.preprocess import HFTokenizer
-    from crnet_megatron.training.evaluation import token_stream
+    from crnet_megatron.data.token_windows import token_stream
 
     model, _, _ = load_for_generation(save)
     stream = torch.as_tensor(token_stream(str(tiny_dataset[2]), HFTokenizer(tiny_dataset[1]),
@@ -110,7 +110,7 @@ def test_eval_is_deterministic_and_equals_direct_loss(tiny_dataset, tmp_path, ca
 
 
 def test_generate_cli_and_bad_inputs(tiny_dataset, tmp_path, capsys):
-    from crnet_megatron.generate import main as gen_main
+    from crnet_megatron.cli.generate import main as gen_main
 
     save = str(tmp_path / "run")
     run_in_process(driver_cfg(tiny_dataset, str(tmp_path / "cache"), save,
@@ -125,7 +125,7 @@ def test_generate_cli_and_bad_inputs(tiny_dataset, tmp_path, capsys):
     assert e.value.code == 2 and len(err) == 1
     assert "crnet-generate: error: the prompt has" in err[0] and "sequence length 32" in err[0]
     # resuming a CR-Net checkpoint as another variant is refused before anything loads
-    from crnet_megatron.train import main as train_main
+    from crnet_megatron.cli.train import main as train_main
     from tests.driver_utils import TINY
 
     sets = TINY + [f"data.data_path=[{tiny_dataset[0]}]", f"data.tokenizer={tiny_dataset[1]}",
@@ -144,7 +144,7 @@ def test_export_of_another_variant_is_refused(tmp_path, capsys):
 
     from safetensors.torch import save_file
 
-    from crnet_megatron.generate import main as gen_main
+    from crnet_megatron.cli.generate import main as gen_main
 
     model = _model("crnet")
     out = tmp_path / "export"

@@ -14,7 +14,7 @@ CONFIG = dict(num_layers=4, crnet_rank=[8, 16, 8])
 
 
 def _state(model):
-    from crnet_megatron.init import global_name
+    from crnet_megatron.model.init import global_name
 
     return {global_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
 
@@ -23,15 +23,15 @@ def _init_worker(rank, world, tp, reference):
     from megatron.core import parallel_state as ps
 
     from crnet_megatron import build_model
-    from crnet_megatron.parallel import init_distributed
-    from crnet_megatron.tp_layout import shard_for_tp, tp_split_dim
+    from crnet_megatron.model.tp_layout import shard_for_tp, tp_split_dim
+    from crnet_megatron.parallel.groups import init_distributed
 
     init_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp)
     config = tiny_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp,
                          **CONFIG)
     model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, seed=SEED)
     t, r = tp, ps.get_tensor_model_parallel_rank()
-    from crnet_megatron.init import global_name
+    from crnet_megatron.model.init import global_name
 
     equal, differ = [], []
     for local, p in model.named_parameters():

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from crnet_megatron import build_model
-from tests.helpers import (BATCH, SEQ, VOCAB, batch, load_full_weights, randomize_betas,
-                           run_distributed, tiny_config)
+from tests.helpers import (
+    BATCH,
+    SEQ,
+    VOCAB,
+    batch,
+    load_full_weights,
+    randomize_betas,
+    run_distributed,
+    tiny_config,
+)
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 MICROBATCHES = 4
@@ -30,8 +38,8 @@ def _train_step(model):
     """One forward/backward over 4 micro-batches; grads keyed by *global* parameter name."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from crnet_megatron.parallel import sync_sequence_parallel_grads
-    from crnet_megatron.pipeline import forward_backward
+    from crnet_megatron.parallel.groups import sync_sequence_parallel_grads
+    from crnet_megatron.parallel.pipeline import forward_backward
 
     data = iter([batch(seed) for seed in range(MICROBATCHES)])
     out = forward_backward(forward_step_func=_forward_step, data_iterator=data, model=model,
@@ -51,9 +59,9 @@ def _train_step(model):
 def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains, config_kw=CONFIG):
     from megatron.core import parallel_state as ps
 
-    from crnet_megatron import pipeline
-    from crnet_megatron.layer import Chains
-    from crnet_megatron.parallel import init_distributed
+    from crnet_megatron.model.layer import Chains
+    from crnet_megatron.parallel import pipeline
+    from crnet_megatron.parallel.groups import init_distributed
 
     if cut_chains:  # test double: a stage boundary that forgets the chains
         original = pipeline.pack_stage_output
@@ -65,7 +73,7 @@ def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains, config_kw=C
     model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from crnet_megatron.tp_layout import tp_split_dim
+    from crnet_megatron.model.tp_layout import tp_split_dim
 
     offset = get_transformer_layer_offset(config)
     local_full, layout = {}, {}
@@ -90,7 +98,7 @@ def _reference(config_kw=CONFIG):
 
 
 def _mismatches(results, ref_losses, ref_grads, tp, tol=TOL):
-    from crnet_megatron.tp_layout import shard_for_tp
+    from crnet_megatron.model.tp_layout import shard_for_tp
 
     bad = []
     for res in results:

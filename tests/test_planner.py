@@ -3,14 +3,17 @@
 the optimizer's states, the DP gradient traffic of a DP=2 run, the pipeline payload; its
 predictions for published dense Megatron-LM runs; and the goals it must show."""
 
-import math
 
 import pytest
 import torch
 
-from crnet_megatron.counting import LLAMA_SHAPES, ModelShape
-from crnet_megatron.planner.model import (Plan, norm_elements, stage_activation_elements,
-                                          stage_params)
+from crnet_megatron.analysis.counting import LLAMA_SHAPES, ModelShape
+from crnet_megatron.planner.per_rank import (
+    Plan,
+    norm_elements,
+    stage_activation_elements,
+    stage_params,
+)
 from tests.helpers import run_distributed
 
 MODES = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
@@ -24,7 +27,7 @@ def _measure(config, seq, batch, vocab=256):
     from megatron.core import parallel_state as ps
 
     from crnet_megatron import build_model
-    from crnet_megatron.profiling import saved_activation_storage_bytes
+    from crnet_megatron.testing.profiling import saved_activation_storage_bytes
 
     model = build_model(config, vocab_size=vocab, max_sequence_length=seq, seed=1)
     tp = ps.get_tensor_model_parallel_world_size()
@@ -74,7 +77,7 @@ def test_activation_memory_equals_saved_storage(megatron_single, projection, lay
 
 def _tp_worker(rank, world, projection, mode, sp):
     from crnet_megatron import CRNetConfig
-    from crnet_megatron.parallel import init_distributed
+    from crnet_megatron.parallel.groups import init_distributed
 
     init_distributed(tensor_model_parallel_size=world)
     config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -103,8 +106,8 @@ def test_tp2_rank_params_and_activations(projection, mode, sp):
 
 def _pp_worker(rank, world, projection):
     from crnet_megatron import CRNetConfig, build_model
-    from crnet_megatron.parallel import init_distributed
-    from crnet_megatron.pipeline import payload_width
+    from crnet_megatron.parallel.groups import init_distributed
+    from crnet_megatron.parallel.pipeline import payload_width
 
     init_distributed(pipeline_model_parallel_size=world)
     config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
@@ -132,9 +135,9 @@ def test_pp2_stage_params_and_payload(projection):
 def _dp_worker(rank, world, cfg):
     from megatron.core import parallel_state as ps
 
-    from crnet_megatron.comm_counter import CommCounter
-    from crnet_megatron.parallel import destroy_distributed
-    from crnet_megatron.training.loop import Trainer
+    from crnet_megatron.parallel.groups import destroy_distributed
+    from crnet_megatron.testing.comm_counter import CommCounter
+    from crnet_megatron.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
@@ -214,7 +217,7 @@ def test_goals_7b_on_one_gpu_13b_on_two_and_weak_scaling():
 def test_crnet_plan_cli(tmp_path, capsys):
     import json
 
-    from crnet_megatron.plan import main
+    from crnet_megatron.cli.plan import main
 
     out = tmp_path / "plan.json"
     assert main(["examples/configs/llama2_7b_seq4096.yaml", "--gpus", "8", "--vocab", "32000",

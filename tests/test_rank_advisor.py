@@ -7,8 +7,12 @@ import pytest
 import torch
 import yaml
 
-from crnet_megatron.analysis.residuals import (analyze_pair, capture_projection_outputs,
-                                               needed_rank, suggest_ranks)
+from crnet_megatron.analysis.residuals import (
+    analyze_pair,
+    capture_projection_outputs,
+    needed_rank,
+    suggest_ranks,
+)
 
 
 def test_synthetic_rank_k_residual():
@@ -42,7 +46,7 @@ def test_needed_rank_and_stable_rank_are_exact():
 def test_crnet_model_chains_are_exactly_rank_r():
     """In a CR-Net model Y_l - s(beta) Y_{l-1} = Z B has rank r: the analysis recovers s(beta)
     (mixed signs) with ~0 error at the model's rank, for every projection of every CR-Net layer."""
-    from crnet_megatron.hf import CRNetForCausalLM, CRNetLlamaConfig
+    from crnet_megatron.export.modeling_crnet import CRNetForCausalLM, CRNetLlamaConfig
 
     torch.manual_seed(0)
     config = CRNetLlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96,
@@ -74,9 +78,9 @@ def test_suggest_ranks_budget_and_shape():
 
 
 def test_tool_on_a_checkpoint(tiny_dataset, tmp_path, capsys):
-    from crnet_megatron.training.config import load_run_config
+    from crnet_megatron.cli.analyze import main
+    from crnet_megatron.training.run_config import load_run_config
     from tests.driver_utils import driver_cfg, run_in_process
-    from tools.analyze_residuals import main
 
     save, out = str(tmp_path / "run"), str(tmp_path / "analysis")
     run_in_process(driver_cfg(tiny_dataset, str(tmp_path / "cache"), save,
@@ -92,7 +96,7 @@ def test_tool_on_a_checkpoint(tiny_dataset, tmp_path, capsys):
     cfg = load_run_config(None, [f"model.{k}={v}" for k, v in suggestion.items()]
                           + ["model.num_layers=4", "model.hidden_size=64",
                              "model.ffn_hidden_size=172"])
-    from crnet_megatron.training.config import to_crnet_config
+    from crnet_megatron.training.run_config import to_crnet_config
 
     assert to_crnet_config(cfg).crnet_layer_ranks == suggestion["crnet_rank"]
     assert "model.crnet_rank:" in capsys.readouterr().out

@@ -13,11 +13,19 @@ import pytest
 import torch
 
 from crnet_megatron import build_model
-from crnet_megatron.counting import ModelShape, recompute_saved_elements
-from crnet_megatron.profiling import saved_activation_bytes
-from crnet_megatron.recompute import crnet_recompute, megatron_full_recompute
-from tests.helpers import (BATCH, SEQ, VOCAB, batch, load_full_weights, randomize_betas,
-                           run_distributed, tiny_config)
+from crnet_megatron.analysis.counting import ModelShape, recompute_saved_elements
+from crnet_megatron.parallel.recompute import crnet_recompute, megatron_full_recompute
+from crnet_megatron.testing.profiling import saved_activation_bytes
+from tests.helpers import (
+    BATCH,
+    SEQ,
+    VOCAB,
+    batch,
+    load_full_weights,
+    randomize_betas,
+    run_distributed,
+    tiny_config,
+)
 
 EXACT = dict(rtol=1e-5, atol=1e-6)
 INVERSE = dict(rtol=1e-3, atol=1e-5)
@@ -33,7 +41,7 @@ MODES = {
 
 
 def _grads(model):
-    from crnet_megatron.parallel import sync_sequence_parallel_grads
+    from crnet_megatron.parallel.groups import sync_sequence_parallel_grads
 
     ids, pos, labels = batch()
     loss = model(ids, pos, None, labels=labels)
@@ -64,7 +72,7 @@ def test_recompute_gradients_equal_no_recompute(megatron_single, mode):
 
 
 def _tp_worker(rank, world, full, overrides):
-    from crnet_megatron.parallel import init_distributed
+    from crnet_megatron.parallel.groups import init_distributed
 
     init_distributed(tensor_model_parallel_size=world)
     cfg = dict(tensor_model_parallel_size=world, sequence_parallel=True)
@@ -122,7 +130,7 @@ def test_small_beta_falls_back_to_storing_and_stays_correct(megatron_single, cap
     full = {n: p.detach().clone() for n, p in ref.named_parameters()}
     _, ref_grads = _grads(ref)
     model = _model(full, recompute_granularity="crnet")
-    with caplog.at_level("WARNING", logger="crnet_megatron.recompute"):
+    with caplog.at_level("WARNING", logger="crnet_megatron.parallel.recompute"):
         _, grads = _grads(model)
     assert "fc1 chain instead of inverting it (|s(beta)| < 0.01)" in caplog.text
     for name, g in grads.items():
@@ -138,7 +146,7 @@ def test_small_beta_falls_back_to_storing_and_stays_correct(megatron_single, cap
 def test_replay_linear_backpropagates_as_the_linear_it_replays():
     """ReplayLinear returns a known output, so its backward is checked against autograd of the
     linear itself (float64), with and without a gradient transform."""
-    from crnet_megatron.replay_ops import replay_linear
+    from crnet_megatron.model.replay_ops import replay_linear
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -155,7 +163,7 @@ def test_replay_linear_backpropagates_as_the_linear_it_replays():
 
 
 def test_projections_implement_the_interface(megatron_single):
-    from crnet_megatron.projection import CRNetProjection
+    from crnet_megatron.model.projection import CRNetProjection
 
     model = _model()
     layer = model.decoder.layers[1]

@@ -5,7 +5,7 @@ every gradient (betas included). fp32; both compute the same math in a different
 import torch
 
 from crnet_megatron import build_model
-from crnet_megatron.reference import ReferenceCRNet, from_megatron
+from crnet_megatron.testing.reference import ReferenceCRNet, from_megatron
 from tests.helpers import SEQ, VOCAB, batch, randomize_betas, tiny_config
 
 TOL = dict(rtol=1e-4, atol=1e-5)

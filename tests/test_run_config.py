@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from crnet_megatron.training.config import load_run_config
+from crnet_megatron.training.run_config import load_run_config
 from tests.driver_utils import driver_cfg, run_in_process
 
 

@@ -1,4 +1,4 @@
-"""tools/selftest.py on CPU: CUDA-only checks are skipped, the rest pass, and the PP check
+"""crnet-selftest on CPU: CUDA-only checks are skipped, the rest pass, and the PP check
 fails when a stage boundary drops the CR-Net chains."""
 
 import json
@@ -7,7 +7,7 @@ from tests.helpers import run_distributed
 
 
 def test_selftest_single_process(tmp_path, monkeypatch):
-    from tools import selftest
+    from crnet_megatron.cli import selftest
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     out = tmp_path / "selftest.json"
@@ -24,9 +24,9 @@ def test_selftest_single_process(tmp_path, monkeypatch):
 def _pp_worker(rank, world, workdir, cut_chains):
     import torch
 
-    from crnet_megatron import pipeline
-    from crnet_megatron.layer import Chains
-    from tools import selftest
+    from crnet_megatron.cli import selftest
+    from crnet_megatron.model.layer import Chains
+    from crnet_megatron.parallel import pipeline
 
     if cut_chains:  # test double: a stage boundary that forgets the chains
         original = pipeline.pack_stage_output

@@ -6,14 +6,21 @@ import pytest
 import torch
 
 from crnet_megatron import build_model
-from tests.helpers import (SEQ, VOCAB, batch, load_full_weights, randomize_betas,
-                           run_distributed, tiny_config)
+from tests.helpers import (
+    SEQ,
+    VOCAB,
+    batch,
+    load_full_weights,
+    randomize_betas,
+    run_distributed,
+    tiny_config,
+)
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def _loss_and_grads(model, ids, pos, labels):
-    from crnet_megatron.parallel import sync_sequence_parallel_grads
+    from crnet_megatron.parallel.groups import sync_sequence_parallel_grads
 
     loss = model(ids, pos, None, labels=labels)
     loss.sum().backward()
@@ -22,7 +29,7 @@ def _loss_and_grads(model, ids, pos, labels):
 
 
 def _tp_worker(rank, world, full, sequence_parallel, config_kw):
-    from crnet_megatron.parallel import init_distributed
+    from crnet_megatron.parallel.groups import init_distributed
 
     init_distributed(tensor_model_parallel_size=world)
     config = tiny_config(tensor_model_parallel_size=world, sequence_parallel=sequence_parallel,
@@ -41,7 +48,7 @@ CASES = [
 
 @pytest.mark.parametrize("sequence_parallel,config_kw", CASES)
 def test_tp2_equals_tp1(megatron_single, sequence_parallel, config_kw):
-    from crnet_megatron.tp_layout import rules, shard_for_tp
+    from crnet_megatron.model.tp_layout import rules, shard_for_tp
 
     config = tiny_config(**config_kw)
     ref_model = build_model(config, vocab_size=VOCAB, max_sequence_length=SEQ)

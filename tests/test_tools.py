@@ -14,7 +14,7 @@ def _tool(*args, cwd="."):
 
 def test_param_calculator_json(tmp_path):
     out = tmp_path / "p.json"
-    _tool("tools/param_calculator.py", "--size", "1b", "7b", "--rank", "448", "512",
+    _tool("-m", "crnet_megatron.cli.params", "--size", "1b", "7b", "--rank", "448", "512",
           "--json", str(out))
     rows = {(r["size"], r["rank"]): r for r in json.loads(out.read_text())}
     assert round(rows[("1b", 448)]["params"] / 1e6, 1) == 582.4
@@ -25,7 +25,7 @@ def test_param_calculator_json(tmp_path):
 def test_preprocess_cli_trains_a_tokenizer(tiny_dataset, tmp_path):
     _, _, jsonl = tiny_dataset
     tok = tmp_path / "tok.json"
-    _tool("tools/preprocess_data.py", "--input", jsonl, "--output-prefix", str(tmp_path / "d"),
+    _tool("-m", "crnet_megatron.cli.preprocess", "--input", jsonl, "--output-prefix", str(tmp_path / "d"),
           "--vocab-size", "300", "--tokenizer-out", str(tok), "--append-eod", "--workers", "2")
     docs = read_documents(str(tmp_path / "d_text_document"))
     t = HFTokenizer(str(tok))
@@ -39,7 +39,7 @@ def test_plot_metrics(tmp_path):
         dict(split="train", iteration=1, loss=5.0, ppl=148.4),
         dict(split="train", iteration=2, loss=4.0, ppl=54.6),
         dict(split="valid", iteration=2, loss=4.2, ppl=66.7)]))
-    _tool("tools/plot_metrics.py", str(path), "--out", str(tmp_path / "m.png"))
+    _tool("-m", "crnet_megatron.cli.plot", str(path), "--out", str(tmp_path / "m.png"))
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -48,7 +48,7 @@ def test_bench_throughput_reduced(tmp_path, monkeypatch):
     well formed (baselines at ratio 1, positive times, FLOP ratios where stated)."""
     import json
 
-    from tools import bench_throughput
+    from crnet_megatron.bench import throughput as bench_throughput
 
     monkeypatch.delenv("MASTER_PORT", raising=False)
     out = tmp_path / "bench.json"

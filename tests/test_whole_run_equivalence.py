@@ -64,7 +64,7 @@ def test_crnet_recompute_trains_the_same_model(reference, tiny_dataset, tmp_path
 def _dist_optimizer_worker(rank, world, cfg):
     """Megatron's distributed optimizer trains on CPU (only loading its checkpoints needs
     Apex/TE), so it is forced on here to check the logged grad norm under it."""
-    from crnet_megatron.training import config as run_config
+    from crnet_megatron.training import run_config
 
     run_config.distributed_optimizer_supported = lambda: True
     return run_worker(rank, world, cfg)

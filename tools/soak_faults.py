@@ -36,7 +36,7 @@ TINY = ["model.num_layers=3", "model.hidden_size=64", "model.ffn_hidden_size=172
 def _command(save: Path, cache: Path, iters: int):
     sets = TINY + [f"schedule.train_iters={iters}", f"checkpoint.save={save}",
                    f"data.cache_dir={cache}"]
-    return [sys.executable, "-m", "crnet_megatron.train"] + [a for s in sets for a in ("--set", s)]
+    return [sys.executable, "-m", "crnet_megatron.cli.train"] + [a for s in sets for a in ("--set", s)]
 
 
 def _env():

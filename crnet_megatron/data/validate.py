@@ -36,7 +36,7 @@ def read_index(prefix: str):
     for path in (idx, bin_path):
         if not os.path.exists(path):
             raise FileNotFoundError(f"data prefix {prefix!r}: {path} does not exist (make it "
-                                    "with tools/preprocess_data.py)")
+                                    "with crnet-preprocess)")
     size = os.path.getsize(idx)
     with open(idx, "rb") as f:
         head = f.read(_HEADER)

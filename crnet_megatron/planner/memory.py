@@ -17,8 +17,13 @@ from __future__ import annotations
 
 from typing import Dict
 
-from .model import (Plan, logits_bytes_per_token, stage_activation_elements, stage_params,
-                    working_layer_elements)
+from crnet_megatron.planner.per_rank import (
+    Plan,
+    logits_bytes_per_token,
+    stage_activation_elements,
+    stage_params,
+    working_layer_elements,
+)
 
 GIB = 2 ** 30
 ALLOWANCE_GIB = 2.5

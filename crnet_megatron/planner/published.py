@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..counting import ModelShape
-from .hardware import get_gpu
-from .model import Plan
-from .step_time import Overlap, step_time
+from crnet_megatron.analysis.counting import ModelShape
+from crnet_megatron.planner.hardware import get_gpu
+from crnet_megatron.planner.per_rank import Plan
+from crnet_megatron.planner.step_time import Overlap, step_time
 
 # (name, heads, hidden, layers, TP, PP, GPUs, global batch, published TFLOP/s per GPU)
 A100_2021 = [

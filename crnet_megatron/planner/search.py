@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Dict, List, Optional
 
-from .hardware import GPU
-from .memory import GIB, plan_memory
-from .model import Plan
-from .step_time import step_time
+from crnet_megatron.planner.hardware import GPU
+from crnet_megatron.planner.memory import GIB, plan_memory
+from crnet_megatron.planner.per_rank import Plan
+from crnet_megatron.planner.step_time import step_time
 
 
 def evaluate(plan: Plan, gpu: GPU) -> Dict:

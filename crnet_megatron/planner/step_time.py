@@ -30,10 +30,14 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from ..counting import comm_wire_bytes, flops_per_token, tp_layer_comm
-from .hardware import GPU
-from .memory import payload_elements_per_token
-from .model import Plan, stage_params
+from crnet_megatron.analysis.counting import (
+    comm_wire_bytes,
+    flops_per_token,
+    tp_layer_comm,
+)
+from crnet_megatron.planner.hardware import GPU
+from crnet_megatron.planner.memory import payload_elements_per_token
+from crnet_megatron.planner.per_rank import Plan, stage_params
 
 
 @dataclass(frozen=True)

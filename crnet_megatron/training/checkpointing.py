@@ -23,13 +23,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state as ps
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 
-from .. import cpu_compat
-from .safe_checkpoint import (IncompleteCheckpointError, UnsafeCheckpointError, safe_reads,
-                              strip_pickled_objects, verify_checkpoint)
+from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.training.safe_checkpoint import (
+    IncompleteCheckpointError,
+    UnsafeCheckpointError,
+    safe_reads,
+    strip_pickled_objects,
+    verify_checkpoint,
+)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")

@@ -1,7 +1,7 @@
 """Training data: Megatron indexed datasets read through Megatron-Core's ``GPTDataset`` and
 ``BlendedMegatronDatasetBuilder`` (train/valid/test split, blends of prefixes), and a
 resumable per-DP-rank sample iterator. With no ``data.data_path`` the built-in corpus is
-preprocessed into the cache through the same path as ``tools/preprocess_data.py``."""
+preprocessed into the cache through the same path as ``crnet-preprocess``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from ..data.corpus import EOS, builtin_corpus, load_or_train_tokenizer
-from ..data.preprocess import HFTokenizer, output_paths, preprocess_jsonl
-from ..data.validate import check_batch_tokens, check_index_cache, validate_prefix
+from crnet_megatron.data.corpus import EOS, builtin_corpus, load_or_train_tokenizer
+from crnet_megatron.data.preprocess import HFTokenizer, output_paths, preprocess_jsonl
+from crnet_megatron.data.validate import (
+    check_batch_tokens,
+    check_index_cache,
+    validate_prefix,
+)
+
 
 def prepare_builtin(cache_dir: str, vocab_size: int) -> Tuple[List[str], str]:
     """Built-in corpus -> jsonl -> BPE tokenizer -> indexed dataset (once, on global rank 0)."""
@@ -56,7 +61,9 @@ def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
 def check_splits(prefixes: List[str], split: str) -> None:
     """Every split with a non-zero weight must get documents from every prefix (Megatron's
     split rule); an empty one would make GPTDataset loop forever looking for tokens."""
-    from megatron.core.datasets.blended_megatron_dataset_config import parse_and_normalize_split
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        parse_and_normalize_split,
+    )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     weights = parse_and_normalize_split(split)

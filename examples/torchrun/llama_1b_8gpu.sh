@@ -6,4 +6,4 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron: ordered TP/SP communication ke
 # DRY_RUN=1: every rank prints its command and environment instead of training
 dry=()
 if [[ -n "${DRY_RUN:-}" ]]; then dry=(--dry-run); fi
-torchrun --standalone --nproc-per-node 8 -m crnet_megatron.train examples/configs/llama_1b.yaml "${dry[@]}" "$@"
+torchrun --standalone --nproc-per-node 8 -m crnet_megatron.cli.train examples/configs/llama_1b.yaml "${dry[@]}" "$@"

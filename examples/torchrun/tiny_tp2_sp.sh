@@ -6,5 +6,5 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron: ordered TP/SP communication ke
 # DRY_RUN=1: every rank prints its command and environment instead of training
 dry=()
 if [[ -n "${DRY_RUN:-}" ]]; then dry=(--dry-run); fi
-torchrun --standalone --nproc-per-node 2 -m crnet_megatron.train examples/configs/tiny_cpu.yaml "${dry[@]}" \
+torchrun --standalone --nproc-per-node 2 -m crnet_megatron.cli.train examples/configs/tiny_cpu.yaml "${dry[@]}" \
   --set parallel.tensor_model_parallel_size=2 --set parallel.sequence_parallel=true "$@"

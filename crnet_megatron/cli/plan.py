@@ -1,0 +1,215 @@
+"""``crnet-plan CONFIG.yaml --gpus N --gpu h100-80gb``: will the run fit, how fast will it be,
+which layout is best, and how does it scale, for CR-Net and its lowrank and dense baselines
+side by side (``planner/``: the memory model, the step-time model and their constants).
+
+The layout comes from the config (``--set`` overrides keys, as for ``crnet-train``); DP is
+``gpus / (TP x PP)``. Prints Markdown tables; ``--json`` writes everything, ``--plot`` the
+weak-scaling log-log plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from dataclasses import asdict, replace
+from typing import Dict, List
+
+from crnet_megatron.cli.common import run_cli
+
+VARIANTS = ("crnet", "lowrank", "dense")
+
+
+def plan_from_config(cfg, gpus: int, vocab: int = 0):
+    """The CR-Net ``Plan`` of a run config on ``gpus`` GPUs."""
+    from crnet_megatron.analysis.counting import ModelShape
+    from crnet_megatron.planner.per_rank import Plan
+    from crnet_megatron.training import run_config
+
+    m, p, s = cfg["model"], cfg["parallel"], cfg["schedule"]
+    tp, pp = p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"]
+    if gpus % (tp * pp):
+        raise ValueError(f"--gpus {gpus} is not a multiple of TP x PP = {tp} x {pp}; set "
+                         "parallel.tensor_model_parallel_size / pipeline_model_parallel_size")
+    single = copy.deepcopy(cfg)
+    single["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                              sequence_parallel=False)
+    single["model"]["projection"] = "crnet"
+    single["recompute"]["recompute_granularity"] = None
+    config = run_config.to_crnet_config(single)
+    vocab = vocab or _vocab(cfg)
+    shape = ModelShape.from_config(config, run_config.padded_vocab(vocab, tp))
+    dp = gpus // (tp * pp)
+    recompute = cfg["recompute"]["recompute_granularity"] or "none"
+    return Plan(shape, config.crnet_layer_ranks, m["seq_length"], tp=tp, pp=pp, dp=dp,
+                micro_batch=s["micro_batch_size"], global_batch=s["global_batch_size"],
+                sequence_parallel=p["sequence_parallel"], recompute=recompute,
+                distributed_optimizer=p["use_distributed_optimizer"], bf16=cfg["optimizer"]["bf16"])
+
+
+def _vocab(cfg) -> int:
+    d = cfg["data"]
+    if d["tokenizer"] and os.path.exists(d["tokenizer"]):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(d["tokenizer"]).get_vocab_size()
+    return d["builtin_vocab_size"] if not d["data_path"] else 32000
+
+
+def variant(plan, name: str):
+    """The same layout for a baseline; CR-Net's own recompute becomes Megatron ``full``."""
+    recompute = "full" if plan.recompute == "crnet" and name != "crnet" else plan.recompute
+    return replace(plan, shape=plan.shape.variant(name), recompute=recompute)
+
+
+def report(plan, gpu, top: int = 5, counts=(8, 16, 32, 64, 128, 256, 512, 1024)) -> Dict:
+    from crnet_megatron.planner.search import (
+        evaluate,
+        search,
+        smallest_fix,
+        weak_scaling,
+    )
+
+    out: Dict = dict(gpu=asdict(gpu), variants={})
+    for name in VARIANTS:
+        vp = variant(plan, name)
+        r = evaluate(vp, gpu)
+        fix = None if r["fits"] else smallest_fix(vp, gpu)
+        best = search(vp, gpu, vp.gpus, top)
+        base = best[0]["plan"] if best else vp
+        scale_base = replace(base, dp=max(1, 8 // (base.tp * base.pp)),
+                             global_batch=base.global_batch // base.dp * max(1, 8 // (base.tp * base.pp)))
+        out["variants"][name] = dict(
+            plan=_plan_dict(vp), memory=r["memory"], time=r["time"], fits=r["fits"],
+            fix=None if fix is None else dict(plan=_plan_dict(fix["plan"]),
+                                              memory_gib=fix["memory"]["total"] / 2 ** 30,
+                                              tokens_per_s=fix["time"]["tokens_per_s"]),
+            best=[dict(plan=_plan_dict(b["plan"]), memory_gib=b["memory"]["total"] / 2 ** 30,
+                       tokens_per_s=b["time"]["tokens_per_s"], mfu=b["time"]["mfu"]) for b in best],
+            weak_scaling=weak_scaling(scale_base, gpu, counts))
+    return out
+
+
+def _plan_dict(p) -> Dict:
+    return dict(tp=p.tp, pp=p.pp, dp=p.dp, micro_batch=p.micro_batch, global_batch=p.global_batch,
+                sequence_parallel=p.sp, recompute=p.recompute,
+                distributed_optimizer=p.distributed_optimizer, gpus=p.gpus)
+
+
+def _layout(d: Dict) -> str:
+    return (f"TP={d['tp']} PP={d['pp']} DP={d['dp']} mbs={d['micro_batch']} "
+            f"recompute={d['recompute']}{' SP' if d['sequence_parallel'] else ''}")
+
+
+def print_report(out: Dict, plan, gpu, config_name: str) -> None:
+    gib = 2 ** 30
+    v = out["variants"]
+    print(f"# crnet-plan {config_name}: {plan.gpus} x {gpu.name} ({gpu.memory_gib:.0f} GiB, "
+          f"{gpu.peak_tflops:.0f} TFLOP/s BF16), seq {plan.seq}, global batch {plan.global_batch}"
+          f", {'bf16' if plan.bf16 else 'fp32'}, "
+          f"{'distributed optimizer' if plan.distributed_optimizer else 'replicated optimizer'}\n")
+    print(f"layout: {_layout(v['crnet']['plan'])} (lowrank/dense: recompute "
+          f"{v['dense']['plan']['recompute']})\n")
+    print("## Memory per GPU (GiB, most loaded pipeline stage)\n")
+    print("| part | " + " | ".join(VARIANTS) + " |\n|---|---|---|---|")
+    for part in ("weights", "gradients", "optimizer", "activations", "logits",
+                 "pipeline_buffers", "framework", "total"):
+        print(f"| {part} | " + " | ".join(f"{v[n]['memory'][part] / gib:.1f}" for n in VARIANTS) + " |")
+    print("| parameters per GPU | " + " | ".join(f"{v[n]['memory']['params'] / 1e6:.0f}M" for n in VARIANTS) + " |")
+    print(f"| fits {gpu.memory_gib:.0f} GiB | " + " | ".join("yes" if v[n]["fits"] else "**no**" for n in VARIANTS) + " |\n")
+    for n in VARIANTS:
+        if not v[n]["fits"]:
+            f = v[n]["fix"]
+            print(f"- {n} does not fit; " + (f"smallest change that fits: {_layout(f['plan'])} "
+                                             f"({f['memory_gib']:.1f} GiB, {f['tokens_per_s']:,.0f} tokens/s)"
+                                             if f else "no single change fits; use more GPUs"))
+    print("\n## Step time (predicted)\n")
+    print("| | " + " | ".join(VARIANTS) + " |\n|---|---|---|---|")
+    rows = [("step (s)", "step_s", "{:.3f}"), ("tokens/s", "tokens_per_s", "{:,.0f}"),
+            ("tokens/s per GPU", "tokens_per_s_per_gpu", "{:,.0f}"), ("MFU", "mfu", "{:.1%}"),
+            ("compute (s)", "compute_s", "{:.3f}"), ("TP comm (s)", "tp_comm_s", "{:.3f}"),
+            ("PP bubble (s)", "bubble_s", "{:.3f}"), ("PP p2p (s)", "p2p_s", "{:.3f}"),
+            ("DP exposed (s)", "dp_exposed_s", "{:.3f}"), ("optimizer (s)", "optimizer_s", "{:.3f}")]
+    for label, key, fmt in rows:
+        print(f"| {label} | " + " | ".join(fmt.format(v[n]["time"][key]) for n in VARIANTS) + " |")
+    print("\n## Weak scaling (fastest fitting layout at 8 GPUs; DP grows, per-replica batch fixed)\n")
+    print("| GPUs | " + " | ".join(f"{n} tok/s/GPU | {n} eff." for n in ("crnet", "dense")) + " |")
+    print("|---|---|---|---|---|")
+    dense_rows = {r["gpus"]: r for r in v["dense"]["weak_scaling"]}
+    for r in v["crnet"]["weak_scaling"]:
+        d = dense_rows.get(r["gpus"])
+        dtxt = f"{d['tokens_per_s_per_gpu']:,.0f} | {d['efficiency']:.1%}" if d else "- | -"
+        print(f"| {r['gpus']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['efficiency']:.1%} | {dtxt} |")
+    print(f"\n## Best layouts on {plan.gpus} GPUs (predicted tokens/s among those that fit)\n")
+    print("| variant | layout | GiB | tokens/s | MFU |\n|---|---|---|---|---|")
+    for n in VARIANTS:
+        for b in v[n]["best"]:
+            print(f"| {n} | {_layout(b['plan'])} | {b['memory_gib']:.1f} | {b['tokens_per_s']:,.0f} | {b['mfu']:.1%} |")
+        if not v[n]["best"]:
+            print(f"| {n} | nothing fits on {plan.gpus} GPUs | | | |")
+
+
+def plot_weak_scaling(out: Dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for n, style in (("dense", "^-"), ("lowrank", "s--"), ("crnet", "o-")):  # CR-Net on top
+        rows = out["variants"][n]["weak_scaling"]
+        if not rows:
+            continue
+        g = [r["gpus"] for r in rows]
+        t = [r["tokens_per_s"] for r in rows]
+        ax.loglog(g, t, style, label=f"{n} (predicted)")
+        ax.loglog(g, [t[0] * x / g[0] for x in g], ":", color=ax.lines[-1].get_color(), alpha=0.6)
+    ax.set_xlabel("GPUs")
+    ax.set_ylabel("tokens/s")
+    ax.set_title("weak scaling (dotted: linear)")
+    ax.legend()
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: List[str] = None) -> int:
+    p = argparse.ArgumentParser(prog="crnet-plan", description=__doc__.splitlines()[0])
+    p.add_argument("config")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu", default="h100-80gb")
+    p.add_argument("--nodes-of", type=int, default=8, help="GPUs per node (NVLink domain)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--vocab", type=int, default=0, help="vocabulary (default: the tokenizer's)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json")
+    p.add_argument("--plot", help="weak-scaling plot (PNG)")
+    args = p.parse_args(argv)
+    return run_cli("crnet-plan", lambda: _main(args))
+
+
+def _main(args) -> int:
+    from crnet_megatron.planner.hardware import get_gpu
+    from crnet_megatron.training.run_config import load_run_config
+
+    if args.gpus < 1 or args.nodes_of < 1:
+        raise ValueError("--gpus and --nodes-of must be >= 1")
+    cfg = load_run_config(args.config, args.set)
+    gpu = get_gpu(args.gpu).with_(gpus_per_node=args.nodes_of)
+    plan = plan_from_config(cfg, args.gpus, args.vocab)
+    out = report(plan, gpu, args.top)
+    print_report(out, plan, gpu, os.path.basename(args.config))
+    if args.plot:
+        plot_weak_scaling(out, args.plot)
+        print(f"\nweak-scaling plot: {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Preprocess jsonl into Megatron indexed datasets with an HF tokenizer.
+
+    # train a BPE tokenizer on the input, then tokenize it
+    crnet-preprocess --input data.jsonl --output-prefix data/my \\
+        --vocab-size 32000 --tokenizer-out data/tokenizer.json --append-eod --workers 4
+    # or use any tokenizer.json
+    crnet-preprocess --input data.jsonl --output-prefix data/my \\
+        --tokenizer data/tokenizer.json --append-eod
+
+Writes ``PREFIX_{key}_document.bin/.idx`` for each ``--json-keys`` field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from crnet_megatron.data.corpus import train_tokenizer
+from crnet_megatron.data.preprocess import iter_texts, preprocess_jsonl
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", nargs="+", required=True, help="jsonl file(s)")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--json-keys", nargs="+", default=["text"])
+    p.add_argument("--tokenizer", help="an HF tokenizer.json")
+    p.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size instead")
+    p.add_argument("--tokenizer-out", help="where to save the trained tokenizer")
+    p.add_argument("--eod-token", help="name of the end-of-document token")
+    p.add_argument("--append-eod", action="store_true")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        run(p, args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"preprocess_data: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run(p, args):
+    if bool(args.tokenizer) == bool(args.vocab_size):
+        p.error("give exactly one of --tokenizer or --vocab-size")
+    tokenizer = args.tokenizer
+    if args.vocab_size:
+        if not args.tokenizer_out:
+            p.error("--vocab-size needs --tokenizer-out")
+        for path in args.input:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"input file {path!r} does not exist")
+        docs = list(iter_texts(args.input, args.json_keys[0]))
+        train_tokenizer(docs, args.vocab_size).save(args.tokenizer_out)
+        tokenizer = args.tokenizer_out
+    preprocess_jsonl(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
+                     args.workers, args.eod_token, args.overwrite)
+
+
+if __name__ == "__main__":
+    main()

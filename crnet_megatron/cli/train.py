@@ -1,0 +1,59 @@
+"""``crnet-train CONFIG.yaml [--set section.key=value ...]``: CR-Net pre-training on Megatron-Core.
+
+Runs under ``torchrun`` for TP/PP/DP (gloo on CPU, NCCL on GPU); alone it is one process.
+See ``examples/configs/`` for configs and ``crnet_megatron/training/config.py`` for every key.
+Bad input (config, data, tokenizer, checkpoint) ends the run with one line naming the file or
+key; set ``CRNET_TRACEBACK=1`` for the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional
+
+from crnet_megatron.cli.common import run_cli
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="crnet-train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", nargs="?", help="YAML config (see examples/configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. optimizer.lr=3e-3")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config and print this rank's launch (rank, world, TP x "
+                             "PP x DP, master, config) without starting anything")
+    args = parser.parse_args(argv)
+    run_cli("crnet-train", lambda: _train(args))
+
+
+def _train(args) -> None:
+    from crnet_megatron.training.run_config import load_run_config
+
+    cfg = load_run_config(args.config, args.set)
+    if args.dry_run:
+        return dry_run(cfg, args)
+    from crnet_megatron.training.trainer import run
+
+    run(cfg)
+
+
+def dry_run(cfg, args) -> None:
+    """One line per rank: what this process would run as, so a launch script can be checked."""
+    from crnet_megatron.parallel.groups import layout_from_env
+    from crnet_megatron.training.run_config import validate_batch
+
+    p = cfg["parallel"]
+    lay = layout_from_env(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"])
+    micro = validate_batch(cfg, lay["dp"])
+    env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ)
+                   if k.startswith(("CUDA_DEVICE_MAX", "NCCL_", "OMP_NUM")))
+    sets = " ".join(f"--set {s}" for s in args.set)
+    print(f"dry-run rank={lay['rank']} local_rank={lay['local_rank']} world={lay['world']} "
+          f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} micro_batches={micro} "
+          f"master={lay['master']} config={args.config} {env} "
+          f"cmd=python -m crnet_megatron.cli.train {args.config} {sets}".rstrip(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Export a checkpoint to a self-contained directory: ``model.safetensors``, ``config.json``,
+the tokenizer and ``modeling_crnet.py`` (``hf/``), loadable with PyTorch alone
+(``CRNetForCausalLM.from_export``) or with ``transformers``
+(``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``). An all-dense model is
+written as a plain ``LlamaForCausalLM`` (no remote code).
+
+Names follow HF Llama (``model.layers.{i}.self_attn.q_proj.weight`` ...); a low-rank projection
+is ``...q_proj.A.weight`` / ``.B.weight`` / ``.beta``. Megatron's fused tensors are split:
+``linear_qkv`` by GQA group into q, k, v; ``linear_fc1`` into gate, up; the stacked column A
+factors by position. The padded vocabulary rows are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Dict
+
+import torch
+
+from crnet_megatron.export import modeling_crnet
+
+COLUMN = {"linear_qkv": ("self_attn", ["q_proj", "k_proj", "v_proj"]),
+          "linear_fc1": ("mlp", ["gate_proj", "up_proj"])}
+ROW = {"linear_proj": ("self_attn", "o_proj"), "linear_fc2": ("mlp", "down_proj")}
+
+
+def _split_qkv(w: torch.Tensor, config) -> Dict[str, torch.Tensor]:
+    """Megatron's grouped ``[ng, (np/ng + 2) hn]`` rows -> q, k, v rows in head order."""
+    hn, ng = config.kv_channels, config.num_query_groups
+    q_per_group = config.num_attention_heads // ng
+    grouped = w.reshape(ng, (q_per_group + 2) * hn, -1)
+    q, k, v = grouped.split([q_per_group * hn, hn, hn], dim=1)
+    return {n: t.reshape(-1, w.shape[-1]) for n, t in zip(("q_proj", "k_proj", "v_proj"), (q, k, v))}
+
+
+def to_hf_state(model, vocab: int) -> Dict[str, torch.Tensor]:
+    """HF-named tensors of a single-process Megatron model (its TP=1 state dict)."""
+    sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    config = model.config
+    out = {"model.embed_tokens.weight": sd.pop("embedding.word_embeddings.weight")[:vocab],
+           "lm_head.weight": sd.pop("output_layer.weight")[:vocab],
+           "model.norm.weight": sd.pop("decoder.final_layernorm.weight")}
+    for i, layer in enumerate(model.decoder.layers):
+        pre, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
+        out[hf + "input_layernorm.weight"] = sd.pop(pre + "input_layernorm.weight")
+        out[hf + "post_attention_layernorm.weight"] = sd.pop(pre + "pre_mlp_layernorm.weight")
+        for fused, (block, names) in COLUMN.items():
+            base = pre + ("self_attention." if block == "self_attn" else "mlp.") + fused + "."
+            if base + "weight" in sd:  # dense
+                w = sd.pop(base + "weight")
+                parts = (_split_qkv(w, config) if fused == "linear_qkv"
+                         else dict(zip(names, w.chunk(2, dim=0))))
+                for n in names:
+                    out[f"{hf}{block}.{n}.weight"] = parts[n]
+                continue
+            module = layer.get_submodule(base[len(pre):-1])
+            a = sd.pop(base + "linear_a.weight").split(module.rank, dim=0)
+            beta = sd.pop(base + "beta", None)
+            for j, (pos, n) in enumerate(zip(module.names, names)):
+                out[f"{hf}{block}.{n}.A.weight"] = a[j]
+                out[f"{hf}{block}.{n}.B.weight"] = sd.pop(f"{base}linear_b.{pos}.weight")
+                if beta is not None:
+                    out[f"{hf}{block}.{n}.beta"] = beta[j:j + 1]
+        for fused, (block, name) in ROW.items():
+            base = pre + ("self_attention." if block == "self_attn" else "mlp.") + fused + "."
+            if base + "weight" in sd:
+                out[f"{hf}{block}.{name}.weight"] = sd.pop(base + "weight")
+                continue
+            out[f"{hf}{block}.{name}.A.weight"] = sd.pop(base + "linear_a.weight")
+            out[f"{hf}{block}.{name}.B.weight"] = sd.pop(base + "linear_b.weight")
+            if base + "beta" in sd:
+                out[f"{hf}{block}.{name}.beta"] = sd.pop(base + "beta")
+    if sd:
+        raise ValueError(f"export: tensors with no HF name: {sorted(sd)[:5]}")
+    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def hf_config(model, vocab: int, seq_length: int, rotary_base: int, eod: int, dtype) -> Dict:
+    c = model.config
+    ranks = [c.rank_of_layer(n) for n in range(1, c.num_layers + 1)]
+    common = dict(vocab_size=vocab, hidden_size=c.hidden_size,
+                  intermediate_size=c.ffn_hidden_size, num_hidden_layers=c.num_layers,
+                  num_attention_heads=c.num_attention_heads,
+                  num_key_value_heads=c.num_query_groups, head_dim=c.kv_channels,
+                  rms_norm_eps=c.layernorm_epsilon, rope_theta=float(rotary_base),
+                  max_position_embeddings=seq_length, tie_word_embeddings=False,
+                  bos_token_id=eod, eos_token_id=eod, attention_bias=False, mlp_bias=False,
+                  hidden_act="silu", torch_dtype=str(dtype).replace("torch.", ""))
+    if all(r is None for r in ranks):
+        return dict(common, model_type="llama", architectures=["LlamaForCausalLM"])
+    return dict(common, model_type="crnet_llama", architectures=["CRNetForCausalLM"],
+                crnet_projection=c.crnet_projection, crnet_layer_ranks=ranks,
+                crnet_eps=c.crnet_eps,
+                auto_map={"AutoConfig": "modeling_crnet.CRNetLlamaConfig",
+                          "AutoModelForCausalLM": "modeling_crnet.CRNetForCausalLM"})
+
+
+def check_output_dir(out: str) -> None:
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise FileExistsError(f"export directory {out} exists and is not empty; nothing was "
+                              "written (choose a new directory or empty it)")
+
+
+def export(model, loaded, out: str, dtype=None) -> Dict:
+    """Write the export directory (into ``out.tmp``, renamed when complete)."""
+    from safetensors.torch import save_file
+
+    check_output_dir(out)
+    tok = loaded.tokenizer
+    vocab = tok.vocab_size
+    state = to_hf_state(model, vocab)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    dtype = next(iter(state.values())).dtype
+    m = loaded.cfg["model"]
+    config = hf_config(model, vocab, m["seq_length"], m["rotary_base"], tok.eod, dtype)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(state, os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "pt", "source": loaded.common["path"]})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.json"))
+    eod_name = tok.tok.id_to_token(tok.eod)
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_name,
+                   "bos_token": eod_name, "model_max_length": m["seq_length"]}, f, indent=2)
+    if config["model_type"] == "crnet_llama":
+        shutil.copyfile(modeling_crnet.__file__, os.path.join(tmp, "modeling_crnet.py"))
+    if os.path.isdir(out):
+        os.rmdir(out)  # empty (checked above)
+    os.replace(tmp, out)
+    return config
+
+
+def to_hf_model(model, loaded):
+    """The export as an in-memory ``CRNetForCausalLM`` (nothing written)."""
+    tok = loaded.tokenizer
+    m = loaded.cfg["model"]
+    config = hf_config(model, tok.vocab_size, m["seq_length"], m["rotary_base"], tok.eod,
+                       next(model.parameters()).dtype)
+    keep = {k: v for k, v in config.items() if k not in ("auto_map", "architectures",
+                                                          "model_type", "torch_dtype")}
+    keep.setdefault("crnet_projection", "dense")
+    hf = modeling_crnet.CRNetForCausalLM(modeling_crnet.CRNetLlamaConfig(**keep))
+    hf.load_state_dict(to_hf_state(model, tok.vocab_size), strict=True)
+    return hf.to(next(model.parameters()).dtype).eval()

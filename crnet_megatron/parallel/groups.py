@@ -1,0 +1,124 @@
+"""The parallel plan, stated once, and process-group set-up.
+
+Plan (t = TP size, p = PP size, d = DP size = world / (t p)):
+
+* TP (Megatron-Core tensor parallel, ``linears.py`` for CR-Net): dense q/k/v/gate/up weights
+  and CR-Net B factors are sharded on the output dimension; dense o/down weights and CR-Net row
+  A factors on the input dimension; column A factors on r (all-gathered); row B, beta and norms
+  replicated. Embedding and output layer are vocab-parallel.
+* SP (``sequence_parallel``): norms, residual stream and the o/down chains hold s/t tokens;
+  column projections gather the sequence (dense: X; CR-Net: the r-wide codes), row projections
+  reduce-scatter it. Replicated parameters that see a sequence shard (norms, CR-Net column A,
+  row B, beta) are summed over TP once per step.
+* PP: contiguous layer ranges per stage (Megatron's offsets); dense layer 1 is on stage 0.
+* DP: Megatron data parallel across the remaining ranks.
+
+On CPU the backend is gloo and ``cpu_compat`` is activated; on CUDA it is NCCL and nothing is
+adapted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from crnet_megatron.parallel import cpu_compat
+
+
+def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                     seed: int = 1234, timeout_s: int = 600) -> None:
+    """Initialise torch.distributed (env:// as set by torchrun) and Megatron's groups."""
+    cpu_compat.activate()
+    if not dist.is_initialized():
+        rank_env_from_slurm()
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+            os.environ["MASTER_PORT"] = str(free_port())  # two single runs on one host
+        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    world = dist.get_world_size()
+    if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
+        raise ValueError(
+            f"world size {world} is not divisible by tensor_model_parallel_size="
+            f"{tensor_model_parallel_size} x pipeline_model_parallel_size="
+            f"{pipeline_model_parallel_size}")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size)
+    set_seed(seed)
+
+
+def rank_env_from_slurm() -> None:
+    """``srun`` with one task per GPU (as Megatron-LM launches; no elastic agent between Slurm's
+    SIGTERM and the trainer): take RANK / WORLD_SIZE / LOCAL_RANK from Slurm's task variables
+    when no launcher has set them."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def layout_from_env(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> dict:
+    """The launch this process is part of, from the environment alone (no process group)."""
+    rank_env_from_slurm()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size="
+                         f"{tp} x pipeline_model_parallel_size={pp}")
+    return dict(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get(
+        "LOCAL_RANK", "0")), world=world, tp=tp, pp=pp, dp=world // (tp * pp),
+        master=f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', 'auto')}")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a single-process run's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank (TP init draws full master weights on CPU, then shards) and
+    Megatron's RNG tracker (used by the SP embedding scatter) seeded as Megatron does."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sync_sequence_parallel_grads(model: torch.nn.Module) -> None:
+    """Sum over TP the grads of params marked ``sequence_parallel`` (the norms under SP).
+
+    Megatron's ``finalize_model_grads`` does this for DDP-wrapped models; this is the same
+    reduction for an unwrapped model (tests, the small trainer).
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    grads = [p.grad for p in model.parameters()
+             if getattr(p, "sequence_parallel", False) and p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+    for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        g.copy_(s)

@@ -1,0 +1,119 @@
+"""Pipeline parallelism that carries the CR-Net chains between stages.
+
+Megatron-Core's schedules move one tensor per micro-batch between stages, sized
+``(s', b, hidden)`` (``s' = s/t`` under sequence parallel), and backpropagate only the first
+output tensor. So a stage packs the residual stream and its last layer's four chains into ONE
+tensor ``(s', b, payload_width)``; the next stage unpacks it, and autograd carries the chain
+gradients back through the same packed tensor. The o/down chains share the residual stream's
+layout; the qkv/fc1 chains are full-sequence and hidden-sharded, so under SP their ``s = t s'``
+rows are folded into the width (``[t, s', b, w] -> [s', b, t w]``). Only the last dimension of
+Megatron's P2P shape changes, through the schedule's own ``adjust_tensor_shapes_fn`` hook: users
+keep Megatron's 1F1B scheduling and micro-batching.
+
+Megatron's interleaved (virtual) schedule asserts that hook is ``None``
+(``pipeline_parallel/schedules.py:919``), so interleaving is rejected by ``CRNetConfig``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Tuple
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from crnet_megatron.model.layer import Chains
+from crnet_megatron.parallel import cpu_compat
+
+
+def _chain_widths(config) -> Tuple[int, int, int]:
+    """(qkv, fc1, fold): per-rank widths of the sharded chains and the SP fold factor."""
+    t = config.tensor_model_parallel_size
+    qkv = (config.num_attention_heads + 2 * config.num_query_groups) * config.kv_channels // t
+    fc1 = 2 * config.ffn_hidden_size // t
+    fold = t if config.sequence_parallel else 1
+    return qkv, fc1, fold
+
+
+def payload_width(config) -> int:
+    """Last dimension of the packed stage-boundary tensor (the residual stream alone for the
+    lowrank and dense baselines, which carry no chains)."""
+    if not config.carries_chains:
+        return config.hidden_size
+    qkv, fc1, fold = _chain_widths(config)
+    return 3 * config.hidden_size + fold * (qkv + fc1)
+
+
+def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:
+    if fold == 1:
+        return x
+    s, b, w = x.shape
+    return x.view(fold, s // fold, b, w).permute(1, 2, 0, 3).reshape(s // fold, b, fold * w)
+
+
+def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
+    if fold == 1:
+        return x
+    s1, b, fw = x.shape
+    return x.view(s1, b, fold, fw // fold).permute(2, 0, 1, 3).reshape(fold * s1, b, fw // fold)
+
+
+def pack_stage_output(hidden: torch.Tensor, chains: Chains, config) -> torch.Tensor:
+    """Residual stream + the four chains -> one ``(s', b, payload_width)`` tensor."""
+    if not config.carries_chains:
+        return hidden
+    _, _, fold = _chain_widths(config)
+    parts = [hidden, chains.proj, chains.fc2, _fold(chains.qkv, fold), _fold(chains.fc1, fold)]
+    return torch.cat(parts, dim=-1)
+
+
+def unpack_stage_input(packed: torch.Tensor, config) -> Tuple[torch.Tensor, Chains]:
+    """Inverse of ``pack_stage_output``."""
+    qkv_w, fc1_w, fold = _chain_widths(config)
+    h = config.hidden_size
+    expected = payload_width(config)
+    if packed.shape[-1] != expected:
+        raise ValueError(f"stage input has width {packed.shape[-1]}, expected {expected} "
+                         "(residual + chains); are all stages built with the same config?")
+    if not config.carries_chains:
+        return packed, None
+    hidden, proj, fc2, qkv, fc1 = packed.split([h, h, h, fold * qkv_w, fold * fc1_w], dim=-1)
+    return hidden, Chains(qkv=_unfold(qkv, fold), proj=proj, fc2=fc2, fc1=_unfold(fc1, fold))
+
+
+class StagePayload:
+    """How a stage of ``config``'s model packs its outputs and unpacks its inputs (attached to
+    the decoder block by ``parallel.build.parallelize``)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def pack(self, hidden: torch.Tensor, chains: Chains) -> torch.Tensor:
+        return pack_stage_output(hidden, chains, self.config)
+
+    def unpack(self, packed: torch.Tensor) -> Tuple[torch.Tensor, Chains]:
+        return unpack_stage_input(packed, self.config)
+
+
+def adjust_tensor_shapes_fn(config) -> Callable:
+    """Hook for Megatron's 1F1B schedule: widen the P2P shape to the packed payload."""
+    width = payload_width(config)
+
+    def adjust(recv_shapes: List[tuple], send_shapes: List[tuple]):
+        widen = lambda shapes: [(s, b, width) for (s, b, _) in shapes]  # noqa: E731
+        return widen(recv_shapes), widen(send_shapes)
+
+    return adjust
+
+
+def forward_backward(*, forward_step_func, data_iterator: Iterator, model, num_microbatches: int,
+                     seq_length: int, micro_batch_size: int, forward_only: bool = False):
+    """Megatron's forward/backward schedule for this parallel layout, with the CR-Net payload."""
+    config = model.config
+    kwargs = dict(forward_step_func=forward_step_func, data_iterator=data_iterator,
+                  model=[model], num_microbatches=num_microbatches, seq_length=seq_length,
+                  micro_batch_size=micro_batch_size, forward_only=forward_only)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        kwargs["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn(config)
+    with cpu_compat.cuda_device_rewrite():
+        return get_forward_backward_func()(**kwargs)

@@ -1,0 +1,259 @@
+"""Activation recomputation for the CR-Net block.
+
+``recompute_granularity: crnet`` is the paper's Algorithm 1. One autograd function spans the
+stage's layers. Forward (no graph) stores, per layer: the block input h_l, the low-rank codes
+Z = X A of every CR-Net projection (this rank's shard), and the chain outputs Y only at the
+checkpoint set (the stage's last layer and every ``crnet_checkpoint_every``-th layer before it;
+dense layers never). Backward walks the layers down: it recovers each missing
+``Y_{l-1} = (Y_l - Z_l B_l) / s(beta_l)`` (fp32; one r x h_out matmul per position), rebuilds
+the layer's graph from h_l, Y_{l-1} and the saved codes with ``ReplayLinear`` (no X A and no
+Z B matmul is re-run: their outputs are known), recomputing only norms, RoPE, attention and
+SwiGLU, and backpropagates through it. Dense layers are recomputed as they are. A chain whose
+next-layer ``|s(beta)|`` is below ``crnet_recompute_min_scale``, or (16-bit chains) whose
+next-layer update dwarfs it (``||Z B|| > crnet_recompute_max_ratio * ||s(beta) Y||``, measured
+in the forward with one host sync per layer), is stored instead of inverted.
+No RNG is involved (the model has no dropout), so nothing depends on the CUDA RNG tracker.
+
+``recompute_granularity: full`` is Megatron's uniform/block layer checkpointing
+(``tensor_parallel.checkpoint``) where the saved inputs are the residual stream and the
+incoming chain tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from megatron.core import tensor_parallel
+
+from crnet_megatron.model.chain_ops import invert_chain
+from crnet_megatron.model.layer import Chains
+from crnet_megatron.model.linears import is_crnet_linear
+from crnet_megatron.model.projection import projection_scheme
+
+logger = logging.getLogger(__name__)
+
+
+def chain_modules(layer) -> List[torch.nn.Module]:
+    """The four projections of a layer, in ``Chains`` order."""
+    att, mlp = layer.self_attention, layer.mlp
+    return [att.linear_qkv, att.linear_proj, mlp.linear_fc1, mlp.linear_fc2]
+
+
+def is_crnet_layer(layer) -> bool:
+    return is_crnet_linear(layer.self_attention.linear_qkv)
+
+
+def checkpoint_set(layers: Sequence, every: int) -> set:
+    """Stage-local indices whose Y is stored: the last layer, then every ``every``-th before it,
+    CR-Net layers only (|A| = ceil(n / every) when all are CR-Net)."""
+    n = len(layers)
+    keep = {n - 1}
+    keep.update(i for i in range(n - 1 - every, -1, -every) if is_crnet_layer(layers[i]))
+    return keep
+
+
+class _Record:
+    """Forward: CR-Net projections run normally and hand over their codes (and, when asked,
+    how ill-conditioned inverting them would be: ||Z B|| / ||s(beta) Y_prev||)."""
+
+    def __init__(self, measure: bool):
+        self.codes, self.ratios, self.measure = {}, {}, measure
+
+    def project(self, linear, x, prev):
+        if is_crnet_linear(linear):
+            y, self.codes[linear], zb = linear.forward_with_codes(x, prev, keep_zb=self.measure)
+            if self.measure:
+                zb32 = zb.float()
+                carried = (y.float() - zb32).norm().clamp_min(1e-30)
+                self.ratios[linear] = zb32.norm() / carried
+            return y
+        return linear(x)[0]
+
+
+class _Replay:
+    """Backward: CR-Net projections rebuild their graph from known codes and outputs."""
+
+    def __init__(self, z_full, y):
+        self.z_full, self.y = z_full, y
+
+    def project(self, linear, x, prev):
+        if is_crnet_linear(linear):
+            return linear.replay(x, prev, self.z_full[linear], self.y[linear])
+        return linear(x)[0]
+
+
+class CRNetRecomputeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stage, hidden, *chains_in):
+        layers, rope, config = stage
+        store = checkpoint_set(layers, config.crnet_checkpoint_every)
+        small = _small_scale_chains(layers, config.crnet_recompute_min_scale)
+        max_ratio = _max_ratio(config, hidden)
+        chains = Chains(*chains_in) if chains_in else None
+        # saved[:len(chains_in)] = stage input chains; then per layer, layout[i] =
+        # (h index, {module: code index}, [Y index or None] * 4)
+        saved, layout = list(chains_in), []
+        for i, layer in enumerate(layers):
+            rec = _Record(measure=max_ratio is not None and i > 0 and is_crnet_layer(layer))
+            h_idx = len(saved)
+            saved.append(hidden)
+            prev = chains
+            with projection_scheme(rec):
+                hidden, chains = layer(hidden, chains, rotary_pos_emb=rope)
+            code_idx = {}
+            for m, z in rec.codes.items():
+                code_idx[m] = len(saved)
+                saved.append(z)
+            if rec.ratios:  # Y_{i-1} is still alive: keep it where inverting layer i is unsafe
+                ratios = torch.stack([rec.ratios[m] for m in chain_modules(layer)]).tolist()
+                for c, ratio in enumerate(ratios):
+                    if ratio > max_ratio and layout[i - 1][2][c] is None:
+                        _log_fallback(layer.layer_number - 1, c,
+                                      f"||Z B|| / ||s(beta) Y|| = {ratio:.0f} > {max_ratio:g}")
+                        layout[i - 1][2][c] = len(saved)
+                        saved.append(prev[c])
+            y_idx = [None] * 4
+            for c in range(4):
+                if small[i][c]:
+                    _log_fallback(layer.layer_number, c,
+                                  f"|s(beta)| < {config.crnet_recompute_min_scale:g}")
+                if i in store or small[i][c]:
+                    y_idx[c] = len(saved)
+                    saved.append(chains[c])
+            layout.append((h_idx, code_idx, y_idx))
+        ctx.save_for_backward(*saved)
+        ctx.stage, ctx.layout, ctx.n_chains_in = stage, layout, len(chains_in)
+        return (hidden, *chains)
+
+    @staticmethod
+    def backward(ctx, grad_hidden, *grad_chains):
+        layers, rope, _ = ctx.stage
+        saved = ctx.saved_tensors
+        y_cur: Optional[List[torch.Tensor]] = [saved[j] for j in ctx.layout[-1][2]]
+        g_h, g_y = grad_hidden, list(grad_chains)
+        for i in range(len(layers) - 1, -1, -1):
+            layer = layers[i]
+            h_idx, code_idx, _ = ctx.layout[i]
+            crnet = is_crnet_layer(layer)
+            with torch.no_grad():
+                prev, z_full, y_known = _recover(layer, i, ctx, saved, y_cur, code_idx) \
+                    if crnet else (None, None, None)
+            with torch.enable_grad():
+                h_leaf = saved[h_idx].detach().requires_grad_(True)
+                leaves = None
+                if crnet:
+                    leaves = [p.detach().to(h_leaf.dtype).requires_grad_(True) for p in prev]
+                with projection_scheme(_Replay(z_full, y_known) if crnet else None):
+                    h_out, c_out = layer(h_leaf, Chains(*leaves) if crnet else None,
+                                         rotary_pos_emb=rope)
+                outs, grads = [h_out], [g_h]
+                for t, g in zip(c_out, g_y):
+                    if g is not None and t.requires_grad:
+                        outs.append(t)
+                        grads.append(g)
+                torch.autograd.backward(outs, grads)
+            g_h = h_leaf.grad
+            g_y = [leaf.grad for leaf in leaves] if crnet else [None] * 4
+            y_cur = prev
+        g_in = [g if g is not None else torch.zeros_like(c)
+                for g, c in zip(g_y, saved[:ctx.n_chains_in])]
+        return (None, g_h, *g_in)
+
+
+def _small_scale_chains(layers, threshold: float) -> List[List[bool]]:
+    """[i][c]: recovering layer i's chain c would divide by a |s(beta)| of layer i+1 below
+    ``threshold`` (one host sync for the whole stage)."""
+    mins = []
+    for i in range(len(layers)):
+        nxt = layers[i + 1] if i + 1 < len(layers) else None
+        if nxt is None or not is_crnet_layer(nxt):
+            mins.append(None)
+            continue
+        mins.append(torch.stack([m.beta.detach().abs().min().float() + m.eps
+                                 for m in chain_modules(nxt)]))
+    present = [m for m in mins if m is not None]
+    flags = iter((torch.stack(present) < threshold).tolist() if present else [])
+    return [[False] * 4 if m is None else next(flags) for m in mins]
+
+
+def _max_ratio(config, hidden) -> Optional[float]:
+    """The conditioning guard applies to 16-bit chains (8-bit mantissa: inverting a chain whose
+    carried term is 2^k times smaller than Z B loses k of them); fp32 has 24 bits to spare."""
+    if config.crnet_recompute_max_ratio is None or hidden.dtype == torch.float32:
+        return None
+    return float(config.crnet_recompute_max_ratio)
+
+
+_WARNED = set()  # (layer, chain) pairs already logged: the fallback is reported once
+
+
+def _log_fallback(layer_number: int, chain: int, reason: str) -> None:
+    key = (layer_number, chain)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning("CR-Net recompute: storing layer %d's %s chain instead of inverting it "
+                       "(%s)", layer_number, Chains._fields[chain], reason)
+
+
+def _recover(layer, i, ctx, saved, y_cur, code_idx):
+    """Y_{l-1} for the four chains (stored, stage input, or inverted in fp32), full codes, and
+    the layer's known outputs Y_l (what the replay returns)."""
+    mods = chain_modules(layer)
+    prev, z_full, y = [], {}, {}
+    for c, m in enumerate(mods):
+        z_full[m] = m.gather_codes(saved[code_idx[m]])
+        y[m] = y_cur[c]
+        stored = ctx.layout[i - 1][2][c] if i > 0 else None
+        if i == 0:
+            p = saved[c]  # the stage's input chains (pipeline stage > 0)
+        elif stored is not None:
+            p = saved[stored]
+        else:
+            p = invert_chain(y_cur[c], m.factors(z_full[m]), m.position_scales(), m.slices)
+        prev.append(p)
+    return prev, z_full, y
+
+
+def crnet_recompute(layers, hidden, chains: Optional[Chains], rope, config):
+    """Run the stage's layers under Algorithm 1; returns (hidden, Chains)."""
+    chains_in = tuple(chains) if chains is not None else ()
+    out = CRNetRecomputeFunction.apply((list(layers), rope, config), hidden, *chains_in)
+    return out[0], Chains(*out[1:])
+
+
+def megatron_full_recompute(layers, hidden, chains: Optional[Chains], rope, config):
+    """Megatron ``full`` recompute (uniform or block) with the chains as checkpoint inputs."""
+    n, k = len(layers), config.recompute_num_layers or 1
+
+    def run(start, end):
+        def fn(h, *c):
+            cs = Chains(*c) if c else None
+            for layer in layers[start:end]:
+                h, cs = layer(h, cs, rotary_pos_emb=rope)
+            return (h, *(cs or ()))
+        return fn
+
+    start = 0
+    while start < n:
+        end = min(n, start + k)
+        if config.recompute_method == "block" and start >= k:
+            out = run(start, n)(hidden, *(chains or ()))
+            end = n
+        else:
+            out = tensor_parallel.checkpoint(run(start, end), False, hidden, *(chains or ()))
+        if not isinstance(out, tuple):
+            out = (out,)
+        hidden, chains = out[0], (Chains(*out[1:]) if len(out) > 1 else None)
+        start = end
+    return hidden, chains
+
+
+
+def layer_runner(config) -> Optional[Callable]:
+    """The training-time runner of a stage's layers for ``recompute_granularity``: Algorithm 1
+    (``crnet``), Megatron ``full``, or None (layers run as they are; ``selective`` is applied
+    inside attention)."""
+    return {"crnet": crnet_recompute, "full": megatron_full_recompute}.get(
+        config.recompute_granularity)

@@ -1,0 +1,168 @@
+"""What one GPU holds: parameters per rank, and the activations autograd keeps per token.
+
+Per-rank parameters follow the sharding of ``linears.py`` and Megatron's dense linears (column
+A factors replicated over TP, row B factors replicated, everything else split). Activations are
+counted tensor by tensor as the local spec saves them (``crnet-bench recompute`` measures the
+same with ``saved_tensors_hooks``; ``tests/test_planner.py`` compares the two), in elements per
+token of one micro-batch; ``H`` marks hidden-wide tensors, which sequence parallelism splits:
+
+* dense layer: per norm its input, rstd and output (2H + 1; 3H + 1 for the local spec's
+  unfused torch RMSNorm); attention: q and k after RoPE, v as a view of the fused qkv output
+  (so that whole output, q + 2kv), the output (= the output projection's input): 3q + 3kv,
+  plus the log-sum-exp (one fp32 per head) and RoPE's cos/sin per position; SwiGLU: the fc1
+  output (gate | up), silu(gate) and the product 4f;
+* a low-rank layer adds its codes: 5r for the column positions (gathered over the sequence,
+  replicated) and 2r for the row positions (split under SP);
+* a CR-Net layer also keeps the incoming o and down chains (2H) for dbeta; the qkv and fc1
+  chains are outputs the previous layer keeps anyway (attention's v and SwiGLU's gate/up
+  views hold them), so they cost nothing more;
+* Megatron ``full`` keeps each layer's input (H) and incoming chains; ``selective`` (core
+  attention) saves only the log-sum-exp, as flash attention keeps no score matrix; ``crnet``
+  (Algorithm 1) keeps layer inputs, each rank's own codes (7r, split under SP) and the chains
+  at its checkpoint layers (``counting.recompute_saved_elements``).
+  With ``full``/``crnet`` one layer's activations are live again during its backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from crnet_megatron.analysis.counting import ModelShape, checkpoint_count, layer_ranks
+
+RECOMPUTE_MODES = ("none", "selective", "full", "crnet")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A model and one parallel layout."""
+
+    shape: ModelShape
+    rank: object                  # int, per-layer list, or None
+    seq: int
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    micro_batch: int = 1
+    global_batch: int = 8
+    sequence_parallel: Optional[bool] = None  # default: on when tp > 1
+    recompute: str = "none"
+    distributed_optimizer: bool = True
+    bf16: bool = True
+    every: int = 8
+    backend: str = "te"  # "te": fused norms (2 tensors saved per norm); "local": 3 (CPU)
+
+    @property
+    def sp(self) -> bool:
+        return self.tp > 1 if self.sequence_parallel is None else bool(self.sequence_parallel)
+
+    @property
+    def microbatches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def ranks(self) -> List[Optional[int]]:
+        return layer_ranks(self.shape, self.rank)
+
+    def stage_layers(self, stage: int) -> range:
+        per = self.shape.layers // self.pp
+        return range(stage * per, (stage + 1) * per)
+
+
+def layer_params_per_rank(shape: ModelShape, rank: Optional[int], tp: int) -> int:
+    h, f, q, kv = shape.hidden, shape.ffn, shape.q_size, shape.kv_size
+    norms = 2 * h
+    if rank is None:
+        return sum(i * o for _, i, o in shape.projections()) // tp + norms
+    r = rank
+    column = h * 3 * r + r * (q + 2 * kv) // tp + h * 2 * r + r * 2 * f // tp
+    row = (q // tp) * r + r * h + (f // tp) * r + r * h
+    return column + row + (7 if shape.chained else 0) + norms
+
+
+def stage_params(plan: Plan, stage: int) -> int:
+    """Parameters on one rank of pipeline stage ``stage``."""
+    s, ranks = plan.shape, plan.ranks
+    n = sum(layer_params_per_rank(s, ranks[i], plan.tp) for i in plan.stage_layers(stage))
+    if stage == 0:
+        n += s.vocab * s.hidden // plan.tp
+    if stage == plan.pp - 1:
+        n += s.vocab * s.hidden // plan.tp + s.hidden
+    return n
+
+
+def layer_activation_elements(plan: Plan, layer: int, mode: Optional[str] = None) -> float:
+    """Elements per token one rank keeps for ``layer`` (0-based) with no recompute (or
+    ``mode='selective'``); the log-sum-exp counted in elements of the model dtype."""
+    s, t = plan.shape, plan.tp
+    H = s.hidden / t if plan.sp else s.hidden
+    q, kv, f = s.q_size / t, s.kv_size / t, s.ffn / t
+    heads = s.heads / t
+    lse = heads * (2 if plan.bf16 else 1)  # fp32 per head
+    rope = 4 * s.q_size / s.heads / plan.micro_batch  # cos, sin for q and k, per position
+    n = 2 * norm_elements(plan) + 3 * q + 3 * kv + lse + rope + 4 * f
+    if (mode or plan.recompute) == "selective":  # flash attention keeps no s x s scores:
+        n -= lse  # recomputing it drops only the log-sum-exp (its inputs stay for the checkpoint)
+    r = plan.ranks[layer]
+    if r is not None:
+        n += 5 * r + 2 * (r / t if plan.sp else r)
+        if s.chained:  # incoming o and down chains (the previous layer keeps qkv and fc1)
+            n += 2 * H
+    return n
+
+
+def norm_elements(plan: Plan) -> float:
+    """Per token, what one RMSNorm and the linear after it keep: input, rstd and output, plus
+    the normalised input for the local spec's unfused torch RMSNorm."""
+    s, t = plan.shape, plan.tp
+    H = s.hidden / t if plan.sp else s.hidden
+    return (3 if plan.backend == "local" else 2) * H + 1
+
+
+def chain_elements(plan: Plan) -> float:
+    """Elements per token of one layer's four outgoing chains, on one rank."""
+    s, t = plan.shape, plan.tp
+    H = s.hidden / t if plan.sp else s.hidden
+    return (s.q_size + 2 * s.kv_size + 2 * s.ffn) / t + 2 * H
+
+
+def stage_activation_elements(plan: Plan, stage: int) -> float:
+    """Elements per token one rank keeps for the decoder layers of one micro-batch in its
+    stage, under the plan's recompute mode (without the backward's working layer)."""
+    layers = list(plan.stage_layers(stage))
+    s, t = plan.shape, plan.tp
+    H = s.hidden / t if plan.sp else s.hidden
+    mode = plan.recompute
+    chains = s.chained
+    if mode in ("none", "selective"):
+        return sum(layer_activation_elements(plan, i, mode) for i in layers)
+    if mode == "full":
+        carried = sum(1 for i in layers if i > 0) if chains else 0
+        return len(layers) * H + carried * chain_elements(plan)
+    if mode == "crnet":
+        ranks = plan.ranks
+        # Algorithm 1 stores each rank's own codes (a sequence shard under SP: the column
+        # codes are gathered again in backward)
+        codes = sum(7 * (ranks[i] / t if plan.sp else ranks[i])
+                    for i in layers if ranks[i] is not None)
+        stored = checkpoint_count(len(layers), sum(1 for i in layers if ranks[i] is None),
+                                  plan.every)
+        return len(layers) * H + codes + stored * chain_elements(plan)
+    raise ValueError(f"recompute mode {mode!r}: one of {RECOMPUTE_MODES}")
+
+
+def working_layer_elements(plan: Plan, stage: int) -> float:
+    """One layer's full activations, live again while ``full``/``crnet`` recompute it."""
+    if plan.recompute not in ("full", "crnet"):
+        return 0.0
+    return max(layer_activation_elements(plan, i, "none") for i in plan.stage_layers(stage))
+
+
+def logits_bytes_per_token(plan: Plan) -> float:
+    """Last stage: the final norm and the fp32 softmax of the vocabulary-parallel cross
+    entropy."""
+    return norm_elements(plan) * (2 if plan.bf16 else 4) + 4 * plan.shape.vocab / plan.tp

@@ -1,0 +1,344 @@
+"""Run configuration: one YAML file with sections, Megatron key names, dotted overrides.
+
+``load_run_config(path, ["optimizer.lr=3e-3", ...])`` merges defaults <- file <- overrides;
+an unknown section or key, or a value of the wrong type, is a ``ValueError`` naming the key.
+``to_crnet_config`` / ``to_optimizer_config`` turn the sections into Megatron-Core configs.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+from crnet_megatron.model.config import LOWRANK_INITS, PROJECTIONS, RANK_SCHEDULES
+
+NUM = (int, float)
+OPT_INT, OPT_NUM, OPT_STR = (int, type(None)), (int, float, type(None)), (str, type(None))
+
+# section -> key -> (default, allowed types)
+SCHEMA: Dict[str, Dict[str, tuple]] = {
+    "model": {
+        "num_layers": (4, int), "hidden_size": (128, int), "ffn_hidden_size": (344, int),
+        "num_attention_heads": (4, int), "num_query_groups": (None, OPT_INT),
+        "kv_channels": (None, OPT_INT), "seq_length": (128, int),
+        "projection": ("crnet", str), "crnet_learn_beta": (True, bool),
+        "crnet_rank": (32, (int, list)), "crnet_rank_schedule": ("uniform", str),
+        "crnet_dense_layers": (1, int), "crnet_beta_init": (1.0, NUM), "crnet_eps": (1e-6, NUM),
+        "crnet_lowrank_init": ("cola", str), "init_method_std": (0.02, NUM),
+        "rotary_base": (10000, int), "layernorm_epsilon": (1e-6, NUM),
+    },
+    "parallel": {
+        "tensor_model_parallel_size": (1, int), "pipeline_model_parallel_size": (1, int),
+        "sequence_parallel": (False, bool), "use_distributed_optimizer": (False, bool),
+        "num_layers_in_first_pipeline_stage": (None, OPT_INT),
+        "num_layers_in_last_pipeline_stage": (None, OPT_INT),
+        "overlap_grad_reduce": (False, bool),
+    },
+    "optimizer": {
+        "optimizer": ("adam", str), "lr": (3e-3, NUM), "min_lr": (3e-4, NUM),
+        "weight_decay": (0.01, NUM), "adam_beta1": (0.9, NUM), "adam_beta2": (0.95, NUM),
+        "adam_eps": (1e-8, NUM), "clip_grad": (1.0, NUM), "bf16": (False, bool),
+    },
+    "schedule": {
+        "train_iters": (100, int), "micro_batch_size": (8, int), "global_batch_size": (8, int),
+        "lr_warmup_fraction": (0.1, NUM), "lr_decay_style": ("cosine", str), "seed": (1234, int),
+        "exit_interval": (None, OPT_INT),
+    },
+    "data": {
+        "data_path": (None, (list, type(None))), "split": ("969,30,1", str),
+        "tokenizer": (None, OPT_STR), "eod_token": (None, OPT_STR),
+        "builtin_vocab_size": (2048, int),
+        "cache_dir": ("~/.cache/crnet_megatron", str),
+    },
+    "checkpoint": {
+        "save": (None, OPT_STR), "load": (None, OPT_STR), "save_interval": (None, OPT_INT),
+        "keep_last": (2, int), "no_load_optim": (False, bool),
+    },
+    "eval": {"eval_interval": (50, int), "eval_iters": (4, int)},
+    "logging": {
+        "log_interval": (10, int), "metrics_jsonl": (None, OPT_STR),
+        "tensorboard_dir": (None, OPT_STR), "peak_tflops": (None, OPT_NUM),
+        "progress_bar": (True, bool), "plot": (True, bool),
+    },
+    "recompute": {
+        "recompute_granularity": (None, OPT_STR), "recompute_method": (None, OPT_STR),
+        "recompute_num_layers": (None, OPT_INT), "recompute_modules": (None, (list, type(None))),
+        "crnet_checkpoint_every": (8, int), "crnet_recompute_min_scale": (1e-2, NUM),
+        "crnet_recompute_max_ratio": (16.0, OPT_NUM),
+    },
+    "safety": {"max_nonfinite_in_a_row": (5, int), "exit_on_signal": (True, bool)},
+}
+
+
+# Stated ranges: (lowest, highest, lowest is open, highest is open); None = unbounded.
+_POS, _NONNEG = (1, None, False, False), (0, None, False, False)
+RANGES: Dict[str, tuple] = {
+    "model.num_layers": _POS, "model.hidden_size": _POS, "model.ffn_hidden_size": _POS,
+    "model.num_attention_heads": _POS, "model.num_query_groups": _POS, "model.kv_channels": _POS,
+    "model.seq_length": _POS, "model.crnet_dense_layers": _NONNEG, "model.crnet_eps": _NONNEG,
+    "model.init_method_std": (0, None, True, False), "model.rotary_base": (1, None, False, False),
+    "model.layernorm_epsilon": (0, None, True, False),
+    "parallel.tensor_model_parallel_size": _POS, "parallel.pipeline_model_parallel_size": _POS,
+    "parallel.num_layers_in_first_pipeline_stage": _POS,
+    "parallel.num_layers_in_last_pipeline_stage": _POS,
+    "optimizer.lr": _NONNEG, "optimizer.min_lr": _NONNEG, "optimizer.weight_decay": _NONNEG,
+    "optimizer.adam_beta1": (0, 1, False, True), "optimizer.adam_beta2": (0, 1, False, True),
+    "optimizer.adam_eps": (0, None, True, False), "optimizer.clip_grad": _NONNEG,
+    "schedule.train_iters": _POS, "schedule.micro_batch_size": _POS,
+    "schedule.global_batch_size": _POS, "schedule.lr_warmup_fraction": (0, 1, False, True),
+    "schedule.seed": _NONNEG, "schedule.exit_interval": _POS,
+    "data.builtin_vocab_size": (260, None, False, False),
+    "checkpoint.save_interval": _POS, "checkpoint.keep_last": _POS,
+    "eval.eval_interval": _POS, "eval.eval_iters": _POS,
+    "logging.log_interval": _POS, "logging.peak_tflops": (0, None, True, False),
+    "recompute.recompute_num_layers": _POS, "recompute.crnet_checkpoint_every": _POS,
+    "recompute.crnet_recompute_min_scale": _NONNEG,
+    "recompute.crnet_recompute_max_ratio": (0, None, True, False),
+    "safety.max_nonfinite_in_a_row": _POS,
+}
+CHOICES: Dict[str, tuple] = {
+    "model.projection": PROJECTIONS,
+    "model.crnet_rank_schedule": RANK_SCHEDULES,
+    "model.crnet_lowrank_init": LOWRANK_INITS,
+    "optimizer.optimizer": ("adam", "sgd"),
+    "schedule.lr_decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
+    "recompute.recompute_granularity": ("full", "selective", "crnet", None),
+    "recompute.recompute_method": ("uniform", "block", None),
+}
+
+
+def _range_text(lo, hi, lo_open, hi_open) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi}")
+    return " and ".join(parts)
+
+
+def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
+    """Every numeric key within its stated range, every choice valid, cross-key rules."""
+    for dotted, (lo, hi, lo_open, hi_open) in RANGES.items():
+        section, key = dotted.split(".")
+        v = cfg[section][key]
+        if v is None:
+            continue
+        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
+              (hi is not None and (v >= hi if hi_open else v > hi))
+        if bad:
+            raise ValueError(f"config key {dotted} = {v!r} is out of range; it must be "
+                             f"{_range_text(lo, hi, lo_open, hi_open)}")
+    for dotted, options in CHOICES.items():
+        section, key = dotted.split(".")
+        if cfg[section][key] not in options:
+            raise ValueError(f"config key {dotted} = {cfg[section][key]!r} is not one of "
+                             f"{[o for o in options if o is not None]}")
+    o, s, m = cfg["optimizer"], cfg["schedule"], cfg["model"]
+    if o["min_lr"] > o["lr"]:
+        raise ValueError(f"config key optimizer.min_lr = {o['min_lr']} must be <= optimizer.lr "
+                         f"= {o['lr']}")
+    if s["global_batch_size"] < s["micro_batch_size"]:
+        raise ValueError(f"config key schedule.global_batch_size = {s['global_batch_size']} "
+                         f"must be >= schedule.micro_batch_size = {s['micro_batch_size']}")
+    if m["crnet_dense_layers"] > m["num_layers"]:
+        raise ValueError(f"config key model.crnet_dense_layers = {m['crnet_dense_layers']} must "
+                         f"be <= model.num_layers = {m['num_layers']}")
+    if m["crnet_dense_layers"] == 0 and m["projection"] != "lowrank":
+        raise ValueError("config key model.crnet_dense_layers = 0 needs model.projection: lowrank "
+                         f"(model.projection = {m['projection']!r}: a CR-Net chain needs a dense "
+                         "layer to seed it)")
+    if cfg["recompute"]["recompute_granularity"] == "crnet" and m["projection"] != "crnet":
+        raise ValueError("config key recompute.recompute_granularity = 'crnet' needs "
+                         f"model.projection: crnet (model.projection = {m['projection']!r} has no "
+                         "cross-layer chain to invert); use 'full' or 'selective'")
+    rank = m["crnet_rank"]
+    ranks = rank if isinstance(rank, list) else [rank]
+    if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
+        raise ValueError(f"config key model.crnet_rank = {rank!r} must be a positive int or a "
+                         "list of positive ints (one per layer)")
+
+
+def defaults() -> Dict[str, Dict[str, Any]]:
+    return {s: {k: copy.deepcopy(v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()}
+
+
+def _type_names(types) -> str:
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+
+
+def _check(section: str, key: str, value):
+    if section not in SCHEMA:
+        raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
+    if key not in SCHEMA[section]:
+        raise ValueError(f"unknown config key {section}.{key}; valid keys of {section}: "
+                         f"{sorted(SCHEMA[section])}")
+    types = SCHEMA[section][key][1]
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in (
+        types if isinstance(types, tuple) else (types,)))
+    if not ok:
+        raise ValueError(f"config key {section}.{key} = {value!r} has type "
+                         f"{type(value).__name__}; expected {_type_names(types)}")
+
+
+def _coerce_float(section: str, key: str, value):
+    """YAML reads ``3e-3`` (no dot) as a string; accept it where a number is expected."""
+    types = SCHEMA.get(section, {}).get(key, (None, ()))[1]
+    types = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, str) and float in types:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+    """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML)."""
+    cfg = defaults()
+    updates: Dict[str, Dict[str, Any]] = {}
+    if path:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"config file {path!r} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                updates = yaml.safe_load(f)
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ValueError(f"config file {path!r} is not valid YAML: "
+                             f"{str(e).splitlines()[0]}") from None
+        if updates is None:
+            raise ValueError(f"config file {path!r} is empty; it needs at least one section "
+                             f"(valid: {sorted(SCHEMA)})")
+        if not isinstance(updates, dict):
+            raise ValueError(f"config file {path!r} must be a mapping of sections")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        section, name = key.split(".", 1)
+        try:
+            updates.setdefault(section, {})[name] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML") from None
+    return from_mapping(updates, cfg)
+
+
+def from_mapping(updates: Dict[str, Any], cfg: Optional[Dict[str, Dict[str, Any]]] = None):
+    """Defaults (or ``cfg``) <- a mapping of sections, checked key by key (a checkpoint's stored
+    config is read through here too: it is untrusted input like a YAML file)."""
+    cfg = cfg if cfg is not None else defaults()
+    for section, values in updates.items():
+        if section not in SCHEMA:
+            raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"config section {section!r} must be a mapping")
+        for name, value in values.items():
+            value = _coerce_float(section, name, value)
+            _check(section, name, value)
+            cfg[section][name] = value
+    validate(cfg)
+    return cfg
+
+
+def dump(cfg: Dict[str, Dict[str, Any]]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def to_crnet_config(cfg, params_dtype=None):
+    """The CRNetConfig (a Megatron TransformerConfig) of a run."""
+    import torch
+
+    from crnet_megatron.model.config import CRNetConfig
+
+    m, p, o, r = cfg["model"], cfg["parallel"], cfg["optimizer"], cfg["recompute"]
+    bf16 = o["bf16"]
+    return CRNetConfig(
+        num_layers=m["num_layers"], hidden_size=m["hidden_size"],
+        ffn_hidden_size=m["ffn_hidden_size"], num_attention_heads=m["num_attention_heads"],
+        num_query_groups=m["num_query_groups"], kv_channels=m["kv_channels"],
+        crnet_projection=m["projection"], crnet_learn_beta=m["crnet_learn_beta"],
+        crnet_rank=m["crnet_rank"], crnet_rank_schedule=m["crnet_rank_schedule"],
+        crnet_dense_layers=m["crnet_dense_layers"], crnet_beta_init=float(m["crnet_beta_init"]),
+        crnet_eps=float(m["crnet_eps"]), crnet_lowrank_init=m["crnet_lowrank_init"],
+        init_method_std=float(m["init_method_std"]),
+        layernorm_epsilon=float(m["layernorm_epsilon"]),
+        tensor_model_parallel_size=p["tensor_model_parallel_size"],
+        pipeline_model_parallel_size=p["pipeline_model_parallel_size"],
+        sequence_parallel=p["sequence_parallel"],
+        num_layers_in_first_pipeline_stage=p["num_layers_in_first_pipeline_stage"],
+        num_layers_in_last_pipeline_stage=p["num_layers_in_last_pipeline_stage"],
+        bf16=bf16, params_dtype=params_dtype or (torch.bfloat16 if bf16 else torch.float32),
+        use_cpu_initialization=not torch.cuda.is_available(),
+        recompute_granularity=r["recompute_granularity"], recompute_method=r["recompute_method"],
+        recompute_num_layers=r["recompute_num_layers"],
+        recompute_modules=r["recompute_modules"] or ["core_attn"],
+        crnet_checkpoint_every=r["crnet_checkpoint_every"],
+        crnet_recompute_min_scale=float(r["crnet_recompute_min_scale"]),
+        crnet_recompute_max_ratio=r["crnet_recompute_max_ratio"],
+    )
+
+
+def distributed_optimizer_supported() -> bool:
+    """Megatron-Core 0.16.1's distributed optimizer saves checkpoints without Apex/TE but cannot
+    load them back (its non-Apex path drops the Adam step count), so it is used only with them."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    return bool(HAVE_APEX_OR_TE)
+
+
+def use_distributed_optimizer(cfg) -> bool:
+    if not cfg["parallel"]["use_distributed_optimizer"]:
+        return False
+    if distributed_optimizer_supported():
+        return True
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("note: parallel.use_distributed_optimizer ignored (no Apex/Transformer Engine); "
+              "using the non-distributed Megatron optimizer", flush=True)
+    return False
+
+
+def to_optimizer_config(cfg, distributed: bool):
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+
+    o = cfg["optimizer"]
+    if o["optimizer"] not in ("adam", "sgd"):
+        raise ValueError(f"optimizer.optimizer={o['optimizer']!r}: expected 'adam' or 'sgd'")
+    return OptimizerConfig(
+        optimizer=o["optimizer"], lr=float(o["lr"]), min_lr=float(o["min_lr"]),
+        weight_decay=float(o["weight_decay"]), adam_beta1=float(o["adam_beta1"]),
+        adam_beta2=float(o["adam_beta2"]), adam_eps=float(o["adam_eps"]),
+        clip_grad=float(o["clip_grad"]), bf16=o["bf16"],
+        params_dtype=torch.bfloat16 if o["bf16"] else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+
+
+def shape_keys(cfg) -> Dict[str, Any]:
+    """The model keys a checkpoint must agree on to be loadable."""
+    keys = ("projection", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+            "num_query_groups", "kv_channels", "crnet_rank", "crnet_rank_schedule",
+            "crnet_dense_layers", "rotary_base")
+    return {k: cfg["model"][k] for k in keys}
+
+
+def padded_vocab(vocab_size: int, tensor_model_parallel_size: int) -> int:
+    """The model's vocabulary: Megatron-LM's padding to a multiple of 128 x TP."""
+    multiple = 128 * tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def validate_batch(cfg, dp_size: int) -> int:
+    """Number of micro-batches per step; global batch must split over DP and micro-batches."""
+    s = cfg["schedule"]
+    per_step = s["micro_batch_size"] * dp_size
+    if s["global_batch_size"] % per_step:
+        raise ValueError(f"schedule.global_batch_size={s['global_batch_size']} is not divisible by "
+                         f"micro_batch_size x data_parallel_size = {per_step}")
+    return s["global_batch_size"] // per_step
+

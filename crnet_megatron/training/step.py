@@ -1,0 +1,57 @@
+"""One step of Megatron's schedule over the micro-batches: the forward step and its loss, the
+schedule (1F1B under PP, chains carried between stages), and the forward-only mean loss that
+training-time eval and ``crnet-eval`` share."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from crnet_megatron.parallel.pipeline import forward_backward
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    mask = batch["loss_mask"].float()
+
+    def loss_func(out):
+        loss = (out.float() * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss, {"lm loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs: int,
+                 forward_only: bool) -> float:
+    """Megatron's schedule over the micro-batches; mean loss, broadcast from the last stage."""
+    out = forward_backward(forward_step_func=_forward_step, data_iterator=data_iterator,
+                           model=model, num_microbatches=num_microbatches, seq_length=seq_len,
+                           micro_batch_size=mbs, forward_only=forward_only)
+    device = next(model.parameters()).device
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    if ps.is_pipeline_last_stage(ignore_virtual=True):
+        loss += sum(o["lm loss"].float() for o in out) / len(out)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(loss, src=ps.get_pipeline_model_parallel_last_rank(),
+                       group=ps.get_pipeline_model_parallel_group())
+    if ps.get_data_parallel_world_size() > 1:  # the global batch's loss, as Megatron logs it
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        loss /= ps.get_data_parallel_world_size()
+    return loss.item()
+
+
+def mean_loss(model, batches: Iterator, num_batches: int, num_microbatches: int, seq_len: int,
+              micro_batch_size: int) -> float:
+    """Forward-only loss over ``num_batches`` global batches (windows of equal length make the
+    mean over batches the mean over tokens)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [run_schedule(model, batches, num_microbatches, seq_len, micro_batch_size,
+                               forward_only=True) for _ in range(num_batches)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
