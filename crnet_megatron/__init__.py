@@ -5,11 +5,11 @@ checks the order stated in ``LAYERS``):
 
     model     what the network is: config, the positions table, chain ops, TP linears, layers,
               block, GPT model, specs, init                        (torch, megatron-core)
+    analysis  formulas (parameters, FLOPs, payload, Algorithm 1's checkpoint set, recompute
+              memory, TP traffic; no torch) and the rank advisor
     parallel  how it is distributed: process groups and the plan, building a rank's stage,
               pipeline payload, recompute, the CPU adaptation of megatron-core
     data      corpus, tokenizer, preprocessing, validation, evaluation windows
-    analysis  formulas (parameters, FLOPs, payload, recompute memory, TP traffic; no torch) and
-              the rank advisor
     planner   ``crnet-plan``'s model (no torch)
     training  the driver: run config, datasets, the step, the trainer, checkpoints, metrics
     export    after training: checkpoint -> single-process model, HF export, generation,
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 
-LAYERS = ("model", "parallel", "data", "analysis", "planner", "training", "export", "testing",
+LAYERS = ("model", "analysis", "parallel", "data", "planner", "training", "export", "testing",
           "bench", "cli")
 
 _EXPORTS = {

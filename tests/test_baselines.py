@@ -15,10 +15,10 @@ from tests.helpers import SEQ, VOCAB, batch, tiny_config
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(crnet_projection="lowrank"),
-    dict(crnet_projection="lowrank", crnet_dense_layers=0, crnet_rank=[8, 16, 24]),
-    dict(crnet_projection="dense"),
-    dict(crnet_projection="dense", crnet_rank=[8, 16]),  # ranks are ignored
+    dict(crnet_variant="lowrank"),
+    dict(crnet_variant="lowrank", crnet_dense_layers=0, crnet_rank=[8, 16, 24]),
+    dict(crnet_variant="dense"),
+    dict(crnet_variant="dense", crnet_rank=[8, 16]),  # ranks are ignored
 ])
 def test_variant_param_count_matches_counting(megatron_single, overrides):
     config = tiny_config(**overrides)
@@ -34,7 +34,7 @@ def test_lowrank_is_crnet_without_the_chain(megatron_single):
     """Same seed: a lowrank model has CR-Net's factors; its layers output (X A) B alone."""
     torch.manual_seed(0)
     cr = build_model(tiny_config(), VOCAB, SEQ, seed=3)
-    lr = build_model(tiny_config(crnet_projection="lowrank"), VOCAB, SEQ, seed=3)
+    lr = build_model(tiny_config(crnet_variant="lowrank"), VOCAB, SEQ, seed=3)
     cr_params = dict(cr.named_parameters())
     for name, p in lr.named_parameters():
         torch.testing.assert_close(p, cr_params[name], rtol=0, atol=0)
@@ -55,18 +55,18 @@ def test_lowrank_is_crnet_without_the_chain(megatron_single):
 def test_variant_flops_and_paper_shapes():
     s = LLAMA_SHAPES["1b"]
     cr = flops_per_token(s, 448)["linear_forward"]
-    lr = flops_per_token(s.variant("lowrank"), 448)["linear_forward"]
-    dn = flops_per_token(s.variant("dense"), 448)["linear_forward"]
+    lr = flops_per_token(s.as_variant("lowrank"), 448)["linear_forward"]
+    dn = flops_per_token(s.as_variant("dense"), 448)["linear_forward"]
     assert dn == flops_per_token(s, None)["linear_forward"]
     # CR-Net adds one scale-add (2 FLOPs) per output element of each of its 23 layers
     assert cr - lr == 23 * 2 * sum(o for _, _, o in s.projections())
-    assert count_params(s, 448)["total"] - count_params(s.variant("lowrank"), 448)["total"] == 23 * 7
+    assert count_params(s, 448)["total"] - count_params(s.as_variant("lowrank"), 448)["total"] == 23 * 7
 
 
 @pytest.mark.parametrize("sets,needle", [
-    (["model.projection=lowrank", "recompute.recompute_granularity=crnet"], "needs model.projection: crnet"),
-    (["model.projection=crnet", "model.crnet_dense_layers=0"], "needs model.projection: lowrank"),
-    (["model.projection=cola"], "model.projection = 'cola' is not one of"),
+    (["model.variant=lowrank", "recompute.recompute_granularity=crnet"], "needs model.variant: crnet"),
+    (["model.variant=crnet", "model.crnet_dense_layers=0"], "needs model.variant: lowrank"),
+    (["model.variant=cola"], "model.variant = 'cola' is not one of"),
 ])
 def test_variant_config_errors(sets, needle):
     from crnet_megatron.training.run_config import load_run_config

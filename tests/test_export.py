@@ -66,7 +66,7 @@ def test_export_matches_megatron(tiny_dataset, tmp_path, projection, layout):
     from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
 
     save, out = str(tmp_path / "run"), str(tmp_path / "export")
-    cfg = driver_cfg(tiny_dataset, str(tmp_path / "cache"), save, f"model.projection={projection}",
+    cfg = driver_cfg(tiny_dataset, str(tmp_path / "cache"), save, f"model.variant={projection}",
                      "model.crnet_beta_init=-0.7", "schedule.train_iters=3",
                      "eval.eval_interval=3", *LAYOUTS[layout])
     from tokenizers import Tokenizer
@@ -109,7 +109,7 @@ def test_transformers_loads_exports(tiny_dataset, tmp_path):
     ids = torch.arange(20)[None] % 200
     for projection, cls in (("crnet", "CRNetForCausalLM"), ("dense", "LlamaForCausalLM")):
         save, out = str(tmp_path / projection), str(tmp_path / f"{projection}_export")
-        cfg = driver_cfg(tiny_dataset, str(tmp_path / "cache"), save, f"model.projection={projection}",
+        cfg = driver_cfg(tiny_dataset, str(tmp_path / "cache"), save, f"model.variant={projection}",
                          "schedule.train_iters=2", "eval.eval_interval=2",
                          "model.num_query_groups=2")
         run_in_process(cfg)

@@ -130,11 +130,11 @@ def test_generate_cli_and_bad_inputs(tiny_dataset, tmp_path, capsys):
 
     sets = TINY + [f"data.data_path=[{tiny_dataset[0]}]", f"data.tokenizer={tiny_dataset[1]}",
                    f"data.cache_dir={tmp_path / 'cache'}", f"checkpoint.save={save}",
-                   "model.projection=lowrank"]
+                   "model.variant=lowrank"]
     with pytest.raises(SystemExit):
         train_main([a for s in sets for a in ("--set", s)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert "another model shape" in err[-1] and "model.projection: checkpoint 'crnet' vs config 'lowrank'" in err[-1]
+    assert "another model shape" in err[-1] and "model.variant: checkpoint 'crnet' vs config 'lowrank'" in err[-1]
 
 
 def test_export_of_another_variant_is_refused(tmp_path, capsys):

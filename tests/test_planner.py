@@ -67,7 +67,7 @@ def test_activation_memory_equals_saved_storage(megatron_single, projection, lay
             continue
         config = CRNetConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
                              num_attention_heads=heads, num_query_groups=groups,
-                             crnet_rank=rank, crnet_projection=projection,
+                             crnet_rank=rank, crnet_variant=projection,
                              use_cpu_initialization=True, **extra)
         params, measured = _measure(config, 32, 3)
         expected_params, predicted, _ = _predicted(config, 32, 3, mode)
@@ -81,7 +81,7 @@ def _tp_worker(rank, world, projection, mode, sp):
 
     init_distributed(tensor_model_parallel_size=world)
     config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                         num_query_groups=2, crnet_rank=16, crnet_projection=projection,
+                         num_query_groups=2, crnet_rank=16, crnet_variant=projection,
                          tensor_model_parallel_size=world, sequence_parallel=sp,
                          use_cpu_initialization=True, **MODES[mode])
     return _measure(config, 16, 2)
@@ -94,7 +94,7 @@ def test_tp2_rank_params_and_activations(projection, mode, sp):
 
     results = run_distributed(_tp_worker, 2, projection, mode, sp, timeout=300)
     config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                         num_query_groups=2, crnet_rank=16, crnet_projection=projection,
+                         num_query_groups=2, crnet_rank=16, crnet_variant=projection,
                          tensor_model_parallel_size=2, sequence_parallel=sp,
                          use_cpu_initialization=True, **MODES[mode])
     expected_params, predicted, _ = _predicted(config, 16, 2, mode, tp=2)
@@ -111,7 +111,7 @@ def _pp_worker(rank, world, projection):
 
     init_distributed(pipeline_model_parallel_size=world)
     config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                         num_query_groups=2, crnet_rank=16, crnet_projection=projection,
+                         num_query_groups=2, crnet_rank=16, crnet_variant=projection,
                          pipeline_model_parallel_size=world, use_cpu_initialization=True)
     model = build_model(config, vocab_size=256, max_sequence_length=16, seed=1)
     return sum(p.numel() for p in model.parameters()), payload_width(config)
@@ -124,7 +124,7 @@ def test_pp2_stage_params_and_payload(projection):
 
     results = run_distributed(_pp_worker, 2, projection, timeout=300)
     config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                         num_query_groups=2, crnet_rank=16, crnet_projection=projection,
+                         num_query_groups=2, crnet_rank=16, crnet_variant=projection,
                          use_cpu_initialization=True)
     plan = Plan(ModelShape.from_config(config, 256), config.crnet_layer_ranks, 16, pp=2)
     for stage, (params, width) in enumerate(results):
@@ -201,7 +201,7 @@ def test_goals_7b_on_one_gpu_13b_on_two_and_weak_scaling():
     h100 = get_gpu("h100-80gb")
     p7 = Plan(LLAMA_SHAPES["7b"], 512, 4096, global_batch=1024, recompute="crnet")
     assert evaluate(p7, h100)["fits"]
-    dense7 = replace(p7, shape=p7.shape.variant("dense"), recompute="full")
+    dense7 = replace(p7, shape=p7.shape.as_variant("dense"), recompute="full")
     assert not evaluate(dense7, h100)["fits"]
     p13 = Plan(LLAMA_SHAPES["13b"], 640, 4096, tp=2, global_batch=1024, recompute="crnet")
     assert evaluate(p13, h100)["fits"]
@@ -209,7 +209,7 @@ def test_goals_7b_on_one_gpu_13b_on_two_and_weak_scaling():
     # efficiency is at least the dense model's (half the gradient bytes per FLOP saved)
     base = replace(p7, dp=8, global_batch=8, recompute="none")
     cr = weak_scaling(base, h100)
-    dn = weak_scaling(replace(base, shape=base.shape.variant("dense"), recompute="full"), h100)
+    dn = weak_scaling(replace(base, shape=base.shape.as_variant("dense"), recompute="full"), h100)
     assert [r["gpus"] for r in cr] == [8, 16, 32, 64, 128, 256, 512, 1024]
     assert all(c["efficiency"] >= d["efficiency"] for c, d in zip(cr, dn))
 

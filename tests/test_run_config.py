@@ -60,3 +60,24 @@ def test_corrupt_tracker_is_a_clear_error(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"iter_0000007 is missing or incomplete"):
         run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save))
     assert sorted(os.listdir(save)) == ["latest_checkpointed_iteration.txt"]  # nothing touched
+
+
+def test_renamed_variant_key_is_refused_and_old_checkpoints_still_read(tmp_path):
+    """``model.projection`` became ``model.variant``: a config naming the old key gets one line
+    naming the new one; a checkpoint's stored config and shape keys are read under the new name."""
+    from crnet_megatron.training import run_config
+    from crnet_megatron.training.checkpointing import check_compatible
+
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  projection: lowrank\n")
+    with pytest.raises(ValueError, match=r"model.projection was renamed to model.variant; "
+                                         r"write model.variant: 'lowrank'"):
+        load_run_config(str(path))
+    stored = run_config.from_mapping({"model": {"projection": "lowrank"}}, legacy=True)
+    assert stored["model"]["variant"] == "lowrank" and "projection" not in stored["model"]
+    cfg = load_run_config(None, ["model.variant=lowrank"])
+    common = {"path": "iter_0000001", "model_shape": dict(run_config.shape_keys(cfg))}
+    common["model_shape"]["projection"] = common["model_shape"].pop("variant")
+    check_compatible(common, run_config.shape_keys(cfg))  # same model under the old name
+    with pytest.raises(ValueError, match=r"model.variant: checkpoint 'lowrank' vs config 'crnet'"):
+        check_compatible(common, run_config.shape_keys(load_run_config(None)))

@@ -86,8 +86,8 @@ def test_distributed_optimizer_logs_the_global_grad_norm(reference, tiny_dataset
 FULL = ["recompute.recompute_granularity=full", "recompute.recompute_method=uniform",
         "recompute.recompute_num_layers=1"]
 BASELINES = {  # the paper's baselines and ablation, each at a multi-process layout
-    "lowrank-tp2-pp2-sp-full": (4, ["model.projection=lowrank"] + TP2 + PP2 + SP + FULL),
-    "dense-tp2-sp": (2, ["model.projection=dense"] + TP2 + SP),
+    "lowrank-tp2-pp2-sp-full": (4, ["model.variant=lowrank"] + TP2 + PP2 + SP + FULL),
+    "dense-tp2-sp": (2, ["model.variant=dense"] + TP2 + SP),
     "frozen-beta-pp2-dp2": (4, ["model.crnet_learn_beta=false"] + PP2),
 }
 
@@ -96,7 +96,17 @@ BASELINES = {  # the paper's baselines and ablation, each at a multi-process lay
 def test_baselines_train_the_same_model_at_every_layout(tiny_dataset, tmp_path, name):
     """A baseline at a multi-process layout gives its own TP=1/PP=1/DP=1 run's losses and grad
     norms (the variant keys only; recompute modes are layout-invariant already)."""
-    world, sets = BASELINES[name]
+    _trains_like_one_process(tiny_dataset, tmp_path, *BASELINES[name])
+
+
+def test_odd_rank_at_tp2_trains_like_tp1(tiny_dataset, tmp_path):
+    """No rank rule involves TP (column A factors are replicated): r = 15 and the middle-high
+    schedule's odd ranks at TP=2 + SP train exactly as at TP=1."""
+    sets = ["model.crnet_rank=15", "model.crnet_rank_schedule=middle-high"] + TP2 + SP
+    _trains_like_one_process(tiny_dataset, tmp_path, 2, sets)
+
+
+def _trains_like_one_process(tiny_dataset, tmp_path, world, sets):
     variant = [s for s in sets if s.startswith("model.")]
     ref = run_in_process(driver_cfg(tiny_dataset, tmp_path / "r", None, *BASE, *variant))["history"]
     cfg = driver_cfg(tiny_dataset, tmp_path / "c", None, *BASE, *sets)

@@ -9,7 +9,9 @@ without a causal discount (torchtitan's and Megatron's convention).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Set
+
+from crnet_megatron.model import positions
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,7 @@ class ModelShape:
     groups: Optional[int] = None
     head_dim: Optional[int] = None
     dense_layers: int = 1
-    projection: str = "crnet"  # or the baselines "lowrank" (no betas, no chain add) and "dense"
+    variant: str = "crnet"  # or the baselines "lowrank" (no betas, no chain add) and "dense"
 
     @property
     def q_size(self) -> int:
@@ -34,26 +36,24 @@ class ModelShape:
 
     def projections(self):
         """(name, h_in, h_out) of the 7 positions."""
-        h, f, q, kv = self.hidden, self.ffn, self.q_size, self.kv_size
-        return [("q", h, q), ("k", h, kv), ("v", h, kv), ("o", q, h),
-                ("gate", h, f), ("up", h, f), ("down", f, h)]
+        return positions.shapes(self.hidden, self.ffn, self.q_size, self.kv_size)
 
     @classmethod
     def from_config(cls, config, vocab: int) -> "ModelShape":
         return cls(hidden=config.hidden_size, ffn=config.ffn_hidden_size,
                    heads=config.num_attention_heads, layers=config.num_layers, vocab=vocab,
                    groups=config.num_query_groups, head_dim=config.kv_channels,
-                   dense_layers=config.num_dense_layers, projection=config.crnet_projection)
+                   dense_layers=config.num_dense_layers, variant=config.crnet_variant)
 
-    def variant(self, projection: str) -> "ModelShape":
-        """The same shape as another projection variant (the dense one has only dense layers)."""
-        dense_layers = self.layers if projection == "dense" else (
+    def as_variant(self, variant: str) -> "ModelShape":
+        """The same shape as another variant (the dense one has only dense layers)."""
+        dense_layers = self.layers if variant == "dense" else (
             self.dense_layers if self.dense_layers < self.layers else 1)
-        return replace(self, projection=projection, dense_layers=dense_layers)
+        return replace(self, variant=variant, dense_layers=dense_layers)
 
     @property
     def chained(self) -> bool:
-        return self.projection == "crnet"
+        return self.variant == "crnet"
 
 
 # LLaMA shapes of the paper's protocol (crnet_method.md §3.1).
@@ -70,7 +70,7 @@ LLAMA_SHAPES = {
 def layer_ranks(shape: ModelShape, rank) -> List[Optional[int]]:
     """Per layer: None for dense layers, the rank for CR-Net layers. ``rank=None`` = all dense."""
     n = shape.layers - shape.dense_layers
-    if rank is None or shape.projection == "dense":
+    if rank is None or shape.variant == "dense":
         return [None] * shape.layers
     ranks = list(rank) if isinstance(rank, (list, tuple)) else [rank] * n
     if len(ranks) != n:
@@ -128,24 +128,34 @@ def pipeline_boundary(shape: ModelShape, seq_len: int, micro_batch_size: int, tp
                       sequence_parallel: bool = False, dtype_bytes: int = 2) -> Dict:
     """Bytes one stage sends per micro-batch (forward; backward sends the same in gradients),
     per TP rank: dense = the residual stream; CR-Net = residual + the four fused chains."""
-    tokens = seq_len * micro_batch_size
-    hidden_tokens = tokens // tp if sequence_parallel else tokens
-    dense = hidden_tokens * shape.hidden * dtype_bytes
-    sharded = tokens * (shape.q_size + 2 * shape.kv_size + 2 * shape.ffn) // tp  # qkv, fc1 chains
-    replicated_layout = hidden_tokens * 2 * shape.hidden  # o/down chains: residual layout
-    chains = (sharded + replicated_layout) * dtype_bytes if shape.chained else 0
-    crnet = dense + chains
+    rows = seq_len * micro_batch_size // (tp if sequence_parallel else 1)
+    dense = rows * shape.hidden * dtype_bytes
+    crnet = rows * payload_width(shape, tp, sequence_parallel) * dtype_bytes
     return dict(dense_bytes=dense, crnet_bytes=crnet, ratio=crnet / dense)
 
 
+def payload_width(shape: ModelShape, tp: int = 1, sequence_parallel: bool = False) -> int:
+    """Width of the packed stage-boundary tensor per TP rank (``positions.payload_width``)."""
+    return positions.payload_width(shape.hidden, shape.ffn, shape.q_size, shape.kv_size, tp,
+                                   sequence_parallel, shape.chained)
+
+
+def checkpoint_set(dense: Sequence[bool], every: int) -> Set[int]:
+    """Algorithm 1's A: the indices (within a stage of ``len(dense)`` layers) whose chain
+    outputs Y are stored: the last layer, then every ``every``-th layer before it, never a
+    dense layer (|A| = ceil(n / every) when all are CR-Net)."""
+    n = len(dense)
+    return {n - 1} | {i for i in range(n - 1 - every, -1, -every) if not dense[i]}
+
+
 def checkpoint_count(layers: int, dense_layers: int, every: int) -> int:
-    """|A|: the last layer, then every ``every``-th layer before it, never a dense layer."""
-    return 1 + sum(1 for i in range(layers - 1 - every, -1, -every) if i >= dense_layers)
+    """|A| for ``layers`` layers of which the first ``dense_layers`` are dense."""
+    return len(checkpoint_set([i < dense_layers for i in range(layers)], every))
 
 
 def chain_width(shape: ModelShape) -> int:
     """Elements per token of one layer's seven chain outputs (5h + 2h_ff for LLaMA MHA)."""
-    return sum(o for _, _, o in shape.projections())
+    return positions.chain_width(shape.hidden, shape.ffn, shape.q_size, shape.kv_size)
 
 
 def recompute_saved_elements(shape: ModelShape, rank, mode: str, every: int = 8) -> int:
@@ -181,7 +191,7 @@ def recompute_flops(shape: ModelShape, rank, mode: str, seq_len: int, every: int
         return shape.layers * attention
     if mode == "crnet":
         n = shape.layers
-        stored = {n - 1} | {i for i in range(n - 1 - every, -1, -every) if ranks[i] is not None}
+        stored = checkpoint_set([r is None for r in ranks], every)
         inverse = sum(sum(2 * ranks[i] * o for _, _, o in shape.projections())
                       for i in range(1, n) if ranks[i] is not None and (i - 1) not in stored)
         dense = sum(layer_linear_flops(shape, r) for r in ranks if r is None)

@@ -19,7 +19,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
-POSITIONS = ("q", "k", "v", "o", "gate", "up", "down")
+from crnet_megatron.model import positions
+
+POSITIONS = positions.NAMES
 
 
 def _right_spectrum(m: torch.Tensor):
@@ -130,8 +132,7 @@ def suggest_ranks(needed: Sequence[float], total_rank: int, multiple: int,
 def capture_projection_outputs(model, input_ids: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
     """Each layer's 7 projection outputs (q, k, v pre-RoPE; with the CR-Net chain) of a
     ``CRNetForCausalLM`` on ``input_ids`` [b, s], flattened to [b s, d]."""
-    names = dict(q_proj="q", k_proj="k", v_proj="v", o_proj="o", gate_proj="gate",
-                 up_proj="up", down_proj="down")
+    names = {p.hf_name: p.name for p in positions.POSITIONS}
     acts: List[Dict[str, torch.Tensor]] = [dict() for _ in model.model.layers]
     hooks = []
     for i, layer in enumerate(model.model.layers):

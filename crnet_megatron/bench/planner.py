@@ -55,7 +55,7 @@ def measured_rows():
                     continue
                 config = CRNetConfig(num_layers=layers, hidden_size=h, ffn_hidden_size=f,
                                      num_attention_heads=heads, num_query_groups=groups,
-                                     crnet_rank=rank or 16, crnet_projection=proj,
+                                     crnet_rank=rank or 16, crnet_variant=proj,
                                      use_cpu_initialization=True, **extra)
                 model = build_model(config, vocab_size=512, max_sequence_length=seq, seed=1)
                 hidden = torch.randn(seq, b, h, requires_grad=True)

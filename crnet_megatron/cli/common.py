@@ -7,17 +7,23 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Tuple
+
+
+def _user_errors() -> Tuple[type, ...]:
+    """Errors that mean bad input. A failed checkpoint save is one too; its class is looked up
+    only if checkpointing was imported (a command that never saved cannot have raised it, and
+    this keeps the light commands free of megatron-core)."""
+    checkpointing = sys.modules.get("crnet_megatron.training.checkpointing")
+    return (ValueError, OSError) + ((checkpointing.CheckpointSaveError,) if checkpointing else ())
 
 
 def run_cli(prog: str, fn: Callable[[], int]) -> int:
     warnings.filterwarnings("ignore")  # megatron-core's import-time notes about Apex/TE
-    from crnet_megatron.training.checkpointing import CheckpointSaveError
-
     try:
         return fn() or 0
-    except (ValueError, OSError, CheckpointSaveError) as e:
-        if os.environ.get("CRNET_TRACEBACK"):
+    except Exception as e:  # noqa: BLE001 - sorted below: bad input gets one line
+        if not isinstance(e, _user_errors()) or os.environ.get("CRNET_TRACEBACK"):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None

@@ -3,7 +3,7 @@
     crnet-compare examples/configs/tiny_cpu.yaml --out runs/compare \
         [--variants crnet lowrank dense] [--set schedule.train_iters=200] [--json out.json]
 
-Same data, schedule, seed, parallel layout and counting; only ``model.projection`` changes.
+Same data, schedule, seed, parallel layout and counting; only ``model.variant`` changes.
 Each variant trains in its own process (``crnet-train``) into OUT/VARIANT; the table gives the
 parameters and training FLOPs per token from the counting module, the final training loss and
 the validation loss/perplexity of the run's own final eval (the same validation batches for
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     rows = []
     for variant in args.variants:
         save = os.path.join(args.out, variant)
-        sets = args.set + [f"model.projection={variant}", f"checkpoint.save={save}",
+        sets = args.set + [f"model.variant={variant}", f"checkpoint.save={save}",
                            "logging.progress_bar=false", "logging.plot=false"]
         cfg = load_run_config(args.config, sets)
         config = to_crnet_config(cfg)

@@ -28,7 +28,7 @@ def main(argv=None):
             if r >= shape.hidden:
                 continue
             s = summary(shape, r, args.seq_len)
-            lowrank = count_params(shape.variant("lowrank"), r)["total"]
+            lowrank = count_params(shape.as_variant("lowrank"), r)["total"]
             rows.append(dict(size=size, rank=r, lowrank_params=lowrank, **s))
             print(f"{size:>5} {r:>5} {s['params'] / 1e6:>9.1f}M {lowrank / 1e6:>9.1f}M "
                   f"{s['dense_params'] / 1e6:>9.1f}M "

@@ -36,7 +36,7 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
     single = copy.deepcopy(cfg)
     single["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                               sequence_parallel=False)
-    single["model"]["projection"] = "crnet"
+    single["model"]["variant"] = "crnet"
     single["recompute"]["recompute_granularity"] = None
     config = run_config.to_crnet_config(single)
     vocab = vocab or _vocab(cfg)
@@ -61,7 +61,7 @@ def _vocab(cfg) -> int:
 def variant(plan, name: str):
     """The same layout for a baseline; CR-Net's own recompute becomes Megatron ``full``."""
     recompute = "full" if plan.recompute == "crnet" and name != "crnet" else plan.recompute
-    return replace(plan, shape=plan.shape.variant(name), recompute=recompute)
+    return replace(plan, shape=plan.shape.as_variant(name), recompute=recompute)
 
 
 def report(plan, gpu, top: int = 5, counts=(8, 16, 32, 64, 128, 256, 512, 1024)) -> Dict:

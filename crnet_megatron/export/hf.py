@@ -15,30 +15,49 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
 from crnet_megatron.export import modeling_crnet
-
-COLUMN = {"linear_qkv": ("self_attn", ["q_proj", "k_proj", "v_proj"]),
-          "linear_fc1": ("mlp", ["gate_proj", "up_proj"])}
-ROW = {"linear_proj": ("self_attn", "o_proj"), "linear_fc2": ("mlp", "down_proj")}
+from crnet_megatron.model import positions
 
 
-def _split_qkv(w: torch.Tensor, config) -> Dict[str, torch.Tensor]:
-    """Megatron's grouped ``[ng, (np/ng + 2) hn]`` rows -> q, k, v rows in head order."""
-    hn, ng = config.kv_channels, config.num_query_groups
-    q_per_group = config.num_attention_heads // ng
-    grouped = w.reshape(ng, (q_per_group + 2) * hn, -1)
-    q, k, v = grouped.split([q_per_group * hn, hn, hn], dim=1)
-    return {n: t.reshape(-1, w.shape[-1]) for n, t in zip(("q_proj", "k_proj", "v_proj"), (q, k, v))}
+def _split_dense(w: torch.Tensor, module: str, config) -> List[torch.Tensor]:
+    """A fused dense weight's rows per position: ``linear_qkv`` by GQA group
+    (``[ng, (np/ng + 2) hn]`` -> q, k, v in head order), ``linear_fc1`` as ``[gate | up]``."""
+    if module == "linear_qkv":
+        split = positions.qkv_group_split(config.num_attention_heads, config.num_query_groups,
+                                          config.kv_channels)
+        grouped = w.reshape(config.num_query_groups, sum(split), -1)
+        return [t.reshape(-1, w.shape[-1]) for t in grouped.split(split, dim=1)]
+    return list(w.chunk(len(positions.in_module(module)), dim=0))
+
+
+def _export_module(sd: Dict, out: Dict, layer, pre: str, hf: str, module: str, config) -> None:
+    """Move one fused module's tensors from ``sd`` (Megatron names) to ``out`` (HF names)."""
+    members = positions.in_module(module)
+    base = f"{pre}{members[0].fused}."
+    names = [f"{hf}{p.hf}." for p in members]
+    if base + "weight" in sd:  # dense
+        for name, w in zip(names, _split_dense(sd.pop(base + "weight"), module, config)):
+            out[name + "weight"] = w
+        return
+    rank = layer.get_submodule(members[0].fused).rank
+    a = sd.pop(base + "linear_a.weight")
+    beta = sd.pop(base + "beta", None)
+    column = members[0].kind == "column"
+    for j, (pos, name) in enumerate(zip(members, names)):
+        out[name + "A.weight"] = a.split(rank, dim=0)[j] if column else a
+        out[name + "B.weight"] = sd.pop(f"{base}linear_b.{pos.name}.weight" if column
+                                        else base + "linear_b.weight")
+        if beta is not None:
+            out[name + "beta"] = beta[j:j + 1]
 
 
 def to_hf_state(model, vocab: int) -> Dict[str, torch.Tensor]:
     """HF-named tensors of a single-process Megatron model (its TP=1 state dict)."""
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    config = model.config
     out = {"model.embed_tokens.weight": sd.pop("embedding.word_embeddings.weight")[:vocab],
            "lm_head.weight": sd.pop("output_layer.weight")[:vocab],
            "model.norm.weight": sd.pop("decoder.final_layernorm.weight")}
@@ -46,32 +65,8 @@ def to_hf_state(model, vocab: int) -> Dict[str, torch.Tensor]:
         pre, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
         out[hf + "input_layernorm.weight"] = sd.pop(pre + "input_layernorm.weight")
         out[hf + "post_attention_layernorm.weight"] = sd.pop(pre + "pre_mlp_layernorm.weight")
-        for fused, (block, names) in COLUMN.items():
-            base = pre + ("self_attention." if block == "self_attn" else "mlp.") + fused + "."
-            if base + "weight" in sd:  # dense
-                w = sd.pop(base + "weight")
-                parts = (_split_qkv(w, config) if fused == "linear_qkv"
-                         else dict(zip(names, w.chunk(2, dim=0))))
-                for n in names:
-                    out[f"{hf}{block}.{n}.weight"] = parts[n]
-                continue
-            module = layer.get_submodule(base[len(pre):-1])
-            a = sd.pop(base + "linear_a.weight").split(module.rank, dim=0)
-            beta = sd.pop(base + "beta", None)
-            for j, (pos, n) in enumerate(zip(module.names, names)):
-                out[f"{hf}{block}.{n}.A.weight"] = a[j]
-                out[f"{hf}{block}.{n}.B.weight"] = sd.pop(f"{base}linear_b.{pos}.weight")
-                if beta is not None:
-                    out[f"{hf}{block}.{n}.beta"] = beta[j:j + 1]
-        for fused, (block, name) in ROW.items():
-            base = pre + ("self_attention." if block == "self_attn" else "mlp.") + fused + "."
-            if base + "weight" in sd:
-                out[f"{hf}{block}.{name}.weight"] = sd.pop(base + "weight")
-                continue
-            out[f"{hf}{block}.{name}.A.weight"] = sd.pop(base + "linear_a.weight")
-            out[f"{hf}{block}.{name}.B.weight"] = sd.pop(base + "linear_b.weight")
-            if base + "beta" in sd:
-                out[f"{hf}{block}.{name}.beta"] = sd.pop(base + "beta")
+        for module in positions.FUSED_MODULES:
+            _export_module(sd, out, layer, pre, hf, module, model.config)
     if sd:
         raise ValueError(f"export: tensors with no HF name: {sorted(sd)[:5]}")
     return {k: v.detach().contiguous().clone() for k, v in out.items()}
@@ -91,7 +86,7 @@ def hf_config(model, vocab: int, seq_length: int, rotary_base: int, eod: int, dt
     if all(r is None for r in ranks):
         return dict(common, model_type="llama", architectures=["LlamaForCausalLM"])
     return dict(common, model_type="crnet_llama", architectures=["CRNetForCausalLM"],
-                crnet_projection=c.crnet_projection, crnet_layer_ranks=ranks,
+                crnet_projection=c.crnet_variant, crnet_layer_ranks=ranks,
                 crnet_eps=c.crnet_eps,
                 auto_map={"AutoConfig": "modeling_crnet.CRNetLlamaConfig",
                           "AutoModelForCausalLM": "modeling_crnet.CRNetForCausalLM"})

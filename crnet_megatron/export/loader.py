@@ -103,7 +103,7 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
     common = resolve_checkpoint(path)
     if not isinstance(common.get("config"), dict):
         raise ValueError(f"checkpoint {common['path']} stores no run config")
-    cfg = run_config.from_mapping(copy.deepcopy(common["config"]))
+    cfg = run_config.from_mapping(copy.deepcopy(common["config"]), legacy=True)
     run_dir = os.path.dirname(os.path.abspath(common["path"]))
     tok = find_tokenizer(common, cfg, run_dir, tokenizer)
     vocab = common.get("vocab_size")

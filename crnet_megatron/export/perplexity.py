@@ -36,6 +36,6 @@ def evaluate(checkpoint: str, data: str, tokens: int = 65536, json_key: str = "t
         loss = mean_loss(model, it, windows, 1, seq, 1)
     digest = hashlib.sha256(stream[:windows * seq + 1].tobytes()).hexdigest()
     return dict(checkpoint=loaded.common["path"], iteration=loaded.common.get("iteration"),
-                projection=loaded.cfg["model"]["projection"], data=data,
+                variant=loaded.cfg["model"]["variant"], data=data,
                 tokens_sha256=digest, tokens=windows * seq, windows=windows, seq_length=seq,
                 window_stride=seq, loss=loss, ppl=math.exp(min(loss, 50)))

@@ -19,6 +19,7 @@ from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_e
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.module import MegatronModule
 
+from crnet_megatron.model import positions
 from crnet_megatron.model.linears import project
 from crnet_megatron.model.projection import active_scheme
 
@@ -56,9 +57,9 @@ class CRNetSelfAttention(SelfAttention):
         s, b = mixed.shape[:2]
         groups = self.num_query_groups_per_partition
         hn = self.hidden_size_per_attention_head
-        q_per_group = self.num_attention_heads_per_partition // groups
-        grouped = mixed.view(s, b, groups, (q_per_group + 2) * hn)
-        query, key, value = torch.split(grouped, [q_per_group * hn, hn, hn], dim=3)
+        split = positions.qkv_group_split(self.num_attention_heads_per_partition, groups, hn)
+        grouped = mixed.view(s, b, groups, sum(split))
+        query, key, value = torch.split(grouped, split, dim=3)
         query = query.reshape(s, b, -1, hn)
 
         if rotary_pos_emb is not None:

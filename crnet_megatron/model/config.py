@@ -13,9 +13,9 @@ from typing import List, Optional, Union
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-RANK_SCHEDULES = ("uniform", "middle-high")
-PROJECTIONS = ("crnet", "lowrank", "dense")
-LOWRANK_INITS = ("cola", "megatron")
+from crnet_megatron.model import positions
+
+from crnet_megatron.model.choices import LOWRANK_INITS, RANK_SCHEDULES, VARIANTS
 
 
 def _bad(field: str, value, valid: str) -> ValueError:
@@ -26,7 +26,7 @@ def _bad(field: str, value, valid: str) -> ValueError:
 class CRNetConfig(TransformerConfig):
     """TransformerConfig for a CR-Net LLaMA.
 
-    crnet_projection: "crnet" (the method), or a baseline in the same framework: "lowrank"
+    crnet_variant: "crnet" (the method), or a baseline in the same framework: "lowrank"
         (W = B A with the same ranks and init, no cross-layer term; crnet_dense_layers may be 0)
         or "dense" (every layer dense; the ranks are ignored).
     crnet_learn_beta: False freezes beta at crnet_beta_init (the paper's ablation).
@@ -55,7 +55,7 @@ class CRNetConfig(TransformerConfig):
     layernorm_epsilon: float = 1e-6
 
     # CR-Net.
-    crnet_projection: str = "crnet"
+    crnet_variant: str = "crnet"
     crnet_learn_beta: bool = True
     crnet_rank: Union[int, List[int]] = 128
     crnet_rank_schedule: str = "uniform"
@@ -77,10 +77,10 @@ class CRNetConfig(TransformerConfig):
         super().__post_init__()
         if crnet_recompute:
             self.recompute_granularity = "crnet"
-            if self.crnet_projection != "crnet":
+            if self.crnet_variant != "crnet":
                 raise _bad("recompute_granularity", "crnet",
-                           f"Algorithm 1 inverts the cross-layer chain, which crnet_projection="
-                           f"{self.crnet_projection!r} does not have; use 'full' or 'selective'")
+                           f"Algorithm 1 inverts the cross-layer chain, which crnet_variant="
+                           f"{self.crnet_variant!r} does not have; use 'full' or 'selective'")
         if self.crnet_checkpoint_every < 1:
             raise _bad("crnet_checkpoint_every", self.crnet_checkpoint_every, "must be >= 1")
         if not self.crnet_recompute_min_scale >= 0:
@@ -117,9 +117,9 @@ class CRNetConfig(TransformerConfig):
             raise _bad("crnet_beta_init", 0, "must be non-zero (sign(0)=0 gives a dead beta)")
         if not self.crnet_eps > 0:
             raise _bad("crnet_eps", self.crnet_eps, "must be > 0")
-        if self.crnet_projection not in PROJECTIONS:
-            raise _bad("crnet_projection", self.crnet_projection, f"one of {PROJECTIONS}")
-        lowest = 0 if self.crnet_projection == "lowrank" else 1
+        if self.crnet_variant not in VARIANTS:
+            raise _bad("crnet_variant", self.crnet_variant, f"one of {VARIANTS}")
+        lowest = 0 if self.crnet_variant == "lowrank" else 1
         if not lowest <= self.crnet_dense_layers <= self.num_layers:
             raise _bad("crnet_dense_layers", self.crnet_dense_layers,
                        f"must be in [{lowest}, num_layers={self.num_layers}]"
@@ -150,15 +150,15 @@ class CRNetConfig(TransformerConfig):
     @property
     def num_dense_layers(self) -> int:
         """Leading dense layers: all of them for the dense baseline."""
-        return self.num_layers if self.crnet_projection == "dense" else self.crnet_dense_layers
+        return self.num_layers if self.crnet_variant == "dense" else self.crnet_dense_layers
 
     @property
     def carries_chains(self) -> bool:
         """Whether layers hand projection outputs to the next layer (CR-Net only)."""
-        return self.crnet_projection == "crnet"
+        return self.crnet_variant == "crnet"
 
     def _resolve_ranks(self) -> List[int]:
-        if self.crnet_projection == "dense":
+        if self.crnet_variant == "dense":
             return []
         n = self.num_layers - self.crnet_dense_layers
         r = self.crnet_rank
@@ -175,24 +175,23 @@ class CRNetConfig(TransformerConfig):
             raise _bad("crnet_rank", r, "an int, a list of ints, with a crnet_rank_schedule")
         if self.crnet_rank_schedule == "uniform" or n <= 1:
             return [r] * n
-        tp = self.tensor_model_parallel_size
         ranks = []
         for i in range(n):
             mid = 1.0 - abs(2.0 * i / (n - 1) - 1.0)  # 0 at both ends, 1 in the middle
-            ranks.append(max(tp, int(round(r * (0.75 + 0.5 * mid) / tp)) * tp))
+            ranks.append(max(1, int(round(r * (0.75 + 0.5 * mid)))))
         return ranks
 
     def projection_shapes(self):
-        """(name, h_in, h_out) of the 7 CR-Net positions in Megatron's fused modules."""
+        """(module.position, h_in, h_out) of the 7 positions (``positions.POSITIONS``)."""
         q = self.num_attention_heads * self.kv_channels
         kv = self.num_query_groups * self.kv_channels
-        h, f = self.hidden_size, self.ffn_hidden_size
-        return [("linear_qkv.q", h, q), ("linear_qkv.k", h, kv), ("linear_qkv.v", h, kv),
-                ("linear_proj", q, h), ("linear_fc1.gate", h, f), ("linear_fc1.up", h, f),
-                ("linear_fc2", f, h)]
+        shapes = positions.shapes(self.hidden_size, self.ffn_hidden_size, q, kv)
+        return [(f"{p.module}.{p.name}", i, o) for p, (_, i, o) in zip(positions.POSITIONS, shapes)]
 
     def _validate_ranks(self):
-        tp = self.tensor_model_parallel_size
+        """The rank rules, stated once: 0 < r < min(h_in, h_out) for every position. Any r
+        works at any TP size: column A factors are replicated over TP and B factors are split
+        on their output width, so no rank needs to divide by TP."""
         for i, r in enumerate(self.crnet_layer_ranks):
             layer = self.crnet_dense_layers + 1 + i
             if r <= 0:
@@ -201,9 +200,6 @@ class CRNetConfig(TransformerConfig):
                 if r >= min(h_in, h_out):
                     raise _bad("crnet_rank", r, f"layer {layer} {name}: rank must be < "
                                f"min(h_in={h_in}, h_out={h_out}) = {min(h_in, h_out)}")
-            if r % tp:
-                raise _bad("crnet_rank", r, f"layer {layer}: rank must be divisible by "
-                           f"tensor_model_parallel_size={tp} (column A factors are sharded on r)")
 
     # -- queries ---------------------------------------------------------------------------
     def is_crnet_layer(self, layer_number: int) -> bool:

@@ -8,7 +8,7 @@ Sharding (t = tensor-parallel size):
 
 * Column positions (``linear_qkv`` = q, k, v; ``linear_fc1`` = gate, up). The per-position
   factors A_p (h_in x r) are stacked into one ``linear_a`` that is replicated over TP
-  (``SharedFactor``, r-sized, small) and applied to the tokens each rank holds; only the r-wide
+  (``ReplicatedWeight``, r-sized, small) and applied to the tokens each rank holds; only the r-wide
   codes Z cross ranks: under SP they are all-gathered along the sequence (backward: one
   reduce-scatter of dZ), otherwise dZ is all-reduced in backward and dX = dZ A^T is then
   complete on every rank, so no h-wide collective remains (dense Megatron all-reduces dX, or
@@ -51,6 +51,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.module import MegatronModule
 
+from crnet_megatron.model import positions
 from crnet_megatron.model.chain_ops import chain_add, replay_chain, whole
 from crnet_megatron.model.config import CRNetConfig
 from crnet_megatron.model.projection import active_scheme
@@ -82,7 +83,7 @@ def _lowrank_std(config: CRNetConfig, h_in: int, h_out: int, rank: int) -> float
 def _make_beta(n: int, config: CRNetConfig):
     """The n chain scales of a projection; None for the lowrank baseline (no chain), frozen at
     their init when ``crnet_learn_beta`` is False."""
-    if config.crnet_projection != "crnet":
+    if config.crnet_variant != "crnet":
         return None
     beta = torch.nn.Parameter(torch.full((n,), float(config.crnet_beta_init),
                                          dtype=config.params_dtype, device=_device(config)))
@@ -105,7 +106,7 @@ class _Factors(MegatronModule):
         return self._modules[name]
 
 
-class SharedFactor(torch.nn.Module):
+class ReplicatedWeight(torch.nn.Module):
     """A weight replicated over TP (the stacked column A factors), applied with ``F.linear``.
     Under SP each rank sees only its tokens' gradient, so the weight carries Megatron's
     ``sequence_parallel`` mark and is summed over TP once per step, like the norms."""
@@ -133,7 +134,7 @@ class CRNetColumnParallelLinear(MegatronModule):
 
         # A_q|A_k|A_v (or A_gate|A_up) stacked, replicated over TP: each rank applies it to the
         # tokens it holds (its sequence shard under SP), so only r-wide codes cross ranks.
-        self.linear_a = SharedFactor(input_size, n * rank, config)
+        self.linear_a = ReplicatedWeight(input_size, n * rank, config)
         # Per-position std on A's rows (each position p owns rows [p r, (p+1) r) of the stack).
         stds = torch.tensor([_lowrank_std(config, input_size, s, rank) for s in sizes])
         with torch.no_grad():
@@ -159,14 +160,12 @@ class CRNetColumnParallelLinear(MegatronModule):
 
     @staticmethod
     def _positions(config: CRNetConfig, layout: str, output_size: int):
-        if layout == "qkv":
-            q = config.num_attention_heads * config.kv_channels
-            kv = config.num_query_groups * config.kv_channels
-            names, sizes = ["q", "k", "v"], [q, kv, kv]
-        elif layout == "glu":
-            names, sizes = ["gate", "up"], [output_size // 2] * 2
-        else:
-            raise ValueError(f"layout={layout!r}: expected 'qkv' or 'glu'")
+        """Names and full output widths of the layout's positions (``positions`` table)."""
+        q = config.num_attention_heads * config.kv_channels
+        kv = config.num_query_groups * config.kv_channels
+        width = positions.widths(config.hidden_size, config.ffn_hidden_size, q, kv)
+        members = positions.in_layout(layout)
+        names, sizes = [p.name for p in members], [width[p.width_out] for p in members]
         if sum(sizes) != output_size:
             raise ValueError(f"{layout} position sizes {sizes} do not sum to {output_size}")
         return names, sizes
@@ -194,10 +193,11 @@ class CRNetColumnParallelLinear(MegatronModule):
         """Per-position views of a local output in the fused layout (no copies)."""
         if self.layout == "glu":
             return list(y.chunk(2, dim=-1))
-        hn = self.config.kv_channels
-        q_width = self.config.num_attention_heads // self.config.num_query_groups * hn
-        grouped = y.view(*y.shape[:-1], -1, q_width + 2 * hn)
-        return list(grouped.split([q_width, hn, hn], dim=-1))
+        c = self.config
+        split = positions.qkv_group_split(c.num_attention_heads, c.num_query_groups,
+                                          c.kv_channels)
+        grouped = y.view(*y.shape[:-1], -1, sum(split))
+        return list(grouped.split(split, dim=-1))
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Z = X A on this rank's tokens (its sequence shard under SP, all tokens otherwise)."""

@@ -22,6 +22,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from crnet_megatron.model import positions
 from crnet_megatron.model.layer import Chains
 from crnet_megatron.parallel import cpu_compat
 
@@ -29,19 +30,20 @@ from crnet_megatron.parallel import cpu_compat
 def _chain_widths(config) -> Tuple[int, int, int]:
     """(qkv, fc1, fold): per-rank widths of the sharded chains and the SP fold factor."""
     t = config.tensor_model_parallel_size
-    qkv = (config.num_attention_heads + 2 * config.num_query_groups) * config.kv_channels // t
-    fc1 = 2 * config.ffn_hidden_size // t
+    q = config.num_attention_heads * config.kv_channels
+    kv = config.num_query_groups * config.kv_channels
     fold = t if config.sequence_parallel else 1
-    return qkv, fc1, fold
+    return (q + 2 * kv) // t, 2 * config.ffn_hidden_size // t, fold
 
 
 def payload_width(config) -> int:
-    """Last dimension of the packed stage-boundary tensor (the residual stream alone for the
-    lowrank and dense baselines, which carry no chains)."""
-    if not config.carries_chains:
-        return config.hidden_size
-    qkv, fc1, fold = _chain_widths(config)
-    return 3 * config.hidden_size + fold * (qkv + fc1)
+    """Last dimension of the packed stage-boundary tensor (``positions.payload_width``; the
+    residual stream alone for the lowrank and dense baselines, which carry no chains)."""
+    return positions.payload_width(
+        config.hidden_size, config.ffn_hidden_size,
+        config.num_attention_heads * config.kv_channels,
+        config.num_query_groups * config.kv_channels, config.tensor_model_parallel_size,
+        bool(config.sequence_parallel), config.carries_chains)
 
 
 def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:

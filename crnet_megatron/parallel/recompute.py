@@ -27,6 +27,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from megatron.core import tensor_parallel
 
+from crnet_megatron.analysis import counting
 from crnet_megatron.model.chain_ops import invert_chain
 from crnet_megatron.model.layer import Chains
 from crnet_megatron.model.linears import is_crnet_linear
@@ -46,12 +47,8 @@ def is_crnet_layer(layer) -> bool:
 
 
 def checkpoint_set(layers: Sequence, every: int) -> set:
-    """Stage-local indices whose Y is stored: the last layer, then every ``every``-th before it,
-    CR-Net layers only (|A| = ceil(n / every) when all are CR-Net)."""
-    n = len(layers)
-    keep = {n - 1}
-    keep.update(i for i in range(n - 1 - every, -1, -every) if is_crnet_layer(layers[i]))
-    return keep
+    """Stage-local indices whose Y is stored (``counting.checkpoint_set``: Algorithm 1's A)."""
+    return counting.checkpoint_set([not is_crnet_layer(layer) for layer in layers], every)
 
 
 class _Record:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Dict
 
+from crnet_megatron.analysis.counting import payload_width
 from crnet_megatron.planner.per_rank import (
     Plan,
     logits_bytes_per_token,
@@ -41,12 +42,9 @@ def state_bytes_per_param(plan: Plan) -> Dict[str, float]:
 
 
 def payload_elements_per_token(plan: Plan) -> float:
-    """Stage-boundary tensor width per token of the sequence (``pipeline.payload_width``)."""
-    s, t = plan.shape, plan.tp
-    h = s.hidden / t if plan.sp else s.hidden
-    if not s.chained:
-        return h
-    return 3 * h + (s.q_size + 2 * s.kv_size + 2 * s.ffn) / t
+    """Stage-boundary tensor elements per token of the sequence on one rank
+    (``counting.payload_width`` per row; under SP a row is ``tp`` tokens)."""
+    return payload_width(plan.shape, plan.tp, plan.sp) / (plan.tp if plan.sp else 1)
 
 
 def stage_memory(plan: Plan, stage: int) -> Dict[str, float]:

@@ -28,7 +28,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from crnet_megatron.analysis.counting import ModelShape, checkpoint_count, layer_ranks
+from crnet_megatron.analysis.counting import (
+    ModelShape,
+    chain_width,
+    checkpoint_count,
+    layer_ranks,
+)
+from crnet_megatron.model import positions
 
 RECOMPUTE_MODES = ("none", "selective", "full", "crnet")
 
@@ -74,14 +80,16 @@ class Plan:
 
 
 def layer_params_per_rank(shape: ModelShape, rank: Optional[int], tp: int) -> int:
-    h, f, q, kv = shape.hidden, shape.ffn, shape.q_size, shape.kv_size
-    norms = 2 * h
+    """One layer's parameters on one TP rank: dense weights split; a column position's A
+    replicated and B split on h_out; a row position's A split on h_in and B replicated."""
+    norms = 2 * shape.hidden
     if rank is None:
         return sum(i * o for _, i, o in shape.projections()) // tp + norms
-    r = rank
-    column = h * 3 * r + r * (q + 2 * kv) // tp + h * 2 * r + r * 2 * f // tp
-    row = (q // tp) * r + r * h + (f // tp) * r + r * h
-    return column + row + (7 if shape.chained else 0) + norms
+    n = 0
+    for pos, (_, h_in, h_out) in zip(positions.POSITIONS, shape.projections()):
+        n += (h_in * rank + rank * h_out // tp if pos.kind == "column"
+              else h_in // tp * rank + rank * h_out)
+    return n + (7 if shape.chained else 0) + norms
 
 
 def stage_params(plan: Plan, stage: int) -> int:
@@ -127,7 +135,7 @@ def chain_elements(plan: Plan) -> float:
     """Elements per token of one layer's four outgoing chains, on one rank."""
     s, t = plan.shape, plan.tp
     H = s.hidden / t if plan.sp else s.hidden
-    return (s.q_size + 2 * s.kv_size + 2 * s.ffn) / t + 2 * H
+    return (chain_width(s) - 2 * s.hidden) / t + 2 * H  # qkv/fc1 sharded; o/down residual layout
 
 
 def stage_activation_elements(plan: Plan, stage: int) -> float:

@@ -53,7 +53,7 @@ def predict(table: str) -> List[Dict]:
         raise ValueError(f"table {table!r}: 'a100' or 'h100'")
     for name, heads, h, layers, tp, pp, gpus, gbs, published in runs:
         shape = ModelShape(hidden=h, ffn=round(8 * h / 3), heads=heads, layers=layers,
-                           vocab=vocab, dense_layers=layers, projection="dense")
+                           vocab=vocab, dense_layers=layers, variant="dense")
         plan = Plan(shape, None, seq, tp=tp, pp=pp, dp=gpus // (tp * pp), micro_batch=1,
                     global_batch=gbs, sequence_parallel=sp and tp > 1, recompute=recompute,
                     distributed_optimizer=table == "h100")

@@ -28,8 +28,6 @@ def valid(plan: Plan, gpus: int) -> bool:
         return False
     if plan.recompute == "crnet" and not s.chained:
         return False
-    if any(r is not None and r % plan.tp for r in plan.ranks):
-        return False
     return True
 
 

@@ -4,6 +4,9 @@ Seven separate projections per layer (q, k, v, o, gate, up, down); dense ``W`` i
 ``dense_layers`` layers, ``Y_l = s(beta) Y_{l-1} + X A B`` after. Row-vector convention
 (``Y = X W``). Its own RMSNorm, RoPE (rotate-half) and softmax attention; nothing from Megatron.
 ``from_megatron`` converts a TP=1 Megatron state dict into this model's parameter layout.
+It states the seven positions and Megatron's fused layouts itself, on purpose: an oracle that
+read ``model.positions`` could not catch an error there (``tests/test_layering.py`` checks the
+two agree).
 """
 
 from __future__ import annotations

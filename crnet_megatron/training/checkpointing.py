@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.training import run_config
 from crnet_megatron.training.safe_checkpoint import (
     IncompleteCheckpointError,
     UnsafeCheckpointError,
@@ -265,7 +266,7 @@ def load_common(root: str, iteration: Optional[int] = None) -> Optional[Dict[str
 def check_compatible(common: Dict[str, Any], shape: Dict[str, Any],
                      tokenizer: Optional[Dict[str, Any]] = None) -> None:
     """A checkpoint of another model shape or tokenizer is refused before anything is loaded."""
-    saved = common.get("model_shape", {})
+    saved = run_config.stored_shape_keys(common.get("model_shape", {}))
     diff = {k: (saved[k], v) for k, v in shape.items() if k in saved and saved[k] != v}
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())

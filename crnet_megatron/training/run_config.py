@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from crnet_megatron.model.config import LOWRANK_INITS, PROJECTIONS, RANK_SCHEDULES
+from crnet_megatron.model.choices import LOWRANK_INITS, RANK_SCHEDULES, VARIANTS
 
 NUM = (int, float)
 OPT_INT, OPT_NUM, OPT_STR = (int, type(None)), (int, float, type(None)), (str, type(None))
@@ -24,7 +24,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "num_layers": (4, int), "hidden_size": (128, int), "ffn_hidden_size": (344, int),
         "num_attention_heads": (4, int), "num_query_groups": (None, OPT_INT),
         "kv_channels": (None, OPT_INT), "seq_length": (128, int),
-        "projection": ("crnet", str), "crnet_learn_beta": (True, bool),
+        "variant": ("crnet", str), "crnet_learn_beta": (True, bool),
         "crnet_rank": (32, (int, list)), "crnet_rank_schedule": ("uniform", str),
         "crnet_dense_layers": (1, int), "crnet_beta_init": (1.0, NUM), "crnet_eps": (1e-6, NUM),
         "crnet_lowrank_init": ("cola", str), "init_method_std": (0.02, NUM),
@@ -100,7 +100,7 @@ RANGES: Dict[str, tuple] = {
     "safety.max_nonfinite_in_a_row": _POS,
 }
 CHOICES: Dict[str, tuple] = {
-    "model.projection": PROJECTIONS,
+    "model.variant": VARIANTS,
     "model.crnet_rank_schedule": RANK_SCHEDULES,
     "model.crnet_lowrank_init": LOWRANK_INITS,
     "optimizer.optimizer": ("adam", "sgd"),
@@ -146,13 +146,13 @@ def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
     if m["crnet_dense_layers"] > m["num_layers"]:
         raise ValueError(f"config key model.crnet_dense_layers = {m['crnet_dense_layers']} must "
                          f"be <= model.num_layers = {m['num_layers']}")
-    if m["crnet_dense_layers"] == 0 and m["projection"] != "lowrank":
-        raise ValueError("config key model.crnet_dense_layers = 0 needs model.projection: lowrank "
-                         f"(model.projection = {m['projection']!r}: a CR-Net chain needs a dense "
+    if m["crnet_dense_layers"] == 0 and m["variant"] != "lowrank":
+        raise ValueError("config key model.crnet_dense_layers = 0 needs model.variant: lowrank "
+                         f"(model.variant = {m['projection']!r}: a CR-Net chain needs a dense "
                          "layer to seed it)")
-    if cfg["recompute"]["recompute_granularity"] == "crnet" and m["projection"] != "crnet":
+    if cfg["recompute"]["recompute_granularity"] == "crnet" and m["variant"] != "crnet":
         raise ValueError("config key recompute.recompute_granularity = 'crnet' needs "
-                         f"model.projection: crnet (model.projection = {m['projection']!r} has no "
+                         f"model.variant: crnet (model.variant = {m['projection']!r} has no "
                          "cross-layer chain to invert); use 'full' or 'selective'")
     rank = m["crnet_rank"]
     ranks = rank if isinstance(rank, list) else [rank]
@@ -226,10 +226,34 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
     return from_mapping(updates, cfg)
 
 
-def from_mapping(updates: Dict[str, Any], cfg: Optional[Dict[str, Dict[str, Any]]] = None):
+# keys renamed since a release: (section, old) -> new. A config file naming the old key is
+# refused with a line naming the new one; a checkpoint's stored config is read under the new name.
+RENAMED = {("model", "projection"): "variant"}
+
+
+def _renamed_keys(updates: Dict[str, Any], legacy: bool) -> Dict[str, Any]:
+    out = dict(updates)
+    for (section, old), new in RENAMED.items():
+        values = out.get(section)
+        if not isinstance(values, dict) or old not in values:
+            continue
+        if not legacy:
+            raise ValueError(f"config key {section}.{old} was renamed to {section}.{new}; write "
+                             f"{section}.{new}: {values[old]!r}")
+        values = dict(values)
+        values.setdefault(new, values.pop(old))
+        values.pop(old, None)
+        out[section] = values
+    return out
+
+
+def from_mapping(updates: Dict[str, Any], cfg: Optional[Dict[str, Dict[str, Any]]] = None,
+                 legacy: bool = False):
     """Defaults (or ``cfg``) <- a mapping of sections, checked key by key (a checkpoint's stored
-    config is read through here too: it is untrusted input like a YAML file)."""
+    config is read through here too, with ``legacy`` renames: it is untrusted input like a YAML
+    file)."""
     cfg = cfg if cfg is not None else defaults()
+    updates = _renamed_keys(updates, legacy)
     for section, values in updates.items():
         if section not in SCHEMA:
             raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
@@ -259,7 +283,7 @@ def to_crnet_config(cfg, params_dtype=None):
         num_layers=m["num_layers"], hidden_size=m["hidden_size"],
         ffn_hidden_size=m["ffn_hidden_size"], num_attention_heads=m["num_attention_heads"],
         num_query_groups=m["num_query_groups"], kv_channels=m["kv_channels"],
-        crnet_projection=m["projection"], crnet_learn_beta=m["crnet_learn_beta"],
+        crnet_variant=m["variant"], crnet_learn_beta=m["crnet_learn_beta"],
         crnet_rank=m["crnet_rank"], crnet_rank_schedule=m["crnet_rank_schedule"],
         crnet_dense_layers=m["crnet_dense_layers"], crnet_beta_init=float(m["crnet_beta_init"]),
         crnet_eps=float(m["crnet_eps"]), crnet_lowrank_init=m["crnet_lowrank_init"],
@@ -319,9 +343,18 @@ def to_optimizer_config(cfg, distributed: bool):
     )
 
 
+def stored_shape_keys(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's stored shape keys under today's names."""
+    saved = dict(saved)
+    for (section, old), new in RENAMED.items():
+        if section == "model" and old in saved:
+            saved.setdefault(new, saved.pop(old))
+    return saved
+
+
 def shape_keys(cfg) -> Dict[str, Any]:
     """The model keys a checkpoint must agree on to be loadable."""
-    keys = ("projection", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+    keys = ("variant", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
             "num_query_groups", "kv_channels", "crnet_rank", "crnet_rank_schedule",
             "crnet_dense_layers", "rotary_base")
     return {k: cfg["model"][k] for k in keys}

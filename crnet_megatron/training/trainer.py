@@ -270,7 +270,7 @@ class Trainer:
                     f.write(run_config.dump(cfg))
                 # the tokenizer travels with the run (export, eval and generation read it)
                 shutil.copyfile(self.tokenizer.path, os.path.join(ck["save"], "tokenizer.json"))
-            print(f"{self.config.crnet_projection}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
+            print(f"{self.config.crnet_variant}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
                   f"on this rank; ranks {self.config.crnet_layer_ranks}; {self.flops / 1e9:.3f} "
                   f"GFLOP/token (dense equivalent {self.dense_flops / 1e9:.3f}); MFU peak "
                   f"{self.peak or 'n/a'} TFLOP/s", flush=True)
