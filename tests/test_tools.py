@@ -65,3 +65,34 @@ def test_bench_throughput_reduced(tmp_path, monkeypatch):
         if r["variant"] == r["vs"]:
             assert r["ratio"] == 1.0
     assert 0 < rows[("step", "crnet/none")]["flop_ratio"] < 1
+
+
+def test_bench_runner_interleaves_and_tabulates(tmp_path, capsys):
+    """The one runner every benchmark uses: warm-up, then every variant once per repeat in turn;
+    ratios of minima to the baseline; one Markdown table; the JSON the benchmark asked for."""
+    from types import SimpleNamespace
+
+    from crnet_megatron.bench import runner
+
+    calls = []
+    times = runner.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                               warmup=1, repeats=3)
+    assert calls == ["a", "b"] * 4 and [len(v) for v in times.values()] == [3, 3]
+    rows = runner.timing_rows({"a": [2.0, 1.0], "b": [4.0, 3.0]}, "a", section="s")
+    assert [(r["variant"], r["ratio"], r["min_ms"], r["median_ms"]) for r in rows] == \
+        [("a", 1.0, 1000.0, 1500.0), ("b", 3.0, 3000.0, 3500.0)]
+    text = runner.table(rows, [("variant", "variant", ""), ("ratio", "ratio", ".2f"),
+                               ("none", "missing", ".1f")], "T")
+    assert text.splitlines() == ["## T", "", "| variant | ratio | none |", "|---|---|---|",
+                                 "| a | 1.00 | - |", "| b | 3.00 | - |"]
+    out = tmp_path / "b.json"
+    runner.finish(SimpleNamespace(json=str(out)), [text], rows=rows)
+    assert json.loads(out.read_text())["rows"][1]["ratio"] == 3.0
+    assert capsys.readouterr().out.startswith("## T")
+
+
+def test_bench_command_lists_and_refuses(capsys):
+    from crnet_megatron.cli import bench
+
+    assert bench.main([]) == 0 and "weak-scaling" in capsys.readouterr().out
+    assert bench.main(["nope"]) == 2 and "unknown benchmark 'nope'" in capsys.readouterr().err

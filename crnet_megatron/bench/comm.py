@@ -11,10 +11,11 @@ Measured: two gloo processes run one dense layer and one CR-Net layer forward + 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import warnings
+
+from crnet_megatron.bench import runner
 
 warnings.filterwarnings("ignore")
 
@@ -46,9 +47,7 @@ def _worker(rank, world, port, shapes, out):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
+    args = runner.parser(__doc__, "comm").parse_args(argv)
     import tempfile
 
     import torch.multiprocessing as mp
@@ -79,16 +78,15 @@ def main(argv=None):
                 row[f"{name}_bytes"] = comm_wire_bytes(
                     tp_layer_comm(shape["hidden"], r, 2, sp, shape["tokens"]), 2, 2)
             rows.append(row)
-    print("\n| shape | SP | source | dense MiB | CR-Net MiB | CR-Net / dense |")
-    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['shape']} | {'yes' if r['sp'] else 'no'} | {r['source']} | "
-              f"{r['dense_bytes'] / 2**20:.3f} | {r['crnet_bytes'] / 2**20:.3f} | "
-              f"{r['crnet_bytes'] / r['dense_bytes']:.3f} |")
-    print(f"\nmeasured == formula: {ok}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, measured_equals_formula=ok), f, indent=1)
+        r["dense_mib"], r["crnet_mib"] = r["dense_bytes"] / 2**20, r["crnet_bytes"] / 2**20
+        r["ratio"] = r["crnet_bytes"] / r["dense_bytes"]
+        r["sp"] = "yes" if r["sp"] else "no"
+    columns = [("shape", "shape", ""), ("SP", "sp", ""), ("source", "source", ""),
+               ("dense MiB", "dense_mib", ".3f"), ("CR-Net MiB", "crnet_mib", ".3f"),
+               ("CR-Net / dense", "ratio", ".3f")]
+    runner.finish(args, [runner.table(rows, columns), f"measured == formula: {ok}"], rows=rows,
+                  measured_equals_formula=ok)
     return 0 if ok else 1
 
 

@@ -4,18 +4,17 @@
 
 1. Saved activations: real CPU forwards (fp32, local spec, TP=1) of CR-Net, lowrank and dense
    decoders at several shapes and every recompute mode; bytes of the storages autograd keeps
-   (parameters excluded) against ``planner.model``.
+   (parameters excluded) against ``planner.per_rank``.
 2. Published dense Megatron-LM runs (README tables, A100 2021 and H100 r0.8.0): per-GPU TFLOP/s
    predicted by ``planner.step_time`` against the published number.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import warnings
-from pathlib import Path
+
+from crnet_megatron.bench import runner
 
 warnings.filterwarnings("ignore")
 
@@ -23,7 +22,7 @@ MODES = {"none": {}, "full": dict(recompute_granularity="full", recompute_method
                                   recompute_num_layers=1),
          "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
          "crnet": dict(recompute_granularity="crnet")}
-SHAPES = [  # projection, layers, hidden, ffn, heads, groups, rank, seq, batch
+SHAPES = [  # variant, layers, hidden, ffn, heads, groups, rank, seq, batch
     ("crnet", 4, 128, 344, 4, 4, 32, 128, 2), ("crnet", 9, 256, 688, 8, 2, 48, 256, 2),
     ("crnet", 17, 256, 688, 8, 8, 64, 128, 4), ("lowrank", 9, 256, 688, 8, 2, 48, 256, 2),
     ("dense", 6, 256, 688, 8, 8, None, 256, 2)]
@@ -67,7 +66,7 @@ def measured_rows():
                             seq, micro_batch=b, recompute=mode, bf16=False, backend="local",
                             every=config.crnet_checkpoint_every)
                 pred = (stage_activation_elements(plan, 0) + norm_elements(plan) - h) * seq * b * 4
-                rows.append(dict(projection=proj, layers=layers, hidden=h, rank=rank, seq=seq,
+                rows.append(dict(variant=proj, layers=layers, hidden=h, rank=rank, seq=seq,
                                  batch=b, recompute=mode, measured_bytes=nbytes,
                                  predicted_bytes=pred, error=pred / nbytes - 1))
     finally:
@@ -76,31 +75,30 @@ def measured_rows():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json")
-    args = p.parse_args(argv)
+    args = runner.parser(__doc__, "planner").parse_args(argv)
     from crnet_megatron.planner.published import predict
 
     rows = measured_rows()
-    print("## Saved activations per micro-batch: planner vs measured (CPU, fp32, TP=1)\n")
-    print("| variant | layers | h | r | seq x batch | recompute | measured MiB | predicted MiB | error |")
-    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['projection']} | {r['layers']} | {r['hidden']} | {r['rank'] or '-'} | "
-              f"{r['seq']}x{r['batch']} | {r['recompute']} | {r['measured_bytes'] / 2**20:.3f} | "
-              f"{r['predicted_bytes'] / 2**20:.3f} | {r['error']:+.2%} |")
+        r["measured_mib"], r["predicted_mib"] = (r["measured_bytes"] / 2**20,
+                                                 r["predicted_bytes"] / 2**20)
+        r["tokens"] = f"{r['seq']}x{r['batch']}"
+    activations = runner.table(rows, [
+        ("variant", "variant", ""), ("layers", "layers", ""), ("h", "hidden", ""),
+        ("r", "rank", ""), ("seq x batch", "tokens", ""), ("recompute", "recompute", ""),
+        ("measured MiB", "measured_mib", ".3f"), ("predicted MiB", "predicted_mib", ".3f"),
+        ("error", "error", "+.2%")],
+        "Saved activations per micro-batch: planner vs measured (CPU, fp32, TP=1)")
     published = predict("a100") + predict("h100")
-    print("\n## Published dense Megatron-LM runs: predicted vs published TFLOP/s per GPU\n")
-    print("| table | model | TP | PP | GPUs | batch | published | predicted | error |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in published:
-        print(f"| {r['table']} | {r['model']} | {r['tp']} | {r['pp']} | {r['gpus']} | "
-              f"{r['global_batch']} | {r['published_tflops']:.1f} | {r['predicted_tflops']:.1f} | "
-              f"{r['error']:+.1%} |")
     errs = [abs(r["error"]) for r in published]
-    print(f"\nmean |error| {sum(errs) / len(errs):.1%}, max {max(errs):.1%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(activations=rows, published=published), indent=2))
+    runs = runner.table(published, [
+        ("table", "table", ""), ("model", "model", ""), ("TP", "tp", ""), ("PP", "pp", ""),
+        ("GPUs", "gpus", ""), ("batch", "global_batch", ""),
+        ("published", "published_tflops", ".1f"), ("predicted", "predicted_tflops", ".1f"),
+        ("error", "error", "+.1%")],
+        "Published dense Megatron-LM runs: predicted vs published TFLOP/s per GPU")
+    summary = f"mean |error| {sum(errs) / len(errs):.1%}, max {max(errs):.1%}"
+    runner.finish(args, [activations, runs, summary], activations=rows, published=published)
 
 
 if __name__ == "__main__":

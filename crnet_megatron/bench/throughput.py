@@ -21,11 +21,9 @@ fp32 on CPU with ``--threads`` threads (default 1); on CUDA also bf16 (``--cuda`
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
 import warnings
+
+from crnet_megatron.bench import runner
 
 warnings.filterwarnings("ignore")
 
@@ -37,22 +35,6 @@ RECOMPUTE = {"none": {}, "crnet": dict(recompute_granularity="crnet"),
              "full": dict(recompute_granularity="full", recompute_method="uniform",
                           recompute_num_layers=1),
              "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"])}
-
-
-def _time(fns, warmup, repeats, sync):
-    """Interleaved timing: {name: [seconds per repeat]}."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def _config(dims, layers, device_dtype=None, **kw):
@@ -130,7 +112,7 @@ def _proj_and_layer(dims, device, dtype, warmup, repeats, sync):
         outs = [m(i)[0] for m, i in zip(de, inputs)]
         torch.autograd.backward(outs, dgrads)
 
-    proj = _time({"plain": run_plain, "crnet": run_crnet, "dense": run_dense}, warmup, repeats,
+    proj = runner.interleaved({"plain": run_plain, "crnet": run_crnet, "dense": run_dense}, warmup, repeats,
                  sync)
     # whole layers (chains into the CR-Net layer from the dense layer's outputs)
     hidden = rnd(t, 1, h)
@@ -146,7 +128,7 @@ def _proj_and_layer(dims, device, dtype, warmup, repeats, sync):
             out.backward(hgrad)
         return fn
 
-    layer = _time({"crnet": run_layer(crnet, chains), "dense": run_layer(dense, None)},
+    layer = runner.interleaved({"crnet": run_layer(crnet, chains), "dense": run_layer(dense, None)},
                   warmup, repeats, sync)
     return proj, layer
 
@@ -182,46 +164,41 @@ def _steps(dims, device, dtype, warmup, repeats, sync, variants):
             model(ids, pos, None, labels=labels).float().mean().backward()
             opt.step()
         fns[name] = step
-    return _time(fns, warmup, repeats, sync)
+    return runner.interleaved(fns, warmup, repeats, sync)
 
 
 def _rows(section, times, baseline, flop_ratio=None, dtype="fp32"):
-    base = min(times[baseline])
-    rows = []
-    for name, ts in times.items():
-        ratio_flops = flop_ratio.get(name) if isinstance(flop_ratio, dict) else None
-        rows.append(dict(section=section, variant=name, dtype=dtype, min_ms=1e3 * min(ts),
-                         median_ms=1e3 * statistics.median(ts), vs=baseline,
-                         ratio=min(ts) / base, flop_ratio=ratio_flops))
+    rows = runner.timing_rows(times, baseline, section=section, dtype=dtype)
+    for r in rows:
+        r["flop_ratio"] = flop_ratio.get(r["variant"]) if isinstance(flop_ratio, dict) else None
     return rows
 
 
+COLUMNS = [("section", "section", ""), ("variant", "variant", ""), ("dtype", "dtype", ""),
+           ("min ms", "min_ms", ".2f"), ("median ms", "median_ms", ".2f"),
+           ("ratio (min)", "ratio", ".3f"), ("vs", "vs", ""), ("FLOP ratio", "flop_ratio", ".3f")]
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reduced", action="store_true", help="tiny shapes, 2 repeats (CI)")
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap = runner.parser(__doc__, "throughput", reduced=True, repeats=7)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sections", nargs="+", default=["projections", "layer", "step"])
     ap.add_argument("--cuda", action="store_true", help="also bf16 on CUDA")
-    ap.add_argument("--json")
     args = ap.parse_args(argv)
     import torch
 
     from crnet_megatron.analysis.counting import ModelShape, flops_per_token
-    from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
 
     torch.set_num_threads(args.threads)
     dims = REDUCED if args.reduced else FULL
     repeats, warmup = (2, 1) if args.reduced else (args.repeats, args.warmup)
-    init_distributed(1, 1, seed=1)
     runs = [("cpu", torch.float32, "fp32", lambda: None)]
     if torch.cuda.is_available():
         runs = [("cuda", torch.float32, "fp32", torch.cuda.synchronize)]
         if args.cuda:
             runs.append(("cuda", torch.bfloat16, "bf16", torch.cuda.synchronize))
     rows = []
-    try:
+    with runner.one_process():
         for device, dtype, label, sync in runs:
             if {"projections", "layer"} & set(args.sections):
                 proj, layer = _proj_and_layer(dims["proj"], device, dtype, warmup, repeats, sync)
@@ -243,20 +220,10 @@ def main(argv=None):
                               {"crnet/none": ratio, "dense": 1.0}, label)
                 rows += _rows("step recompute", {k: v for k, v in steps.items() if k != "dense"},
                               "crnet/none", None, label)
-    finally:
-        destroy_distributed()
-    print(f"\nthreads {args.threads}; {repeats} repeats after {warmup} warm-up, interleaved; "
-          f"{'reduced' if args.reduced else 'full'} shapes\n")
-    print("| section | variant | dtype | min ms | median ms | ratio (min) | vs | FLOP ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        fr = "" if r["flop_ratio"] is None else f"{r['flop_ratio']:.3f}"
-        print(f"| {r['section']} | {r['variant']} | {r['dtype']} | {r['min_ms']:.2f} | "
-              f"{r['median_ms']:.2f} | {r['ratio']:.3f} | {r['vs']} | {fr} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(threads=args.threads, repeats=repeats, warmup=warmup,
-                           reduced=args.reduced, dims=dims, rows=rows), f, indent=1)
+    title = (f"threads {args.threads}; {repeats} repeats after {warmup} warm-up, interleaved; "
+             f"{'reduced' if args.reduced else 'full'} shapes")
+    runner.finish(args, [runner.table(rows, COLUMNS, title)], threads=args.threads,
+                  repeats=repeats, warmup=warmup, reduced=args.reduced, dims=dims, rows=rows)
     return rows
 
 

@@ -14,10 +14,7 @@ Every run must use the same micro_batch_size and num_microbatches per DP rank
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
+from crnet_megatron.bench import runner
 from crnet_megatron.bench.launch import ROOT, last, read_metrics, run_training
 
 
@@ -29,7 +26,7 @@ def _row(procs: int, rec: dict) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = runner.parser(__doc__, "weak-scaling")
     p.add_argument("--config", default=str(ROOT / "examples/configs/tiny_cpu.yaml"))
     p.add_argument("--procs", nargs="+", type=int, default=[1, 2])
     p.add_argument("--micro-batch-size", type=int, default=8)
@@ -38,7 +35,6 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], help="extra config override")
     p.add_argument("--collect", nargs="+", help="metrics.jsonl files of finished runs")
     p.add_argument("--collect-procs", nargs="+", type=int)
-    p.add_argument("--json")
     p.add_argument("--plot", help="PNG of tokens/s/process and efficiency")
     args = p.parse_args(argv)
 
@@ -56,31 +52,32 @@ def main(argv=None):
                 f"schedule.global_batch_size={gbs}", *args.set], args.iters)
             rows.append(_row(procs, train))
     base = rows[0]["tokens_per_s_per_proc"]
-    print(f"{'procs':>6} {'tokens/s':>10} {'tok/s/proc':>11} {'efficiency':>10} "
-          f"{'TFLOP/s/proc':>13} {'MFU':>6} {'peak GB':>8}")
     for r in rows:
         r["efficiency"] = r["tokens_per_s_per_proc"] / base
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"{r['processes']:>6} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_proc']:>11,.0f} "
-              f"{r['efficiency']:>10.2f} {r['tflops_per_proc']:>13.4f} {mfu:>6} "
-              f"{r['peak_memory_gb'] or float('nan'):>8.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    columns = [("processes", "processes", ""), ("tokens/s", "tokens_per_s", ",.0f"),
+               ("tokens/s/process", "tokens_per_s_per_proc", ",.0f"),
+               ("efficiency", "efficiency", ".2f"), ("TFLOP/s/process", "tflops_per_proc", ".4f"),
+               ("MFU", "mfu", ".1%"), ("peak GB", "peak_memory_gb", ".2f")]
+    runner.finish(args, [runner.table(rows, columns)], rows=rows)
     if args.plot:
-        import matplotlib
+        _plot(rows, args.plot)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-        n = [r["processes"] for r in rows]
-        ax[0].plot(n, [r["tokens_per_s_per_proc"] for r in rows], "o-")
-        ax[0].set(xlabel="processes", ylabel="tokens/s per process", xscale="log")
-        ax[1].plot(n, [r["efficiency"] for r in rows], "o-")
-        ax[1].axhline(1.0, color="grey", lw=0.8)
-        ax[1].set(xlabel="processes", ylabel="weak-scaling efficiency", xscale="log")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    n = [r["processes"] for r in rows]
+    ax[0].plot(n, [r["tokens_per_s_per_proc"] for r in rows], "o-")
+    ax[0].set(xlabel="processes", ylabel="tokens/s per process", xscale="log")
+    ax[1].plot(n, [r["efficiency"] for r in rows], "o-")
+    ax[1].axhline(1.0, color="grey", lw=0.8)
+    ax[1].set(xlabel="processes", ylabel="weak-scaling efficiency", xscale="log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from crnet_megatron.cli.common import run_cli
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="crnet-analyze", description=__doc__.splitlines()[0])
     p.add_argument("model", help="export directory, run directory or iter_N checkpoint")
     p.add_argument("--data", required=True, help=".jsonl, text file, or indexed-dataset prefix")
     p.add_argument("--out", required=True, help="output directory (created)")
@@ -31,11 +31,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget-rank-sum", type=int, default=0,
                    help="sum of the suggested ranks (= the low-rank parameter budget / (sum of "
                         "h_in + h_out over the 7 projections))")
-    p.add_argument("--multiple", type=int, default=8, help="ranks are multiples of this (and of TP)")
+    p.add_argument("--multiple", type=int, default=8, help="ranks are multiples of this (GEMM-friendly widths; TP needs none)")
     p.add_argument("--dense-layers", type=int, default=1)
     p.add_argument("--tokenizer")
     args = p.parse_args(argv)
-    return run_cli("analyze_residuals", lambda: _main(args))
+    return run_cli("crnet-analyze", lambda: _main(args))
 
 
 def _main(args) -> int:

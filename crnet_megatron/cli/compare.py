@@ -24,7 +24,7 @@ def _last(path, split):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="crnet-compare", description=__doc__.splitlines()[0])
     p.add_argument("config")
     p.add_argument("--out", required=True)
     p.add_argument("--variants", nargs="+", default=["crnet", "lowrank", "dense"],

@@ -14,14 +14,14 @@ from crnet_megatron.cli.common import run_cli
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="crnet-export", description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help="run directory (latest checkpoint) or iter_N directory")
     p.add_argument("out", help="new (or empty) export directory")
     p.add_argument("--tokenizer", help="tokenizer.json, if not with the run")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--no-verify", action="store_true")
     args = p.parse_args(argv)
-    return run_cli("export_hf", lambda: _export(args))
+    return run_cli("crnet-export", lambda: _export(args))
 
 
 def _export(args) -> int:

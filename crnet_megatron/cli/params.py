@@ -13,7 +13,7 @@ from crnet_megatron.analysis.counting import LLAMA_SHAPES, count_params, summary
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="crnet-params", description=__doc__.splitlines()[0])
     p.add_argument("--size", nargs="+", default=list(LLAMA_SHAPES), choices=list(LLAMA_SHAPES))
     p.add_argument("--rank", nargs="+", type=int, default=[128, 256, 448, 512])
     p.add_argument("--seq-len", type=int, default=256)

@@ -21,7 +21,7 @@ from crnet_megatron.data.preprocess import iter_texts, preprocess_jsonl
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="crnet-preprocess", description=__doc__.splitlines()[0])
     p.add_argument("--input", nargs="+", required=True, help="jsonl file(s)")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--json-keys", nargs="+", default=["text"])

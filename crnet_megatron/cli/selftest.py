@@ -220,7 +220,7 @@ def run_checks(names, workdir):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="crnet-selftest", description=__doc__.splitlines()[0])
     ap.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS))
     ap.add_argument("--json", help="write the table as JSON here")
     ap.add_argument("--workdir", default="~/.cache/crnet_megatron/selftest",

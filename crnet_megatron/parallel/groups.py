@@ -1,21 +1,7 @@
-"""The parallel plan, stated once, and process-group set-up.
-
-Plan (t = TP size, p = PP size, d = DP size = world / (t p)):
-
-* TP (Megatron-Core tensor parallel, ``linears.py`` for CR-Net): dense q/k/v/gate/up weights
-  and CR-Net B factors are sharded on the output dimension; dense o/down weights and CR-Net row
-  A factors on the input dimension; column A factors on r (all-gathered); row B, beta and norms
-  replicated. Embedding and output layer are vocab-parallel.
-* SP (``sequence_parallel``): norms, residual stream and the o/down chains hold s/t tokens;
-  column projections gather the sequence (dense: X; CR-Net: the r-wide codes), row projections
-  reduce-scatter it. Replicated parameters that see a sequence shard (norms, CR-Net column A,
-  row B, beta) are summed over TP once per step.
-* PP: contiguous layer ranges per stage (Megatron's offsets); dense layer 1 is on stage 0.
-* DP: Megatron data parallel across the remaining ranks.
-
+"""Process groups: torch.distributed (env://, torchrun or Slurm's task variables) and
+Megatron-Core's parallel state, seeded the same on every rank (the plan: ``parallel/__init__``).
 On CPU the backend is gloo and ``cpu_compat`` is activated; on CUDA it is NCCL and nothing is
-adapted.
-"""
+adapted."""
 
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ incoming chain tensors.
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
@@ -81,6 +82,29 @@ class _Replay:
         return linear(x)[0]
 
 
+@dataclass
+class _LayerSaved:
+    """Where one layer's saved tensors sit in ``ctx.saved_tensors``."""
+
+    hidden: int                                  # the layer input h_l
+    codes: Dict[torch.nn.Module, int] = field(default_factory=dict)  # Z per CR-Net projection
+    chains: List[Optional[int]] = field(default_factory=lambda: [None] * 4)  # Y, or None: invert
+
+
+class _Saved:
+    """What Algorithm 1 keeps: the stage's input chains first, then per layer a ``_LayerSaved``
+    pointing into one flat tensor list (what ``save_for_backward`` takes)."""
+
+    def __init__(self, chains_in: Sequence[torch.Tensor]):
+        self.tensors: List[torch.Tensor] = list(chains_in)
+        self.n_chains_in = len(chains_in)
+        self.layers: List[_LayerSaved] = []
+
+    def add(self, tensor: torch.Tensor) -> int:
+        self.tensors.append(tensor)
+        return len(self.tensors) - 1
+
+
 class CRNetRecomputeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage, hidden, *chains_in):
@@ -89,56 +113,41 @@ class CRNetRecomputeFunction(torch.autograd.Function):
         small = _small_scale_chains(layers, config.crnet_recompute_min_scale)
         max_ratio = _max_ratio(config, hidden)
         chains = Chains(*chains_in) if chains_in else None
-        # saved[:len(chains_in)] = stage input chains; then per layer, layout[i] =
-        # (h index, {module: code index}, [Y index or None] * 4)
-        saved, layout = list(chains_in), []
+        saved = _Saved(chains_in)
         for i, layer in enumerate(layers):
             rec = _Record(measure=max_ratio is not None and i > 0 and is_crnet_layer(layer))
-            h_idx = len(saved)
-            saved.append(hidden)
+            entry = _LayerSaved(hidden=saved.add(hidden))
             prev = chains
             with projection_scheme(rec):
                 hidden, chains = layer(hidden, chains, rotary_pos_emb=rope)
-            code_idx = {}
-            for m, z in rec.codes.items():
-                code_idx[m] = len(saved)
-                saved.append(z)
+            entry.codes = {m: saved.add(z) for m, z in rec.codes.items()}
             if rec.ratios:  # Y_{i-1} is still alive: keep it where inverting layer i is unsafe
-                ratios = torch.stack([rec.ratios[m] for m in chain_modules(layer)]).tolist()
-                for c, ratio in enumerate(ratios):
-                    if ratio > max_ratio and layout[i - 1][2][c] is None:
-                        _log_fallback(layer.layer_number - 1, c,
-                                      f"||Z B|| / ||s(beta) Y|| = {ratio:.0f} > {max_ratio:g}")
-                        layout[i - 1][2][c] = len(saved)
-                        saved.append(prev[c])
-            y_idx = [None] * 4
+                _store_ill_conditioned(layer, rec, prev, saved, saved.layers[i - 1], max_ratio)
             for c in range(4):
                 if small[i][c]:
                     _log_fallback(layer.layer_number, c,
                                   f"|s(beta)| < {config.crnet_recompute_min_scale:g}")
                 if i in store or small[i][c]:
-                    y_idx[c] = len(saved)
-                    saved.append(chains[c])
-            layout.append((h_idx, code_idx, y_idx))
-        ctx.save_for_backward(*saved)
-        ctx.stage, ctx.layout, ctx.n_chains_in = stage, layout, len(chains_in)
+                    entry.chains[c] = saved.add(chains[c])
+            saved.layers.append(entry)
+        ctx.save_for_backward(*saved.tensors)
+        ctx.stage, ctx.layers, ctx.n_chains_in = stage, saved.layers, saved.n_chains_in
         return (hidden, *chains)
 
     @staticmethod
     def backward(ctx, grad_hidden, *grad_chains):
         layers, rope, _ = ctx.stage
         saved = ctx.saved_tensors
-        y_cur: Optional[List[torch.Tensor]] = [saved[j] for j in ctx.layout[-1][2]]
+        y_cur: Optional[List[torch.Tensor]] = [saved[j] for j in ctx.layers[-1].chains]
         g_h, g_y = grad_hidden, list(grad_chains)
         for i in range(len(layers) - 1, -1, -1):
             layer = layers[i]
-            h_idx, code_idx, _ = ctx.layout[i]
             crnet = is_crnet_layer(layer)
             with torch.no_grad():
-                prev, z_full, y_known = _recover(layer, i, ctx, saved, y_cur, code_idx) \
+                prev, z_full, y_known = _recover(layer, i, ctx, saved, y_cur) \
                     if crnet else (None, None, None)
             with torch.enable_grad():
-                h_leaf = saved[h_idx].detach().requires_grad_(True)
+                h_leaf = saved[ctx.layers[i].hidden].detach().requires_grad_(True)
                 leaves = None
                 if crnet:
                     leaves = [p.detach().to(h_leaf.dtype).requires_grad_(True) for p in prev]
@@ -157,6 +166,18 @@ class CRNetRecomputeFunction(torch.autograd.Function):
         g_in = [g if g is not None else torch.zeros_like(c)
                 for g, c in zip(g_y, saved[:ctx.n_chains_in])]
         return (None, g_h, *g_in)
+
+
+def _store_ill_conditioned(layer, rec, prev, saved: _Saved, below: _LayerSaved,
+                           max_ratio: float) -> None:
+    """Store the incoming chains (the layer below's Y) that inverting this layer would recover
+    badly (one host sync per layer for the ratios)."""
+    ratios = torch.stack([rec.ratios[m] for m in chain_modules(layer)]).tolist()
+    for c, ratio in enumerate(ratios):
+        if ratio > max_ratio and below.chains[c] is None:
+            _log_fallback(layer.layer_number - 1, c,
+                          f"||Z B|| / ||s(beta) Y|| = {ratio:.0f} > {max_ratio:g}")
+            below.chains[c] = saved.add(prev[c])
 
 
 def _small_scale_chains(layers, threshold: float) -> List[List[bool]]:
@@ -194,15 +215,15 @@ def _log_fallback(layer_number: int, chain: int, reason: str) -> None:
                        "(%s)", layer_number, Chains._fields[chain], reason)
 
 
-def _recover(layer, i, ctx, saved, y_cur, code_idx):
+def _recover(layer, i, ctx, saved, y_cur):
     """Y_{l-1} for the four chains (stored, stage input, or inverted in fp32), full codes, and
     the layer's known outputs Y_l (what the replay returns)."""
     mods = chain_modules(layer)
     prev, z_full, y = [], {}, {}
     for c, m in enumerate(mods):
-        z_full[m] = m.gather_codes(saved[code_idx[m]])
+        z_full[m] = m.gather_codes(saved[ctx.layers[i].codes[m]])
         y[m] = y_cur[c]
-        stored = ctx.layout[i - 1][2][c] if i > 0 else None
+        stored = ctx.layers[i - 1].chains[c] if i > 0 else None
         if i == 0:
             p = saved[c]  # the stage's input chains (pipeline stage > 0)
         elif stored is not None:

@@ -148,11 +148,11 @@ def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
                          f"be <= model.num_layers = {m['num_layers']}")
     if m["crnet_dense_layers"] == 0 and m["variant"] != "lowrank":
         raise ValueError("config key model.crnet_dense_layers = 0 needs model.variant: lowrank "
-                         f"(model.variant = {m['projection']!r}: a CR-Net chain needs a dense "
+                         f"(model.variant = {m['variant']!r}: a CR-Net chain needs a dense "
                          "layer to seed it)")
     if cfg["recompute"]["recompute_granularity"] == "crnet" and m["variant"] != "crnet":
         raise ValueError("config key recompute.recompute_granularity = 'crnet' needs "
-                         f"model.variant: crnet (model.variant = {m['projection']!r} has no "
+                         f"model.variant: crnet (model.variant = {m['variant']!r} has no "
                          "cross-layer chain to invert); use 'full' or 'selective'")
     rank = m["crnet_rank"]
     ranks = rank if isinstance(rank, list) else [rank]

@@ -1,10 +1,11 @@
-"""The training driver: set-up, the step, evaluation, checkpoints, metrics and safety.
+"""The training driver, in named steps as torchtitan's ``Trainer``.
 
-Order of set-up (one place): distributed groups -> data (built-in corpus or indexed prefixes)
--> CR-Net model on its TP/PP shard -> Megatron DDP -> Megatron optimizer (+ param scheduler)
--> resume. Each step runs Megatron's forward/backward schedule over the micro-batches (1F1B
-under PP, chains carried between stages), ``finalize_model_grads`` through the schedule, a
-non-finite check, then the optimizer step.
+Set-up (one place, in this order): distributed groups -> data (built-in corpus or indexed
+prefixes) -> this rank's CR-Net stage -> Megatron DDP -> Megatron optimizer -> param scheduler
+-> FLOP counts -> resume. Each step runs Megatron's forward/backward schedule over the
+micro-batches (``step.run_schedule``: 1F1B under PP, chains carried between stages;
+``finalize_model_grads`` through the schedule), a non-finite check, then the optimizer step.
+The loop logs, evaluates, saves and stops (signal, ``exit_interval``) in named steps too.
 """
 
 from __future__ import annotations
@@ -20,9 +21,45 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from tqdm import tqdm
 
+from crnet_megatron.analysis.counting import ModelShape, flops_per_token, pipeline_boundary
+from crnet_megatron.data.preprocess import HFTokenizer
+from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.parallel.build import build_model
+from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
 from crnet_megatron.training import run_config
-from crnet_megatron.training.step import run_schedule
+from crnet_megatron.training.checkpointing import (
+    check_compatible,
+    iteration_dir,
+    load_checkpoint,
+    load_common,
+    save_checkpoint,
+)
+from crnet_megatron.training.data import (
+    SampleIterator,
+    build_datasets,
+    parse_blend,
+    prepare_builtin,
+)
+from crnet_megatron.training.faults import children_die_with_parent
+from crnet_megatron.training.metrics import (
+    MetricsWriter,
+    detect_peak_tflops,
+    peak_memory_gb,
+    throughput,
+    truncate_metrics,
+)
+from crnet_megatron.training.plot import plot_metrics
+from crnet_megatron.training.step import mean_loss, run_schedule
 
 log = logging.getLogger(__name__)
 
@@ -61,49 +98,34 @@ class Trainer:
         warnings.filterwarnings("ignore")
         logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
         self.cfg = cfg
-        self._setup()
+        children_die_with_parent()
+        self._init_distributed()
+        self._build_data()
+        self._build_model_and_optimizer()
+        self._build_scheduler()
+        self._count_flops()
+        save = cfg["checkpoint"]["save"]
+        self.metrics_path = cfg["logging"]["metrics_jsonl"] or (
+            os.path.join(save, "metrics.jsonl") if save else None)
+        self.iteration, self.consumed, self.skipped_total, self.skipped_in_a_row = 0, 0, 0, 0
+        self._resume()
+        self.writer = MetricsWriter(self.metrics_path, cfg["logging"]["tensorboard_dir"],
+                                    self.rank0)
 
     # -- set-up ------------------------------------------------------------------------------
-    def _setup(self):
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import (
-            get_megatron_optimizer,
-            get_standard_config_overrides,
-        )
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from crnet_megatron.analysis.counting import (
-            ModelShape,
-            flops_per_token,
-            pipeline_boundary,
-        )
-        from crnet_megatron.data.preprocess import HFTokenizer
-        from crnet_megatron.parallel import cpu_compat
-        from crnet_megatron.parallel.build import build_model
-        from crnet_megatron.parallel.groups import init_distributed
-        from crnet_megatron.training.data import (
-            build_datasets,
-            parse_blend,
-            prepare_builtin,
-        )
-        from crnet_megatron.training.faults import children_die_with_parent
-        from crnet_megatron.training.metrics import MetricsWriter, detect_peak_tflops
-
-        children_die_with_parent()
-        cfg = self.cfg
-        m, p, s, d = cfg["model"], cfg["parallel"], cfg["schedule"], cfg["data"]
+    def _init_distributed(self):
+        p = self.cfg["parallel"]
         init_distributed(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"],
-                         seed=s["seed"])
+                         seed=self.cfg["schedule"]["seed"])
         self.rank0 = dist.get_rank() == 0
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.num_microbatches = run_config.validate_batch(cfg, self.dp_size)
-        self.config = run_config.to_crnet_config(cfg)
+        self.num_microbatches = run_config.validate_batch(self.cfg, self.dp_size)
+        self.config = run_config.to_crnet_config(self.cfg)
 
+    def _build_data(self):
+        """The tokenizer and the train/valid datasets (the built-in corpus, or indexed prefixes)."""
+        cfg = self.cfg
+        s, d, e = cfg["schedule"], cfg["data"], cfg["eval"]
         if d["data_path"]:
             prefixes, weights = parse_blend(d["data_path"])
             if not d["tokenizer"]:
@@ -113,17 +135,20 @@ class Trainer:
             (prefixes, tok_path), weights = prepare_builtin(d["cache_dir"], d["builtin_vocab_size"]), None
         self.prefixes = prefixes
         self.tokenizer = HFTokenizer(tok_path, d["eod_token"])
-        e = cfg["eval"]
         evals = s["train_iters"] // e["eval_interval"] + 1
         gbs = s["global_batch_size"]
         sizes = [s["train_iters"] * gbs, evals * e["eval_iters"] * gbs, e["eval_iters"] * gbs]
         self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer, prefixes, weights,
                                                          sizes)
         self.vocab = run_config.padded_vocab(self.tokenizer.vocab_size,
-                                             p["tensor_model_parallel_size"])
+                                             cfg["parallel"]["tensor_model_parallel_size"])
 
+    def _build_model_and_optimizer(self):
+        """This rank's stage, wrapped in Megatron DDP, and Megatron's optimizer over it."""
+        cfg = self.cfg
+        m, p = cfg["model"], cfg["parallel"]
         model = build_model(self.config, vocab_size=self.vocab, max_sequence_length=m["seq_length"],
-                            rotary_base=m["rotary_base"], seed=s["seed"])
+                            rotary_base=m["rotary_base"], seed=cfg["schedule"]["seed"])
         dist_opt = run_config.use_distributed_optimizer(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
@@ -135,7 +160,9 @@ class Trainer:
                 ocfg, [self.model], config_overrides=get_standard_config_overrides(ocfg))
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.no_sync_func = self.model.no_sync
-        o = cfg["optimizer"]
+
+    def _build_scheduler(self):
+        o, s = self.cfg["optimizer"], self.cfg["schedule"]
         warmup = int(s["lr_warmup_fraction"] * s["train_iters"])
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=float(o["lr"]), min_lr=float(o["min_lr"]),
@@ -144,6 +171,10 @@ class Trainer:
             end_wd=float(o["weight_decay"]), wd_incr_steps=s["train_iters"],
             wd_incr_style="constant")
 
+    def _count_flops(self):
+        """Training FLOPs per token (MFU) and the stage boundary's bytes, from the formulas."""
+        cfg = self.cfg
+        m, p, s = cfg["model"], cfg["parallel"], cfg["schedule"]
         shape = ModelShape.from_config(self.config, self.vocab)
         ranks = self.config.crnet_layer_ranks
         self.flops = flops_per_token(shape, ranks, m["seq_length"])["training"]
@@ -151,23 +182,10 @@ class Trainer:
         self.peak = detect_peak_tflops(cfg["logging"]["peak_tflops"])
         self.boundary = (pipeline_boundary(shape, m["seq_length"], s["micro_batch_size"],
                                            p["tensor_model_parallel_size"], p["sequence_parallel"],
-                                           2 if o["bf16"] else 4)
+                                           2 if cfg["optimizer"]["bf16"] else 4)
                          if p["pipeline_model_parallel_size"] > 1 else None)
-        save = cfg["checkpoint"]["save"]
-        jsonl = cfg["logging"]["metrics_jsonl"] or (os.path.join(save, "metrics.jsonl") if save else None)
-        self.metrics_path = jsonl
-        self.iteration, self.consumed, self.skipped_total, self.skipped_in_a_row = 0, 0, 0, 0
-        self._resume()
-        self.writer = MetricsWriter(jsonl, cfg["logging"]["tensorboard_dir"], self.rank0)
 
     def _resume(self):
-        from crnet_megatron.training.checkpointing import (
-            check_compatible,
-            load_checkpoint,
-            load_common,
-        )
-        from crnet_megatron.training.metrics import truncate_metrics
-
         ck = self.cfg["checkpoint"]
         root = ck["load"] or ck["save"]
         exists = bool(root) and os.path.isdir(root)
@@ -196,8 +214,6 @@ class Trainer:
 
     # -- pieces ------------------------------------------------------------------------------
     def _iterator(self, dataset, consumed: int):
-        from crnet_megatron.training.data import SampleIterator
-
         device = next(self.model.parameters()).device
         return SampleIterator(dataset, self.cfg["schedule"]["micro_batch_size"], self.dp_rank,
                               self.dp_size, consumed, device, self.tokenizer.vocab_size,
@@ -205,16 +221,12 @@ class Trainer:
 
     def evaluate(self) -> float:
         """Loss on a fixed validation budget: eval_iters global batches from the split start."""
-        from crnet_megatron.training.step import mean_loss
-
         s = self.cfg["schedule"]
         return mean_loss(self.model, self._iterator(self.valid_ds, 0), self.cfg["eval"]["eval_iters"],
                          self.num_microbatches, self.cfg["model"]["seq_length"],
                          s["micro_batch_size"])
 
     def save(self):
-        from crnet_megatron.training.checkpointing import save_checkpoint
-
         ck = self.cfg["checkpoint"]
         common = dict(consumed_samples=self.consumed, scheduler=self.scheduler.state_dict(),
                       skipped_iterations=self.skipped_total, config=self.cfg,
@@ -226,8 +238,6 @@ class Trainer:
             print(f"saved checkpoint {path}", flush=True)
 
     def train_step(self, data_iterator) -> Dict[str, float]:
-        from crnet_megatron.parallel import cpu_compat
-
         s = self.cfg["schedule"]
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -238,106 +248,130 @@ class Trainer:
             self.optimizer.prepare_grads()
             norm = float(self.optimizer.get_grad_norm())
         if _any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
-            self.skipped_total += 1
-            self.skipped_in_a_row += 1
-            limit = self.cfg["safety"]["max_nonfinite_in_a_row"]
-            if self.skipped_in_a_row >= limit:
-                raise RuntimeError(f"non-finite loss or grad norm in {self.skipped_in_a_row} "
-                                   f"iterations in a row (last: iteration {self.iteration + 1}, "
-                                   f"loss {loss}, grad norm {norm}); stopping "
-                                   "(safety.max_nonfinite_in_a_row)")
-            return dict(loss=loss, grad_norm=norm, skipped=1)
+            return self._skip_step(loss, norm)
         self.skipped_in_a_row = 0
         with cpu_compat.cuda_device_rewrite():
             self.optimizer.step()
         self.scheduler.step(increment=1)
         return dict(loss=loss, grad_norm=norm, skipped=0)
 
+    def _skip_step(self, loss: float, norm: float) -> Dict[str, float]:
+        """A non-finite step changes nothing; too many in a row stop the run."""
+        self.skipped_total += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= self.cfg["safety"]["max_nonfinite_in_a_row"]:
+            raise RuntimeError(f"non-finite loss or grad norm in {self.skipped_in_a_row} "
+                               f"iterations in a row (last: iteration {self.iteration + 1}, "
+                               f"loss {loss}, grad norm {norm}); stopping "
+                               "(safety.max_nonfinite_in_a_row)")
+        return dict(loss=loss, grad_norm=norm, skipped=1)
+
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> Dict[str, Any]:
-        from tqdm import tqdm
-
-        from crnet_megatron.training.checkpointing import iteration_dir
-        from crnet_megatron.training.metrics import peak_memory_gb, throughput
-
-        cfg = self.cfg
-        s, lg, ck, ev = cfg["schedule"], cfg["logging"], cfg["checkpoint"], cfg["eval"]
-        if self.rank0:
-            print("resolved config:\n" + run_config.dump(cfg), flush=True)
-            if ck["save"]:
-                os.makedirs(ck["save"], exist_ok=True)
-                with open(os.path.join(ck["save"], "config.yaml"), "w") as f:
-                    f.write(run_config.dump(cfg))
-                # the tokenizer travels with the run (export, eval and generation read it)
-                shutil.copyfile(self.tokenizer.path, os.path.join(ck["save"], "tokenizer.json"))
-            print(f"{self.config.crnet_variant}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params "
-                  f"on this rank; ranks {self.config.crnet_layer_ranks}; {self.flops / 1e9:.3f} "
-                  f"GFLOP/token (dense equivalent {self.dense_flops / 1e9:.3f}); MFU peak "
-                  f"{self.peak or 'n/a'} TFLOP/s", flush=True)
-            if self.boundary:
-                b = self.boundary
-                print(f"pipeline boundary per micro-batch per rank: {b['crnet_bytes'] / 2**20:.2f}"
-                      f" MiB ({b['ratio']:.2f}x the dense model's {b['dense_bytes'] / 2**20:.2f} "
-                      "MiB)", flush=True)
-        signals = _Signals(cfg["safety"]["exit_on_signal"])
+        s, lg = self.cfg["schedule"], self.cfg["logging"]
+        self._log_start()
+        signals = _Signals(self.cfg["safety"]["exit_on_signal"])
         data = self._iterator(self.train_ds, self.consumed)
-        world = dist.get_world_size()
         history: List[Dict[str, Any]] = []
         evals: List[Dict[str, Any]] = []
         bar = tqdm(total=s["train_iters"], initial=self.iteration, desc="train",
                    disable=not (self.rank0 and lg["progress_bar"]), dynamic_ncols=True)
-        window_t, window_tokens = time.perf_counter(), 0
+        self._window = [time.perf_counter(), 0]  # start, tokens: the throughput window
         stopped_by = None
-        exit_at = s.get("exit_interval")
         try:
             while self.iteration < s["train_iters"]:
                 out = self.train_step(data)
                 self.iteration += 1
-                window_tokens += s["global_batch_size"] * cfg["model"]["seq_length"]
                 history.append(dict(iteration=self.iteration, **out))
-                bar.update(1)
-                bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}")
-                if self.iteration % lg["log_interval"] == 0 or self.iteration == s["train_iters"]:
-                    dt = time.perf_counter() - window_t
-                    rec = dict(split="train", iteration=self.iteration, loss=out["loss"],
-                               ppl=math.exp(min(out["loss"], 50)), lr=self._lr(),
-                               grad_norm=out["grad_norm"], skipped_total=self.skipped_total,
-                               peak_memory_gb=peak_memory_gb(),
-                               **throughput(window_tokens, dt, self.flops, self.dense_flops,
-                                            world, self.peak))
-                    self.writer.write(rec)
-                    bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}",
-                                    tok_s=f"{rec['tokens_per_s']:,.0f}")
-                    window_t, window_tokens = time.perf_counter(), 0
+                self._log_step(out, bar)
                 paused = time.perf_counter()  # eval and saves are not training throughput
-                if self.iteration % ev["eval_interval"] == 0:
-                    evals.append(self._eval_record())
-                if ck["save"] and ck["save_interval"] and self.iteration % ck["save_interval"] == 0:
-                    self.save()
-                window_t += time.perf_counter() - paused
-                if _any_rank(signals.received is not None):
-                    stopped_by = "signal"
+                self._evaluate_and_save(evals)
+                self._window[0] += time.perf_counter() - paused
+                stopped_by = self._stop_reason(signals)
+                if stopped_by:
                     break
-                if exit_at and self.iteration >= exit_at:
-                    stopped_by = "exit_interval"
-                    break
-            if stopped_by is None and (not evals or evals[-1]["iteration"] != self.iteration):
-                evals.append(self._eval_record())
-            if ck["save"] and not os.path.isdir(iteration_dir(ck["save"], self.iteration)):
-                self.save()  # a second SIGTERM during this save does not cut it short
+            self._finish(stopped_by, evals)
         finally:
             bar.close()
             signals.restore()
+        self._close(stopped_by)
+        return dict(history=history, evals=evals, iteration=self.iteration,
+                    skipped_total=self.skipped_total, stopped_by=stopped_by)
+
+    def _log_start(self):
+        """Rank 0: the resolved config (also written with the tokenizer into the run
+        directory), the model's size and FLOPs, and the pipeline boundary's bytes."""
+        if not self.rank0:
+            return
+        cfg, save = self.cfg, self.cfg["checkpoint"]["save"]
+        print("resolved config:\n" + run_config.dump(cfg), flush=True)
+        if save:
+            os.makedirs(save, exist_ok=True)
+            with open(os.path.join(save, "config.yaml"), "w") as f:
+                f.write(run_config.dump(cfg))
+            # the tokenizer travels with the run (export, eval and generation read it)
+            shutil.copyfile(self.tokenizer.path, os.path.join(save, "tokenizer.json"))
+        params = sum(p.numel() for p in self.model.parameters())
+        print(f"{self.config.crnet_variant}: {params / 1e6:.2f}M params on this rank; ranks "
+              f"{self.config.crnet_layer_ranks}; {self.flops / 1e9:.3f} GFLOP/token (dense "
+              f"equivalent {self.dense_flops / 1e9:.3f}); MFU peak {self.peak or 'n/a'} TFLOP/s",
+              flush=True)
+        if self.boundary:
+            b = self.boundary
+            print(f"pipeline boundary per micro-batch per rank: {b['crnet_bytes'] / 2**20:.2f}"
+                  f" MiB ({b['ratio']:.2f}x the dense model's {b['dense_bytes'] / 2**20:.2f} "
+                  "MiB)", flush=True)
+
+    def _log_step(self, out: Dict[str, float], bar) -> None:
+        """The bar every step; a metrics row every ``log_interval`` (and at the last step)."""
+        s, lg = self.cfg["schedule"], self.cfg["logging"]
+        self._window[1] += s["global_batch_size"] * self.cfg["model"]["seq_length"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}")
+        if self.iteration % lg["log_interval"] and self.iteration != s["train_iters"]:
+            return
+        dt = time.perf_counter() - self._window[0]
+        rec = dict(split="train", iteration=self.iteration, loss=out["loss"],
+                   ppl=math.exp(min(out["loss"], 50)), lr=self._lr(),
+                   grad_norm=out["grad_norm"], skipped_total=self.skipped_total,
+                   peak_memory_gb=peak_memory_gb(),
+                   **throughput(self._window[1], dt, self.flops, self.dense_flops,
+                                dist.get_world_size(), self.peak))
+        self.writer.write(rec)
+        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}",
+                        tok_s=f"{rec['tokens_per_s']:,.0f}")
+        self._window = [time.perf_counter(), 0]
+
+    def _evaluate_and_save(self, evals: List[Dict[str, Any]]) -> None:
+        ck = self.cfg["checkpoint"]
+        if self.iteration % self.cfg["eval"]["eval_interval"] == 0:
+            evals.append(self._eval_record())
+        if ck["save"] and ck["save_interval"] and self.iteration % ck["save_interval"] == 0:
+            self.save()
+
+    def _stop_reason(self, signals) -> Optional[str]:
+        if _any_rank(signals.received is not None):
+            return "signal"
+        exit_at = self.cfg["schedule"].get("exit_interval")
+        if exit_at and self.iteration >= exit_at:
+            return "exit_interval"
+        return None
+
+    def _finish(self, stopped_by: Optional[str], evals: List[Dict[str, Any]]) -> None:
+        """A final evaluation (unless stopped early) and a final save."""
+        save = self.cfg["checkpoint"]["save"]
+        if stopped_by is None and (not evals or evals[-1]["iteration"] != self.iteration):
+            evals.append(self._eval_record())
+        if save and not os.path.isdir(iteration_dir(save, self.iteration)):
+            self.save()  # a second SIGTERM during this save does not cut it short
+
+    def _close(self, stopped_by: Optional[str]) -> None:
         if self.rank0 and stopped_by == "signal":
             print(f"stopped by signal at iteration {self.iteration}; checkpoint saved", flush=True)
         self.writer.close()
-        if self.rank0 and lg["plot"] and self.metrics_path and os.path.exists(self.metrics_path):
-            from crnet_megatron.training.plot import plot_metrics
-
-            png = plot_metrics(self.metrics_path)
-            print(f"loss curves: {png}", flush=True)
-        return dict(history=history, evals=evals, iteration=self.iteration,
-                    skipped_total=self.skipped_total, stopped_by=stopped_by)
+        path = self.metrics_path
+        if self.rank0 and self.cfg["logging"]["plot"] and path and os.path.exists(path):
+            print(f"loss curves: {plot_metrics(path)}", flush=True)
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -347,8 +381,6 @@ class Trainer:
         rec = dict(split="valid", iteration=self.iteration, loss=loss, ppl=math.exp(min(loss, 50)))
         self.writer.write(rec)
         if self.rank0:
-            from tqdm import tqdm
-
             tqdm.write(f"iteration {self.iteration}: validation loss {loss:.4f}, "
                        f"perplexity {rec['ppl']:.2f}")
         return rec
@@ -356,8 +388,6 @@ class Trainer:
 
 def run(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """Set up, train, and tear down the process groups."""
-    from crnet_megatron.parallel.groups import destroy_distributed
-
     try:
         return Trainer(cfg).train()
     finally:
