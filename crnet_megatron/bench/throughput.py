@@ -112,14 +112,20 @@ def _proj_and_layer(dims, device, dtype, warmup, repeats, sync):
         outs = [m(i)[0] for m, i in zip(de, inputs)]
         torch.autograd.backward(outs, dgrads)
 
-    proj = runner.interleaved({"plain": run_plain, "crnet": run_crnet, "dense": run_dense}, warmup, repeats,
-                 sync)
-    # whole layers (chains into the CR-Net layer from the dense layer's outputs)
-    hidden = rnd(t, 1, h)
+    proj = runner.interleaved({"plain": run_plain, "crnet": run_crnet, "dense": run_dense},
+                              warmup, repeats, sync)
+    return proj, _layers(dense, crnet, rnd(t, 1, h), rnd(t, 1, h), warmup, repeats, sync)
+
+
+def _layers(dense, crnet, hidden, hgrad, warmup, repeats, sync):
+    """Whole layers: the CR-Net layer (its chains from the dense layer's outputs) vs the dense
+    layer, forward + backward."""
+    import torch
+
+
     with torch.no_grad():
         _, chains = dense(hidden, None)
     chains = type(chains)(*(c.detach() for c in chains))
-    hgrad = rnd(t, 1, h)
 
     def run_layer(layer, ch):
         def fn():
@@ -128,9 +134,8 @@ def _proj_and_layer(dims, device, dtype, warmup, repeats, sync):
             out.backward(hgrad)
         return fn
 
-    layer = runner.interleaved({"crnet": run_layer(crnet, chains), "dense": run_layer(dense, None)},
-                  warmup, repeats, sync)
-    return proj, layer
+    return runner.interleaved({"crnet": run_layer(crnet, chains),
+                               "dense": run_layer(dense, None)}, warmup, repeats, sync)
 
 
 def _flop_ratios(dims):

@@ -39,23 +39,51 @@ def main(argv=None) -> int:
 
 
 def _main(args) -> int:
-    import torch
-    import yaml
-
-    from crnet_megatron.analysis.residuals import (
-        POSITIONS,
-        analyze_model,
-        capture_projection_outputs,
-        suggest_ranks,
-    )
-    from crnet_megatron.data.token_windows import token_stream
+    from crnet_megatron.analysis.residuals import POSITIONS, analyze_model
     from crnet_megatron.export.generation import load_for_generation
 
     if not 0 < args.target_error < 1 or args.tokens < 2 or args.multiple < 1:
         raise ValueError("--target-error must be in (0, 1), --tokens >= 2, --multiple >= 1")
     model, tok, eos = load_for_generation(args.model, args.tokenizer)
+    acts, n = _capture(model, tok, eos, args)
+    smallest = min(min(a.shape[-1] for a in layer.values()) for layer in acts)
+    sweep = ([int(x) for x in args.ranks.split(",") if x] if args.ranks else
+             [r for r in (2 ** k for k in range(1, 16)) if r < min(smallest, n)])
+    rows = analyze_model(acts, sweep, args.target_error)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "residuals.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
     c = model.config
-    seq = c.max_position_embeddings
+    model_ranks = [r for r in c.crnet_layer_ranks if r is not None]
+    heat = args.heat_rank or (max(set(model_ranks), key=model_ranks.count) if model_ranks
+                              else sweep[len(sweep) // 2])
+    if heat not in sweep:
+        heat = min(sweep, key=lambda r: abs(r - heat))
+    _heatmap(rows, heat, len(acts), POSITIONS, os.path.join(args.out, "heatmap.png"))
+    need, ranks, total = _suggest(args, c, rows, min(smallest - 1, c.hidden_size - 1))
+    print(f"{'layer':>5} " + " ".join(f"{p:>9}" for p in POSITIONS) + "   (cross-layer / "
+          f"direct error at r = {heat})")
+    for layer in range(2, len(acts) + 1):
+        cells = {r["projection"]: r for r in rows if r["layer"] == layer and r["r"] == heat}
+        print(f"{layer:>5} " + " ".join(
+            f"{cells[p]['err_cross']:.2f}/{cells[p]['err_direct']:.2f}".rjust(9) for p in POSITIONS))
+    print(f"needed rank per layer (mean over projections, error <= {args.target_error}): "
+          + ", ".join(f"{x:.0f}" for x in need))
+    print(f"model.crnet_rank: {ranks}   (sum {sum(ranks)}, budget {total}; "
+          f"{os.path.join(args.out, 'suggested_ranks.yaml')})")
+    return 0
+
+
+def _capture(model, tok, eos, args):
+    """Each layer's projection outputs on ``--tokens`` tokens of ``--data`` (whole sequences)."""
+    import torch
+
+    from crnet_megatron.analysis.residuals import capture_projection_outputs
+    from crnet_megatron.data.token_windows import token_stream
+
+    seq = model.config.max_position_embeddings
 
     class _Tok:  # what token_stream needs
         vocab_size, eod = tok.get_vocab_size(), eos
@@ -70,26 +98,18 @@ def _main(args) -> int:
         raise ValueError(f"--data {args.data} has {len(stream)} tokens, fewer than one "
                          f"sequence of {seq}")
     ids = torch.as_tensor(stream[:n], dtype=torch.long).view(-1, seq)
-    acts = capture_projection_outputs(model.float(), ids)
-    smallest = min(min(a.shape[-1] for a in layer.values()) for layer in acts)
-    sweep = ([int(x) for x in args.ranks.split(",") if x] if args.ranks else
-             [r for r in (2 ** k for k in range(1, 16)) if r < min(smallest, n)])
-    rows = analyze_model(acts, sweep, args.target_error)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "residuals.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    return capture_projection_outputs(model.float(), ids), n
+
+
+def _suggest(args, c, rows, max_rank):
+    """(needed rank per CR-Net layer, suggested ranks for the budget, the budget), written to
+    ``suggested_ranks.yaml``."""
+    import yaml
+
+    from crnet_megatron.analysis.residuals import POSITIONS, suggest_ranks
 
     model_ranks = [r for r in c.crnet_layer_ranks if r is not None]
-    dense = sum(1 for r in c.crnet_layer_ranks[:len(c.crnet_layer_ranks) - len(model_ranks)])
-    dense = dense if model_ranks else args.dense_layers
-    heat = args.heat_rank or (max(set(model_ranks), key=model_ranks.count) if model_ranks
-                              else sweep[len(sweep) // 2])
-    if heat not in sweep:
-        heat = min(sweep, key=lambda r: abs(r - heat))
-    _heatmap(rows, heat, len(acts), POSITIONS, os.path.join(args.out, "heatmap.png"))
-
+    dense = len(c.crnet_layer_ranks) - len(model_ranks) if model_ranks else args.dense_layers
     layers = list(range(dense + 1, c.num_hidden_layers + 1))
     needed = {}
     for row in rows:
@@ -97,25 +117,13 @@ def _main(args) -> int:
     need = [sum(needed[layer].values()) / len(POSITIONS) for layer in layers]
     total = args.budget_rank_sum or (sum(model_ranks) if model_ranks
                                      else (c.hidden_size // 4) * len(layers))
-    max_rank = min(min(a.shape[-1] for a in layer.values()) for layer in acts) - 1
-    max_rank = min(max_rank, c.hidden_size - 1)
     ranks = suggest_ranks(need, total, args.multiple, max_rank)
     with open(os.path.join(args.out, "suggested_ranks.yaml"), "w") as f:
         f.write(f"# from {args.model}: target cross-layer error {args.target_error}, rank sum "
                 f"budget {total}, layers {layers[0]}..{layers[-1]}\n")
         yaml.safe_dump({"model": {"crnet_rank": ranks, "crnet_rank_schedule": "uniform",
                                   "crnet_dense_layers": dense}}, f, default_flow_style=None)
-    print(f"{'layer':>5} " + " ".join(f"{p:>9}" for p in POSITIONS) + "   (cross-layer / "
-          f"direct error at r = {heat})")
-    for layer in range(2, len(acts) + 1):
-        cells = {r["projection"]: r for r in rows if r["layer"] == layer and r["r"] == heat}
-        print(f"{layer:>5} " + " ".join(
-            f"{cells[p]['err_cross']:.2f}/{cells[p]['err_direct']:.2f}".rjust(9) for p in POSITIONS))
-    print(f"needed rank per layer (mean over projections, error <= {args.target_error}): "
-          + ", ".join(f"{x:.0f}" for x in need))
-    print(f"model.crnet_rank: {ranks}   (sum {sum(ranks)}, budget {total}; "
-          f"{os.path.join(args.out, 'suggested_ranks.yaml')})")
-    return 0
+    return need, ranks, total
 
 
 def _heatmap(rows, r, num_layers, positions, path):
