@@ -18,7 +18,7 @@ BASE = [f"schedule.train_iters={ITERS}", "schedule.micro_batch_size=2",
         "schedule.global_batch_size=8", "eval.eval_interval=100", "eval.eval_iters=1",
         "logging.log_interval=100", "optimizer.clip_grad=0.5"]
 CRNET = ["recompute.recompute_granularity=crnet", "recompute.crnet_checkpoint_every=2"]
-TP2 = ["parallel.tensor_model_parallel_size=2"]
+TP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=false"]  # SP: + SP
 SP = ["parallel.sequence_parallel=true"]
 PP2 = ["parallel.pipeline_model_parallel_size=2"]
 

@@ -87,8 +87,10 @@ def finish(parsed, tables: Sequence[str], **payload) -> None:
 @contextlib.contextmanager
 def one_process(seed: int = 1):
     """A one-rank process group (Megatron modules need parallel state) for the block."""
+    from crnet_megatron.parallel.environment import announce
     from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
 
+    announce()
     init_distributed(1, 1, seed=seed)
     try:
         yield

@@ -38,12 +38,14 @@ def main(argv=None) -> int:
         count_params,
         flops_per_token,
     )
+    from crnet_megatron.parallel.environment import announce
     from crnet_megatron.training.run_config import (
         load_run_config,
         padded_vocab,
         to_crnet_config,
     )
 
+    announce()
     rows = []
     for variant in args.variants:
         save = os.path.join(args.out, variant)

@@ -192,12 +192,14 @@ def main(argv: List[str] = None) -> int:
 
 
 def _main(args) -> int:
+    from crnet_megatron.parallel.environment import announce
     from crnet_megatron.planner.hardware import get_gpu
     from crnet_megatron.training.run_config import load_run_config
 
     if args.gpus < 1 or args.nodes_of < 1:
         raise ValueError("--gpus and --nodes-of must be >= 1")
     cfg = load_run_config(args.config, args.set)
+    announce()
     gpu = get_gpu(args.gpu).with_(gpus_per_node=args.nodes_of)
     plan = plan_from_config(cfg, args.gpus, args.vocab)
     out = report(plan, gpu, args.top)

@@ -36,11 +36,14 @@ def main(argv=None):
     try:
         run(p, args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"preprocess_data: error: {e}", file=sys.stderr)
+        print(f"crnet-preprocess: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def run(p, args):
+    from crnet_megatron.parallel.environment import announce
+
+    announce()
     if bool(args.tokenizer) == bool(args.vocab_size):
         p.error("give exactly one of --tokenizer or --vocab-size")
     tokenizer = args.tokenizer

@@ -229,6 +229,7 @@ def main(argv=None):
     warnings.filterwarnings("ignore")
     import torch
 
+    from crnet_megatron.parallel.environment import banner, versions
     from crnet_megatron.parallel.groups import destroy_distributed
 
     # one directory per launch, the same on every rank
@@ -243,13 +244,14 @@ def main(argv=None):
             shutil.rmtree(os.path.join(workdir, "dist_opt_ck"), ignore_errors=True)
     if int(os.environ.get("RANK", "0")) == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        print(f"\nselftest on {device}, {_world()} process(es)\n")
+        print(f"\nselftest on {device}, {_world()} process(es); {banner()}\n")
         print("| check | status | seconds | detail |\n|---|---|---|---|")
         for r in rows:
             print(f"| {r['check']} | {r['status']} | {r['seconds']} | {r['detail']} |")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump(dict(device=device, world=_world(), checks=rows), f, indent=1)
+                json.dump(dict(device=device, world=_world(), versions=versions(),
+                               checks=rows), f, indent=1)
     return 1 if any(r["status"] == "FAIL" for r in rows) else 0
 
 

@@ -41,11 +41,14 @@ def _train(args) -> None:
 def dry_run(cfg, args) -> None:
     """One line per rank: what this process would run as, so a launch script can be checked."""
     from crnet_megatron.parallel.groups import layout_from_env
-    from crnet_megatron.training.run_config import validate_batch
+    from crnet_megatron.training.run_config import sequence_parallel_warning, validate_batch
 
     p = cfg["parallel"]
     lay = layout_from_env(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"])
     micro = validate_batch(cfg, lay["dp"])
+    warning = sequence_parallel_warning(cfg)
+    if warning and lay["rank"] == 0:
+        print(warning, flush=True)
     env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ)
                    if k.startswith(("CUDA_DEVICE_MAX", "NCCL_", "OMP_NUM")))
     sets = " ".join(f"--set {s}" for s in args.set)

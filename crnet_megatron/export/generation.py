@@ -73,6 +73,9 @@ def load_for_generation(path: str, tokenizer: Optional[str] = None):
 
     from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
 
+    from crnet_megatron.parallel.environment import announce
+
+    announce()
     if os.path.isfile(os.path.join(path, "config.json")):
         tok_path = tokenizer or os.path.join(path, "tokenizer.json")
         if not os.path.exists(tok_path):

@@ -23,8 +23,10 @@ import torch.distributed as dist
 @contextlib.contextmanager
 def single_process():
     """A one-rank process group for the ``with`` block (or the one already there)."""
+    from crnet_megatron.parallel.environment import announce
     from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
 
+    announce()
     if dist.is_initialized():
         if dist.get_world_size() != 1:
             raise RuntimeError("single_process(): a multi-rank group is already initialised")

@@ -5,3 +5,5 @@ before anything heavy is imported)."""
 VARIANTS = ("crnet", "lowrank", "dense")
 RANK_SCHEDULES = ("uniform", "middle-high")
 LOWRANK_INITS = ("cola", "megatron")
+# Megatron's selective recompute modules the CR-Net layers honour (model/layer.py, attention.py)
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")

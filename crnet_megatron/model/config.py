@@ -15,7 +15,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from crnet_megatron.model import positions
 
-from crnet_megatron.model.choices import LOWRANK_INITS, RANK_SCHEDULES, VARIANTS
+from crnet_megatron.model.choices import (
+    LOWRANK_INITS,
+    RANK_SCHEDULES,
+    RECOMPUTE_MODULES,
+    VARIANTS,
+)
 
 
 def _bad(field: str, value, valid: str) -> ValueError:
@@ -69,6 +74,7 @@ class CRNetConfig(TransformerConfig):
 
     def __post_init__(self):
         self._validate_pipeline()
+        self._validate_switches()
         # "crnet" (Algorithm 1) sits beside Megatron's "full"/"selective", which Megatron's own
         # validation knows; hide it from that validation only.
         crnet_recompute = self.recompute_granularity == "crnet"
@@ -110,6 +116,30 @@ class CRNetConfig(TransformerConfig):
                        "count or set num_layers_in_first/last_pipeline_stage")
         if pp > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
+
+    def _validate_switches(self):
+        """Megatron switches whose code path the CR-Net block's forwards replace are refused,
+        not silently ignored."""
+        if self.fp8 is not None:
+            raise _bad("fp8", self.fp8, "FP8 is not supported: the CR-Net block's forward does "
+                       "not enter Transformer Engine's FP8 autocast and the A/B factors are "
+                       "Megatron linears; use None (bf16)")
+        graphs = self.cuda_graph_impl != "none" or self.enable_cuda_graph
+        if graphs or self.external_cuda_graph:
+            raise _bad("cuda_graph_impl", self.cuda_graph_impl, "CUDA graphs are not supported: "
+                       "the CR-Net layers do not go through Megatron's graphed forward; use 'none'")
+        if self.context_parallel_size != 1:
+            raise _bad("context_parallel_size", self.context_parallel_size, "context "
+                       "parallelism is not supported (the core attention and the chains hold "
+                       "whole sequences); use 1")
+        if self.cpu_offloading:
+            raise _bad("cpu_offloading", True, "activation offloading is not supported: the "
+                       "CR-Net block replaces the forward that offloads; use False")
+        modules = list(self.recompute_modules or ())
+        unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
+        if self.recompute_granularity == "selective" and unknown:
+            raise _bad("recompute_modules", modules, f"the CR-Net layers honour "
+                       f"{list(RECOMPUTE_MODULES)}; {unknown} would save nothing")
 
     def _validate_crnet(self):
         tp = self.tensor_model_parallel_size

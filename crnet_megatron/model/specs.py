@@ -9,6 +9,11 @@ Backends: "local" runs anywhere (Megatron's parallel linears, ``torch.nn.RMSNorm
 attention). "te" uses Transformer Engine where it is importable: fused norm+linear and TE
 linears for the dense layers, TE norms and TE core attention everywhere; the CR-Net A/B factors
 stay Megatron parallel linears (they are r-wide and carry the chain add).
+
+One checkpoint format for both backends: the TE dense layers keep their norms inside the fused
+norm+linear (``...linear_qkv.layer_norm_weight``); the local dense layers save and load their
+separate norms under those same keys (``TE_NORM_KEYS``, Megatron's ``sharded_state_dict_keys_map``
+as in its local GPT spec), so a checkpoint moves between a TE GPU node and a CPU either way.
 """
 
 from __future__ import annotations
@@ -78,16 +83,23 @@ def _backend_modules(backend: str):
     raise ValueError(f"backend={backend!r}: expected 'local' or 'te'")
 
 
+# local dense layer norm -> the TE fused norm+linear's key (checkpoints only)
+TE_NORM_KEYS = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
 def get_crnet_layer_spec(config: CRNetConfig, layer_number: int,
                          backend: str = "local") -> ModuleSpec:
     """Spec of global layer ``layer_number`` (1-based): dense when it seeds the chains."""
     m = _backend_modules(backend)
     rank = config.rank_of_layer(layer_number)
+    keys_map = {}
     if rank is None:
         fused = m["dense_column_fused_norm"]
         norm = IdentityOp if fused else m["norm"]
         qkv = fc1 = fused or ColumnParallelLinear
         proj = fc2 = m["dense_row"]
+        keys_map = {} if fused else dict(TE_NORM_KEYS)
     else:
         norm = m["norm"]
         qkv = functools.partial(CRNetColumnParallelLinear, rank=rank, layout="qkv")
@@ -105,6 +117,7 @@ def get_crnet_layer_spec(config: CRNetConfig, layer_number: int,
             pre_mlp_layernorm=norm,
             mlp=ModuleSpec(module=CRNetMLP,
                            submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 

@@ -60,6 +60,11 @@ def _gemms(plan: Plan, rank) -> List[Tuple[float, float, float]]:
             (T, q / t, r), (T_local, r, h), (T, f / t, r), (T_local, r, h)]
 
 
+def layer_gemm_flops(plan: Plan, rank) -> float:
+    """Forward GEMM FLOPs of one layer on one rank (``rank=None``: a dense layer)."""
+    return sum(2 * m * k * n for m, k, n in _gemms(plan, rank))
+
+
 def _gemm_time(m, k, n, gpu: GPU, dtype: int) -> float:
     flops = 2.0 * m * k * n
     bytes_ = dtype * (m * k + k * n + m * n)

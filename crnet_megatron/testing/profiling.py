@@ -26,19 +26,20 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> Tuple[int, Any]:
 
 def saved_activation_storage_bytes(fn: Callable[[], Any], exclude=()) -> Tuple[int, Any]:
     """Like ``saved_activation_bytes``, but counting memory: each storage autograd keeps is
-    counted once, whole, however many views of it are saved; storages of ``exclude`` (the
-    model's parameters) are not activations and are skipped."""
+    counted once, whole, however many views of it are saved, at its size when ``fn`` returns
+    (a storage released after use and recomputed in backward, as Megatron's
+    ``CheckpointWithoutOutput`` does, counts 0); storages of ``exclude`` (the model's
+    parameters) are not activations and are skipped."""
     skip = {p.untyped_storage().data_ptr() for p in exclude}
-    seen, total = set(), [0]
+    kept = {}
 
     def pack(t):
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key not in seen and key not in skip:
-            seen.add(key)
-            total[0] += storage.nbytes()
+        if key not in kept and key not in skip:
+            kept[key] = storage
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
-    return total[0], out
+    return sum(s.nbytes() for s in kept.values()), out

@@ -12,6 +12,7 @@ aside (``iter_N.broken``) and the newest complete one is used, with a loud messa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
@@ -33,6 +34,7 @@ from crnet_megatron.training import run_config
 from crnet_megatron.training.safe_checkpoint import (
     IncompleteCheckpointError,
     UnsafeCheckpointError,
+    load_metadata,
     safe_reads,
     strip_pickled_objects,
     verify_checkpoint,
@@ -291,12 +293,48 @@ def _ensure_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _checkpoint_keys(path: str) -> set:
+    """The tensor keys a checkpoint holds (its ``.metadata``, read with the safe unpickler)."""
+    return set(load_metadata(os.path.join(path, ".metadata")).state_dict_metadata)
+
+
+@contextlib.contextmanager
+def _norm_keys_as_saved(module, keys: set):
+    """Checkpoints written before the local spec saved its dense norms under TE's keys hold
+    ``...input_layernorm.weight``: load those under the names they were saved with."""
+    layers = [layer for layer in getattr(getattr(module, "decoder", None), "layers", [])
+              if getattr(getattr(layer, "submodules_config", None),
+                         "sharded_state_dict_keys_map", None)]
+    legacy = [layer for layer in layers
+              if f"model.decoder.layers.{layer.layer_number - 1}.input_layernorm.weight" in keys
+              or f"decoder.layers.{layer.layer_number - 1}.input_layernorm.weight" in keys]
+    saved = {id(layer): layer.submodules_config.sharded_state_dict_keys_map for layer in legacy}
+    for layer in legacy:
+        layer.submodules_config.sharded_state_dict_keys_map = {}
+    try:
+        yield
+    finally:
+        for layer in legacy:
+            layer.submodules_config.sharded_state_dict_keys_map = saved[id(layer)]
+
+
+def _missing_keys_line(path: str, state, keys: set) -> str:
+    """What the model asks for that the checkpoint lacks, and what it holds instead."""
+    wanted = {sh.key for sh in _sharded_values(state)}
+    missing = sorted(wanted - keys)
+    extra = sorted(k for k in keys - wanted if k.startswith(("decoder.", "embedding.", "output_")))
+    return (f"checkpoint {path} does not match the model: missing {missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''} ({len(missing)} in all); the checkpoint "
+            f"holds instead {extra[:4]}{' ...' if len(extra) > 4 else ''}")
+
+
 def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
     """Load model (+ optimizer) state; returns whether the RNG state was restored."""
     restore_rng = (common.get("layout") == layout() and common.get("rng_format") == "tensors"
                    and bool(common.get("rng_cuda")) == torch.cuda.is_available())
     module = getattr(model, "module", model)
-    with cpu_compat.cuda_device_rewrite():
+    keys = _checkpoint_keys(common["path"])
+    with cpu_compat.cuda_device_rewrite(), _norm_keys_as_saved(module, keys):
         if optimizer is not None:
             _ensure_optimizer_state(optimizer)
         state = _sharded_state(model, optimizer, is_loading=True, with_rng=restore_rng)
@@ -306,7 +344,12 @@ def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
         except UnsafeCheckpointError:
             raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001
-            raise ValueError(f"could not load checkpoint {common['path']}: {e}") from None
+            if any(getattr(sh, "key", None) not in keys
+                   for sh in _sharded_values(state["model"])):
+                raise ValueError(_missing_keys_line(common["path"], state["model"], keys)) \
+                    from None
+            raise ValueError(f"could not load checkpoint {common['path']}: "
+                             f"{_failure_reason(e)}") from None
         result = module.load_state_dict(loaded["model"], strict=False)
         bad = [k for k in list(result.missing_keys) + list(result.unexpected_keys)
                if not k.endswith("_extra_state")]
@@ -320,3 +363,9 @@ def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
         if "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"].reshape(-1).cpu())
     return restore_rng
+
+
+def _sharded_values(state):
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return [sh for sh in nested_values(state) if hasattr(sh, "key")]

@@ -13,7 +13,12 @@ from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
-from crnet_megatron.model.choices import LOWRANK_INITS, RANK_SCHEDULES, VARIANTS
+from crnet_megatron.model.choices import (
+    LOWRANK_INITS,
+    RANK_SCHEDULES,
+    RECOMPUTE_MODULES,
+    VARIANTS,
+)
 
 NUM = (int, float)
 OPT_INT, OPT_NUM, OPT_STR = (int, type(None)), (int, float, type(None)), (str, type(None))
@@ -32,7 +37,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
     },
     "parallel": {
         "tensor_model_parallel_size": (1, int), "pipeline_model_parallel_size": (1, int),
-        "sequence_parallel": (False, bool), "use_distributed_optimizer": (False, bool),
+        "sequence_parallel": (None, (bool, type(None))), "use_distributed_optimizer": (False, bool),
         "num_layers_in_first_pipeline_stage": (None, OPT_INT),
         "num_layers_in_last_pipeline_stage": (None, OPT_INT),
         "overlap_grad_reduce": (False, bool),
@@ -154,11 +159,62 @@ def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
         raise ValueError("config key recompute.recompute_granularity = 'crnet' needs "
                          f"model.variant: crnet (model.variant = {m['variant']!r} has no "
                          "cross-layer chain to invert); use 'full' or 'selective'")
+    _validate_recompute_modules(cfg["recompute"])
     rank = m["crnet_rank"]
     ranks = rank if isinstance(rank, list) else [rank]
     if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
         raise ValueError(f"config key model.crnet_rank = {rank!r} must be a positive int or a "
                          "list of positive ints (one per layer)")
+
+
+def _validate_recompute_modules(r: Dict[str, Any]) -> None:
+    modules = r["recompute_modules"]
+    if modules is None:
+        return
+    if r["recompute_granularity"] != "selective":
+        raise ValueError(f"config key recompute.recompute_modules = {modules!r} applies only with "
+                         "recompute.recompute_granularity: selective (recompute_granularity = "
+                         f"{r['recompute_granularity']!r}); remove it or choose selective")
+    unknown = [x for x in modules if x not in RECOMPUTE_MODULES]
+    if unknown or not modules:
+        raise ValueError(f"config key recompute.recompute_modules = {modules!r}: the CR-Net "
+                         f"layers honour {list(RECOMPUTE_MODULES)}; {unknown or 'an empty list'} "
+                         "would save nothing")
+
+
+def resolve_sequence_parallel(cfg: Dict[str, Dict[str, Any]]) -> None:
+    """``parallel.sequence_parallel: null`` (the default) means on for CR-Net and lowrank at
+    TP > 1 (without it every rank runs the column A factors on every token), as Megatron's."""
+    p = cfg["parallel"]
+    if p["sequence_parallel"] is None:
+        p["sequence_parallel"] = (p["tensor_model_parallel_size"] > 1
+                                  and cfg["model"]["variant"] in ("crnet", "lowrank"))
+
+
+def sequence_parallel_warning(cfg: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """For CR-Net/lowrank at TP > 1 with sequence parallel turned off: what it costs, in forward
+    GEMM FLOPs per layer and micro-batch on one rank (the planner's count)."""
+    p, m, s = cfg["parallel"], cfg["model"], cfg["schedule"]
+    tp = p["tensor_model_parallel_size"]
+    if p["sequence_parallel"] or tp == 1 or m["variant"] not in ("crnet", "lowrank"):
+        return None
+    from crnet_megatron.analysis.counting import ModelShape
+    from crnet_megatron.planner.per_rank import Plan
+    from crnet_megatron.planner.step_time import layer_gemm_flops
+
+    rank = m["crnet_rank"] if isinstance(m["crnet_rank"], int) else max(m["crnet_rank"])
+    shape = ModelShape(hidden=m["hidden_size"], ffn=m["ffn_hidden_size"],
+                       heads=m["num_attention_heads"], layers=m["num_layers"], vocab=1,
+                       groups=m["num_query_groups"], head_dim=m["kv_channels"],
+                       variant=m["variant"])
+    flops = {sp: layer_gemm_flops(Plan(shape, rank, m["seq_length"], tp=tp,
+                                       micro_batch=s["micro_batch_size"],
+                                       sequence_parallel=sp), rank) for sp in (False, True)}
+    return (f"warning: parallel.sequence_parallel is false at tensor_model_parallel_size={tp}: "
+            f"each rank runs the column A factors on every token, {flops[False] / 1e9:.3g} "
+            f"GFLOP of forward GEMM per CR-Net layer and micro-batch instead of "
+            f"{flops[True] / 1e9:.3g} with sequence parallel ({flops[False] / flops[True]:.2f}x); "
+            "remove the key (on by default) unless this is what you want")
 
 
 def defaults() -> Dict[str, Dict[str, Any]]:
@@ -264,6 +320,7 @@ def from_mapping(updates: Dict[str, Any], cfg: Optional[Dict[str, Dict[str, Any]
             _check(section, name, value)
             cfg[section][name] = value
     validate(cfg)
+    resolve_sequence_parallel(cfg)
     return cfg
 
 

@@ -35,6 +35,7 @@ from crnet_megatron.analysis.counting import ModelShape, flops_per_token, pipeli
 from crnet_megatron.data.preprocess import HFTokenizer
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model
+from crnet_megatron.parallel.environment import banner, versions
 from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
 from crnet_megatron.training import run_config
 from crnet_megatron.training.checkpointing import (
@@ -98,6 +99,8 @@ class Trainer:
         warnings.filterwarnings("ignore")
         logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
         self.cfg = cfg
+        self.versions = versions()
+        self.banner = banner()
         children_die_with_parent()
         self._init_distributed()
         self._build_data()
@@ -231,7 +234,7 @@ class Trainer:
         common = dict(consumed_samples=self.consumed, scheduler=self.scheduler.state_dict(),
                       skipped_iterations=self.skipped_total, config=self.cfg,
                       model_shape=run_config.shape_keys(self.cfg), vocab_size=self.vocab,
-                      tokenizer=self.tokenizer.fingerprint())
+                      tokenizer=self.tokenizer.fingerprint(), versions=self.versions)
         path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer, common,
                                ck["keep_last"])
         if self.rank0:
@@ -304,13 +307,17 @@ class Trainer:
         if not self.rank0:
             return
         cfg, save = self.cfg, self.cfg["checkpoint"]["save"]
+        print(self.banner, flush=True)
         print("resolved config:\n" + run_config.dump(cfg), flush=True)
         if save:
             os.makedirs(save, exist_ok=True)
             with open(os.path.join(save, "config.yaml"), "w") as f:
-                f.write(run_config.dump(cfg))
+                f.write(f"# {self.banner}\n" + run_config.dump(cfg))
             # the tokenizer travels with the run (export, eval and generation read it)
             shutil.copyfile(self.tokenizer.path, os.path.join(save, "tokenizer.json"))
+        warning = run_config.sequence_parallel_warning(cfg)
+        if warning:
+            print(warning, flush=True)
         params = sum(p.numel() for p in self.model.parameters())
         print(f"{self.config.crnet_variant}: {params / 1e6:.2f}M params on this rank; ranks "
               f"{self.config.crnet_layer_ranks}; {self.flops / 1e9:.3f} GFLOP/token (dense "
