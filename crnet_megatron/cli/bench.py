@@ -1,4 +1,4 @@
-"""``crnet-bench {throughput,recompute,comm,parallel,weak-scaling,planner} [...]``: the
+"""``crnet-bench {throughput,recompute,comm,parallel,weak-scaling,device,planner} [...]``: the
 benchmarks, each printing one table and writing JSON (``--json``); ``--reduced`` where offered
 runs tiny shapes for CI."""
 
@@ -15,6 +15,8 @@ BENCHMARKS = {
     "comm": ("crnet_megatron.bench.comm", "TP collective bytes per layer, measured vs formula"),
     "parallel": ("crnet_megatron.bench.parallel", "tokens/s of the driver at TP/PP/DP layouts"),
     "weak-scaling": ("crnet_megatron.bench.weak_scaling", "tokens/s per process as DP grows"),
+    "device": ("crnet_megatron.bench.device",
+               "bf16 step time and peak memory of CR-Net, lowrank and dense (the device kit)"),
     "planner": ("crnet_megatron.bench.planner",
                 "planner vs measured activations and published Megatron runs"),
 }
@@ -31,7 +33,8 @@ def main(argv=None) -> int:
             return 2
         return 0
     module = importlib.import_module(BENCHMARKS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    rc = module.main(argv[1:])  # some return their rows (for callers); the status is 0 then
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":
