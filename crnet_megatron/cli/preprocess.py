@@ -43,7 +43,7 @@ def main(argv=None):
 def run(p, args):
     from crnet_megatron.parallel.environment import announce
 
-    announce()
+    announce(sys.stdout)
     if bool(args.tokenizer) == bool(args.vocab_size):
         p.error("give exactly one of --tokenizer or --vocab-size")
     tokenizer = args.tokenizer

@@ -45,9 +45,10 @@ def banner() -> str:
     return "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())
 
 
-def announce() -> None:
-    """Print the banner once per process (stderr, so a command's stdout stays its output)."""
+def announce(stream=None) -> None:
+    """Print the banner once per process (stderr by default, so a command's stdout stays its
+    output; a command whose errors surface mid-work passes stdout, keeping stderr one line)."""
     global _ANNOUNCED
     if not _ANNOUNCED:
         _ANNOUNCED = True
-        print(banner(), file=sys.stderr, flush=True)
+        print(banner(), file=stream or sys.stderr, flush=True)
