@@ -89,7 +89,7 @@ def test_runs_record_their_versions(tiny_dataset, tmp_path):
     assert f"torch {importlib.metadata.version('torch')}" in line
     save = tmp_path / "run"
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", str(save), "schedule.train_iters=2"))
-    assert (save / "config.yaml").read_text().splitlines()[0] == f"# {line}"
+    assert f"# {line}" in (save / "config.yaml").read_text().splitlines()[:3]
     common = read_checkpoint(iteration_dir(str(save), 2))
     assert common["versions"]["megatron-core"] == "0.16.1"
     assert load_run_config(str(save / "config.yaml"))["schedule"]["train_iters"] == 2

@@ -117,7 +117,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import torch
 
-    from crnet_megatron.planner.hardware import GPUS
+    from crnet_megatron.planner.hardware import peak_tflops_of
 
     specs = REDUCED if args.reduced else FULL
     repeats, warmup = (2, 1) if args.reduced else (args.repeats, args.warmup)
@@ -128,8 +128,7 @@ def main(argv=None):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    peak = next((g.peak_tflops for key, g in GPUS.items()
-                 if key.split("-")[0] in device.lower()), None)
+    peak = peak_tflops_of(device)
     for r in rows:
         r["params_m"] = r["params"] / 1e6
         r["mfu"] = r["tflops"] / peak if peak else None

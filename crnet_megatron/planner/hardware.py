@@ -40,7 +40,19 @@ GPUS: Dict[str, GPU] = {
     "a100-80gb": GPU("a100-80gb", 312.0, 80.0, 2.039, 300.0, 25.0, 0.80, 0.60),
     "h100-80gb": GPU("h100-80gb", 989.0, 80.0, 3.35, 450.0, 50.0, 0.75, 0.45),
     "h200-141gb": GPU("h200-141gb", 989.0, 141.0, 4.8, 450.0, 50.0, 0.75, 0.45),
+    # B200: datasheet peak, HBM and NVLink 5 (1.8 TB/s total); kernel efficiencies as H100's
+    # until measured
+    "b200-180gb": GPU("b200-180gb", 2250.0, 180.0, 8.0, 900.0, 50.0, 0.75, 0.45),
 }
+
+
+def peak_tflops_of(device_name: str):
+    """The dense BF16 peak of a device by its CUDA name (``NVIDIA H100 80GB HBM3``), or None."""
+    name = device_name.lower()
+    for key, gpu in GPUS.items():
+        if key.split("-")[0] in name:
+            return gpu.peak_tflops
+    return None
 
 
 def get_gpu(name: str) -> GPU:

@@ -292,7 +292,7 @@ def check_gemm_nccl_sniff(workdir):
     import torch
     import torch.distributed as dist
 
-    from crnet_megatron.planner.hardware import GPUS
+    from crnet_megatron.planner.hardware import peak_tflops_of
 
     cuda = torch.cuda.is_available()
     n, dtype = (8192, torch.bfloat16) if cuda else (512, torch.float32)
@@ -307,8 +307,7 @@ def check_gemm_nccl_sniff(workdir):
         a @ a
     sync()
     tflops = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
-    name = torch.cuda.get_device_name().lower() if cuda else ""
-    peak = next((g.peak_tflops for key, g in GPUS.items() if key.split("-")[0] in name), None)
+    peak = peak_tflops_of(torch.cuda.get_device_name()) if cuda else None
     detail = f"GEMM {n}^3 {str(dtype).replace('torch.', '')}: {tflops:.1f} TFLOP/s"
     if peak:
         detail += f" ({tflops / peak:.0%} of {peak:.0f} nominal)"

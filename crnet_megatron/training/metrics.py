@@ -10,19 +10,15 @@ from typing import Dict, Optional
 
 import torch
 
-# Dense BF16 peak TFLOP/s per GPU (no 2:4 sparsity), as Megatron reports MFU.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-
+from crnet_megatron.planner.hardware import peak_tflops_of
 
 def detect_peak_tflops(configured: Optional[float]) -> Optional[float]:
-    """The configured peak, else the known BF16 dense peak of this GPU, else None (CPU)."""
+    """The configured peak, else this GPU's dense BF16 peak (no 2:4 sparsity, as Megatron
+    reports MFU; ``planner.hardware``), else None (CPU)."""
     if configured:
         return float(configured)
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, value in PEAK_TFLOPS.items():
-            if key in name:
-                return value
+        return peak_tflops_of(torch.cuda.get_device_name())
     return None
 
 

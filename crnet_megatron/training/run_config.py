@@ -61,6 +61,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
     "checkpoint": {
         "save": (None, OPT_STR), "load": (None, OPT_STR), "save_interval": (None, OPT_INT),
         "keep_last": (2, int), "no_load_optim": (False, bool),
+        "override_opt_param_scheduler": (False, bool),
     },
     "eval": {"eval_interval": (50, int), "eval_iters": (4, int)},
     "logging": {
@@ -407,6 +408,22 @@ def stored_shape_keys(saved: Dict[str, Any]) -> Dict[str, Any]:
         if section == "model" and old in saved:
             saved.setdefault(new, saved.pop(old))
     return saved
+
+
+# the keys that shape the learning-rate / weight-decay schedule a checkpoint carries
+SCHEDULE_KEYS = ("schedule.train_iters", "schedule.lr_warmup_fraction", "schedule.lr_decay_style",
+                 "optimizer.lr", "optimizer.min_lr", "optimizer.weight_decay")
+
+
+def schedule_changes(stored: Dict[str, Any], cfg) -> Dict[str, tuple]:
+    """{key: (checkpoint's value, config's value)} for the schedule keys that differ."""
+    out = {}
+    for dotted in SCHEDULE_KEYS:
+        section, key = dotted.split(".")
+        old = stored.get(section, {}).get(key) if isinstance(stored.get(section), dict) else None
+        if old is not None and old != cfg[section][key]:
+            out[dotted] = (old, cfg[section][key])
+    return out
 
 
 def shape_keys(cfg) -> Dict[str, Any]:

@@ -111,6 +111,7 @@ class Trainer:
         self.metrics_path = cfg["logging"]["metrics_jsonl"] or (
             os.path.join(save, "metrics.jsonl") if save else None)
         self.iteration, self.consumed, self.skipped_total, self.skipped_in_a_row = 0, 0, 0, 0
+        self.schedule_changes: Dict[str, tuple] = {}
         self._resume()
         self.writer = MetricsWriter(self.metrics_path, cfg["logging"]["tensorboard_dir"],
                                     self.rank0)
@@ -166,13 +167,15 @@ class Trainer:
 
     def _build_scheduler(self):
         o, s = self.cfg["optimizer"], self.cfg["schedule"]
+        override = self.cfg["checkpoint"]["override_opt_param_scheduler"]
         warmup = int(s["lr_warmup_fraction"] * s["train_iters"])
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=float(o["lr"]), min_lr=float(o["min_lr"]),
             lr_warmup_steps=warmup, lr_decay_steps=s["train_iters"],
             lr_decay_style=s["lr_decay_style"], start_wd=float(o["weight_decay"]),
             end_wd=float(o["weight_decay"]), wd_incr_steps=s["train_iters"],
-            wd_incr_style="constant")
+            wd_incr_style="constant",
+            override_opt_param_scheduler=override, use_checkpoint_opt_param_scheduler=not override)
 
     def _count_flops(self):
         """Training FLOPs per token (MFU) and the stage boundary's bytes, from the formulas."""
@@ -204,9 +207,15 @@ class Trainer:
                                         "(no latest_checkpointed_iteration.txt)")
             return
         check_compatible(common, run_config.shape_keys(self.cfg), self.tokenizer.fingerprint())
+        self.schedule_changes = self._check_schedule(common)
         optimizer = None if ck["no_load_optim"] else self.optimizer
         self.rng_restored = load_checkpoint(common, self.model, optimizer)
         if optimizer is not None:
+            if self.schedule_changes:  # the groups' own max/min lr came back with the optimizer
+                o = self.cfg["optimizer"]
+                for group in self.optimizer.param_groups:
+                    group.update({k: float(o[key]) for k, key in
+                                  (("max_lr", "lr"), ("min_lr", "min_lr")) if k in group})
             self.scheduler.load_state_dict(common["scheduler"])
         self.iteration, self.consumed = common["iteration"], common["consumed_samples"]
         self.skipped_total = common.get("skipped_iterations", 0)
@@ -214,6 +223,20 @@ class Trainer:
             if self.metrics_path:  # rows a crashed run logged past this checkpoint are dropped
                 truncate_metrics(self.metrics_path, self.iteration)
             print(f"resumed from {common['path']} at iteration {self.iteration}", flush=True)
+
+    def _check_schedule(self, common) -> Dict[str, tuple]:
+        """A resume that changes the schedule is refused unless asked for (Megatron's
+        ``--override-opt_param-scheduler``); with the override the config's schedule applies
+        from the resumed iteration."""
+        stored = common.get("config") if isinstance(common.get("config"), dict) else {}
+        changes = run_config.schedule_changes(stored, self.cfg)
+        if changes and not self.cfg["checkpoint"]["override_opt_param_scheduler"]:
+            diff = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changes.items())
+            raise ValueError(f"checkpoint {common['path']} was trained on another schedule ({diff}); "
+                             "resuming would keep the checkpoint's schedule. Set "
+                             "checkpoint.override_opt_param_scheduler: true to apply the config's "
+                             "from the resumed iteration, or restore those keys")
+        return changes
 
     # -- pieces ------------------------------------------------------------------------------
     def _iterator(self, dataset, consumed: int):
@@ -311,8 +334,10 @@ class Trainer:
         print("resolved config:\n" + run_config.dump(cfg), flush=True)
         if save:
             os.makedirs(save, exist_ok=True)
-            with open(os.path.join(save, "config.yaml"), "w") as f:
-                f.write(f"# {self.banner}\n" + run_config.dump(cfg))
+            path = os.path.join(save, "config.yaml")
+            history = self._history(path)  # read before the file is rewritten
+            with open(path, "w") as f:
+                f.write(history + f"# {self.banner}\n" + run_config.dump(cfg))
             # the tokenizer travels with the run (export, eval and generation read it)
             shutil.copyfile(self.tokenizer.path, os.path.join(save, "tokenizer.json"))
         warning = run_config.sequence_parallel_warning(cfg)
@@ -328,6 +353,19 @@ class Trainer:
             print(f"pipeline boundary per micro-batch per rank: {b['crnet_bytes'] / 2**20:.2f}"
                   f" MiB ({b['ratio']:.2f}x the dense model's {b['dense_bytes'] / 2**20:.2f} "
                   "MiB)", flush=True)
+
+    def _history(self, path: str) -> str:
+        """The run's history as comment lines: earlier starts (kept from the previous
+        config.yaml) and this one, with any schedule change it applied."""
+        lines = []
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = [ln for ln in f if ln.startswith("# history: ")]
+        what = "started" if self.iteration == 0 else "resumed"
+        change = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.schedule_changes.items())
+        lines.append(f"# history: iteration {self.iteration}: {what}"
+                     + (f"; schedule applied: {change}\n" if change else "\n"))
+        return "".join(lines)
 
     def _log_step(self, out: Dict[str, float], bar) -> None:
         """The bar every step; a metrics row every ``log_interval`` (and at the last step)."""
