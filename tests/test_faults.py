@@ -142,8 +142,9 @@ def test_kill_during_save_leaves_no_processes(tiny_dataset, tmp_path):
                  "logging.plot=false"]:
         sets += ["--set", item]
     script = tmp_path / "run.py"
-    script.write_text(_KILL_SCRIPT.format(root=ROOT, config=None, sets=sets).replace(
-        "[None] + ", ""))
+    config = tmp_path / "run.yaml"
+    config.write_text("logging:\n  plot: false\n")
+    script.write_text(_KILL_SCRIPT.format(root=ROOT, config=str(config), sets=sets))
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

@@ -131,8 +131,10 @@ def test_generate_cli_and_bad_inputs(tiny_dataset, tmp_path, capsys):
     sets = TINY + [f"data.data_path=[{tiny_dataset[0]}]", f"data.tokenizer={tiny_dataset[1]}",
                    f"data.cache_dir={tmp_path / 'cache'}", f"checkpoint.save={save}",
                    "model.variant=lowrank"]
+    config = tmp_path / "run.yaml"
+    config.write_text("logging:\n  plot: false\n")
     with pytest.raises(SystemExit):
-        train_main([a for s in sets for a in ("--set", s)])
+        train_main([str(config)] + [a for s in sets for a in ("--set", s)])
     err = capsys.readouterr().err.strip().splitlines()
     assert "another model shape" in err[-1] and "model.variant: checkpoint 'crnet' vs config 'lowrank'" in err[-1]
 

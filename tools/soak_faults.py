@@ -36,7 +36,10 @@ TINY = ["model.num_layers=3", "model.hidden_size=64", "model.ffn_hidden_size=172
 def _command(save: Path, cache: Path, iters: int):
     sets = TINY + [f"schedule.train_iters={iters}", f"checkpoint.save={save}",
                    f"data.cache_dir={cache}"]
-    return [sys.executable, "-m", "crnet_megatron.cli.train"] + [a for s in sets for a in ("--set", s)]
+    config = cache.parent / "soak.yaml"  # the values are all --set; the config names the run
+    config.write_text("logging:\n  plot: false\n")
+    return ([sys.executable, "-m", "crnet_megatron.cli.train", str(config)]
+            + [a for s in sets for a in ("--set", s)])
 
 
 def _env():

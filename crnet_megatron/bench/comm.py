@@ -53,7 +53,7 @@ def main(argv=None):
     import torch.multiprocessing as mp
 
     from crnet_megatron.analysis.counting import comm_wire_bytes, tp_layer_comm
-    from crnet_megatron.parallel.groups import free_port
+    from crnet_megatron.parallel.launch import free_port
 
     shapes = [dict(s, sp=sp) for s in MEASURED for sp in (False, True)]
     with tempfile.TemporaryDirectory() as d:

@@ -33,6 +33,7 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
     if gpus % (tp * pp):
         raise ValueError(f"--gpus {gpus} is not a multiple of TP x PP = {tp} x {pp}; set "
                          "parallel.tensor_model_parallel_size / pipeline_model_parallel_size")
+    run_config.check_layout(cfg, gpus)  # the rules a real run checks, named
     single = copy.deepcopy(cfg)
     single["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                               sequence_parallel=False)

@@ -17,7 +17,8 @@ from crnet_megatron.cli.common import run_cli
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="crnet-train", description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", help="YAML config (see examples/configs/)")
+    parser.add_argument("config", help="YAML config (see examples/configs/; every key and "
+                                       "default: crnet_megatron/training/run_config.py)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. optimizer.lr=3e-3")
     parser.add_argument("--dry-run", action="store_true",
@@ -28,9 +29,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def _train(args) -> None:
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.parallel.launch import world_size
+    from crnet_megatron.training.run_config import check_inputs, check_layout, load_run_config
 
     cfg = load_run_config(args.config, args.set)
+    check_layout(cfg, world_size())
+    check_inputs(cfg)
     if args.dry_run:
         return dry_run(cfg, args)
     from crnet_megatron.training.trainer import run
@@ -40,7 +44,7 @@ def _train(args) -> None:
 
 def dry_run(cfg, args) -> None:
     """One line per rank: what this process would run as, so a launch script can be checked."""
-    from crnet_megatron.parallel.groups import layout_from_env
+    from crnet_megatron.parallel.launch import layout_from_env
     from crnet_megatron.training.run_config import sequence_parallel_warning, validate_batch
 
     p = cfg["parallel"]

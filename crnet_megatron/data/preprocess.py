@@ -22,12 +22,25 @@ from tqdm import tqdm
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 
 
+def tokenizer_file(path: str) -> str:
+    """An HF tokenizer: a ``tokenizer.json`` file, or a directory holding one (what
+    ``save_pretrained`` writes)."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(inner):
+            raise FileNotFoundError(f"tokenizer directory {path!r} has no tokenizer.json (only "
+                                    "fast HF tokenizers are read)")
+        return inner
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+    return path
+
+
 class HFTokenizer:
     """An HF ``tokenizers`` tokenizer with the attributes Megatron's GPTDataset reads."""
 
     def __init__(self, path: str, eod_token: Optional[str] = None):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+        path = tokenizer_file(path)
         self.path = path
         try:
             self.tok = Tokenizer.from_file(path)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.parallel.launch import free_port, rank_env_from_slurm
 
 
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
@@ -43,37 +43,6 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size)
     set_seed(seed)
-
-
-def rank_env_from_slurm() -> None:
-    """``srun`` with one task per GPU (as Megatron-LM launches; no elastic agent between Slurm's
-    SIGTERM and the trainer): take RANK / WORLD_SIZE / LOCAL_RANK from Slurm's task variables
-    when no launcher has set them."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-
-
-def layout_from_env(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> dict:
-    """The launch this process is part of, from the environment alone (no process group)."""
-    rank_env_from_slurm()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size="
-                         f"{tp} x pipeline_model_parallel_size={pp}")
-    return dict(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get(
-        "LOCAL_RANK", "0")), world=world, tp=tp, pp=pp, dp=world // (tp * pp),
-        master=f"{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', 'auto')}")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (for a single-process run's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def set_seed(seed: int) -> None:

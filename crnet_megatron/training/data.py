@@ -43,21 +43,6 @@ def prepare_builtin(cache_dir: str, vocab_size: int) -> Tuple[List[str], str]:
     return [bin_path[:-4]], tok_path
 
 
-def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
-    """Megatron's ``--data-path`` format: ``[p1, p2]`` or ``[w1, p1, w2, p2]``."""
-    items = [str(x) for x in data_path]
-    if not items:
-        raise ValueError("data.data_path is empty")
-    try:
-        weights = [float(x) for x in items[0::2]]
-        prefixes = items[1::2]
-        if len(weights) != len(prefixes):
-            raise ValueError
-    except ValueError:
-        return items, None
-    return prefixes, weights
-
-
 def check_splits(prefixes: List[str], split: str) -> None:
     """Every split with a non-zero weight must get documents from every prefix (Megatron's
     split rule); an empty one would make GPTDataset loop forever looking for tokens."""

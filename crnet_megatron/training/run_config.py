@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -264,8 +264,10 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
             with open(path, encoding="utf-8") as f:
                 updates = yaml.safe_load(f)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: "
-                             f"{str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {path!r} is not valid YAML{where}: {problem}") from None
         if updates is None:
             raise ValueError(f"config file {path!r} is empty; it needs at least one section "
                              f"(valid: {sorted(SCHEMA)})")
@@ -432,6 +434,89 @@ def shape_keys(cfg) -> Dict[str, Any]:
             "num_query_groups", "kv_channels", "crnet_rank", "crnet_rank_schedule",
             "crnet_dense_layers", "rotary_base")
     return {k: cfg["model"][k] for k in keys}
+
+
+def check_layout(cfg, world: Optional[int] = None) -> None:
+    """Every divisibility rule a run checks, before any process group: one line naming the rule
+    that fails. ``world`` (the number of processes) adds the data-parallel rules."""
+    m, p, s = cfg["model"], cfg["parallel"], cfg["schedule"]
+    tp, pp = p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"]
+    heads = m["num_attention_heads"]
+    rules = [
+        (heads % tp == 0, f"model.num_attention_heads = {heads} is not divisible by "
+                          f"parallel.tensor_model_parallel_size = {tp} (each rank holds whole heads)"),
+        ((m["num_query_groups"] or heads) % tp == 0,
+         f"model.num_query_groups = {m['num_query_groups'] or heads} is not divisible by "
+         f"parallel.tensor_model_parallel_size = {tp}"),
+        (heads % (m["num_query_groups"] or heads) == 0,
+         f"model.num_attention_heads = {heads} is not a multiple of model.num_query_groups = "
+         f"{m['num_query_groups']}"),
+        (m["ffn_hidden_size"] % tp == 0, f"model.ffn_hidden_size = {m['ffn_hidden_size']} is not "
+                                         f"divisible by parallel.tensor_model_parallel_size = {tp}"),
+        (not p["sequence_parallel"] or m["seq_length"] % tp == 0,
+         f"model.seq_length = {m['seq_length']} is not divisible by "
+         f"parallel.tensor_model_parallel_size = {tp} (sequence parallel splits the sequence)"),
+        (pp <= m["num_layers"], f"parallel.pipeline_model_parallel_size = {pp} is more than "
+                                f"model.num_layers = {m['num_layers']}"),
+        (pp == 1 or m["num_layers"] % pp == 0 or p["num_layers_in_first_pipeline_stage"]
+         or p["num_layers_in_last_pipeline_stage"],
+         f"model.num_layers = {m['num_layers']} is not divisible by "
+         f"parallel.pipeline_model_parallel_size = {pp} (or set "
+         "parallel.num_layers_in_first/last_pipeline_stage)"),
+    ]
+    if world is not None:
+        rules.append((world % (tp * pp) == 0, f"{world} processes are not divisible by "
+                      f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp * pp}"))
+        dp = max(1, world // (tp * pp))
+        rules.append((s["global_batch_size"] % (s["micro_batch_size"] * dp) == 0,
+                      f"schedule.global_batch_size = {s['global_batch_size']} is not divisible by "
+                      f"schedule.micro_batch_size x data-parallel size = "
+                      f"{s['micro_batch_size']} x {dp}"))
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
+
+
+def check_inputs(cfg) -> None:
+    """The files a run reads exist and its save directory can be written, before any import of
+    megatron-core or process group."""
+    from crnet_megatron.data.preprocess import tokenizer_file
+
+    d, ck = cfg["data"], cfg["checkpoint"]
+    if d["data_path"]:
+        if not d["tokenizer"]:
+            raise ValueError("data.tokenizer (a tokenizer.json or an HF tokenizer directory) is "
+                             "required with data.data_path")
+        for prefix in parse_blend(d["data_path"])[0]:
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise FileNotFoundError(f"data.data_path: {prefix + ext} does not exist "
+                                            "(crnet-preprocess writes PREFIX.bin and PREFIX.idx)")
+    if d["tokenizer"]:
+        tokenizer_file(d["tokenizer"])
+    if ck["load"] and not os.path.isdir(ck["load"]):
+        raise FileNotFoundError(f"checkpoint.load={ck['load']!r} does not exist")
+    if ck["save"]:
+        existing = os.path.abspath(ck["save"])
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.access(existing, os.W_OK):
+            raise PermissionError(f"checkpoint.save={ck['save']!r}: {existing} is not writable")
+
+
+def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron's ``--data-path`` format: ``[p1, p2]`` or ``[w1, p1, w2, p2]``."""
+    items = [str(x) for x in data_path]
+    if not items:
+        raise ValueError("data.data_path is empty")
+    try:
+        weights = [float(x) for x in items[0::2]]
+        prefixes = items[1::2]
+        if len(weights) != len(prefixes):
+            raise ValueError
+    except ValueError:
+        return items, None
+    return prefixes, weights
 
 
 def padded_vocab(vocab_size: int, tensor_model_parallel_size: int) -> int:

@@ -48,7 +48,6 @@ from crnet_megatron.training.checkpointing import (
 from crnet_megatron.training.data import (
     SampleIterator,
     build_datasets,
-    parse_blend,
     prepare_builtin,
 )
 from crnet_megatron.training.faults import children_die_with_parent
@@ -131,7 +130,7 @@ class Trainer:
         cfg = self.cfg
         s, d, e = cfg["schedule"], cfg["data"], cfg["eval"]
         if d["data_path"]:
-            prefixes, weights = parse_blend(d["data_path"])
+            prefixes, weights = run_config.parse_blend(d["data_path"])
             if not d["tokenizer"]:
                 raise ValueError("data.tokenizer (a tokenizer.json) is required with data.data_path")
             tok_path = d["tokenizer"]
