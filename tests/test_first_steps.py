@@ -88,3 +88,21 @@ def test_hf_tokenizer_directory_is_accepted(tiny_dataset, tmp_path):
     assert HFTokenizer(str(hf_dir)).fingerprint() == HFTokenizer(tiny_dataset[1]).fingerprint()
     with pytest.raises(FileNotFoundError, match="has no tokenizer.json"):
         HFTokenizer(str(tmp_path))
+
+
+def test_preprocess_creates_its_directories_and_never_half_overwrites(tiny_dataset, tmp_path,
+                                                                      capsys):
+    from crnet_megatron.cli.preprocess import main
+
+    _, _, jsonl = tiny_dataset
+    argv = ["--input", jsonl, "--output-prefix", str(tmp_path / "new" / "d"), "--vocab-size",
+            "300", "--tokenizer-out", str(tmp_path / "tok" / "t.json"), "--append-eod"]
+    main(argv)  # neither directory existed
+    capsys.readouterr()
+    assert (tmp_path / "new" / "d_text_document.bin").is_file()
+    tok = (tmp_path / "tok" / "t.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        main(argv[:5] + ["400"] + argv[6:])  # a rerun with another vocabulary
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "nothing was written" in err[0]
+    assert (tmp_path / "tok" / "t.json").read_bytes() == tok  # the tokenizer was kept

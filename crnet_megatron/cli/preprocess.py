@@ -35,26 +35,41 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         run(p, args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         print(f"crnet-preprocess: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def run(p, args):
+    from crnet_megatron.data.preprocess import output_paths
     from crnet_megatron.parallel.environment import announce
 
-    announce(sys.stdout)
     if bool(args.tokenizer) == bool(args.vocab_size):
         p.error("give exactly one of --tokenizer or --vocab-size")
+    if args.vocab_size and not args.tokenizer_out:
+        p.error("--vocab-size needs --tokenizer-out")
+    for path in args.input:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input file {path!r} does not exist")
+    # every output is checked before anything is trained or written
+    outputs = [f for key in args.json_keys for f in output_paths(args.output_prefix, key)]
+    if args.vocab_size:
+        outputs.append(args.tokenizer_out)
+    existing = [f for f in outputs if os.path.exists(f)]
+    if existing and not args.overwrite:
+        raise FileExistsError(f"{', '.join(existing)} exist; nothing was written (pass "
+                              "--overwrite to replace them)")
+    for path in outputs:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    announce(sys.stdout)
     tokenizer = args.tokenizer
     if args.vocab_size:
-        if not args.tokenizer_out:
-            p.error("--vocab-size needs --tokenizer-out")
-        for path in args.input:
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"input file {path!r} does not exist")
         docs = list(iter_texts(args.input, args.json_keys[0]))
-        train_tokenizer(docs, args.vocab_size).save(args.tokenizer_out)
+        try:
+            train_tokenizer(docs, args.vocab_size).save(args.tokenizer_out)
+        except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions
+            raise ValueError(f"--tokenizer-out {args.tokenizer_out}: the tokenizer could not be "
+                             f"trained or saved ({str(e).splitlines()[0][:200]})") from None
         tokenizer = args.tokenizer_out
     preprocess_jsonl(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
                      args.workers, args.eod_token, args.overwrite)

@@ -51,7 +51,8 @@ class MetricsWriter:
 
                 self.tb = SummaryWriter(tensorboard_dir)
             except ImportError:
-                print("tensorboard is not installed: TensorBoard logging is off")
+                print(f"logging.tensorboard_dir={tensorboard_dir!r}: tensorboard is not installed "
+                      "(pip install -e \".[tensorboard]\"); TensorBoard logging is off", flush=True)
 
     def write(self, record: Dict) -> None:
         if not self.enabled:
