@@ -12,6 +12,7 @@ import torch
 
 from crnet_megatron.planner.hardware import peak_tflops_of
 
+
 def detect_peak_tflops(configured: Optional[float]) -> Optional[float]:
     """The configured peak, else this GPU's dense BF16 peak (no 2:4 sparsity, as Megatron
     reports MFU; ``planner.hardware``), else None (CPU)."""

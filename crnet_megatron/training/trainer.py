@@ -27,11 +27,17 @@ from megatron.core.distributed import (
     DistributedDataParallelConfig,
     finalize_model_grads,
 )
-from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer import (
+    get_megatron_optimizer,
+    get_standard_config_overrides,
+)
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from tqdm import tqdm
 
-from crnet_megatron.analysis.counting import ModelShape, flops_per_token, pipeline_boundary
+from crnet_megatron.analysis.counting import (
+    ModelShape,
+    flops_per_token,
+    pipeline_boundary,
+)
 from crnet_megatron.data.preprocess import HFTokenizer
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model
@@ -45,6 +51,7 @@ from crnet_megatron.training.checkpointing import (
     load_common,
     save_checkpoint,
 )
+from crnet_megatron.training.console import Console, wants_bar
 from crnet_megatron.training.data import (
     SampleIterator,
     build_datasets,
@@ -70,6 +77,21 @@ def _any_rank(flag: bool) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+class _Window:
+    """The current logging interval: its start, steps, tokens and the losses of its steps."""
+
+    def __init__(self):
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+        self.loss_sum, self.losses = 0.0, 0
+
+    def add(self, out: Dict[str, float], tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        if not out["skipped"]:
+            self.loss_sum += out["loss"]
+            self.losses += 1
 
 
 class _Signals:
@@ -260,7 +282,7 @@ class Trainer:
         path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer, common,
                                ck["keep_last"])
         if self.rank0:
-            print(f"saved checkpoint {path}", flush=True)
+            self._say(f"saved checkpoint {path}")
 
     def train_step(self, data_iterator) -> Dict[str, float]:
         s = self.cfg["schedule"]
@@ -299,25 +321,25 @@ class Trainer:
         data = self._iterator(self.train_ds, self.consumed)
         history: List[Dict[str, Any]] = []
         evals: List[Dict[str, Any]] = []
-        bar = tqdm(total=s["train_iters"], initial=self.iteration, desc="train",
-                   disable=not (self.rank0 and lg["progress_bar"]), dynamic_ncols=True)
-        self._window = [time.perf_counter(), 0]  # start, tokens: the throughput window
+        self.console = Console(self.rank0, wants_bar(lg["progress_bar"]), s["train_iters"],
+                               self.iteration)
+        self._window = _Window()
         stopped_by = None
         try:
             while self.iteration < s["train_iters"]:
                 out = self.train_step(data)
                 self.iteration += 1
                 history.append(dict(iteration=self.iteration, **out))
-                self._log_step(out, bar)
+                self._log_step(out)
                 paused = time.perf_counter()  # eval and saves are not training throughput
                 self._evaluate_and_save(evals)
-                self._window[0] += time.perf_counter() - paused
+                self._window.start += time.perf_counter() - paused
                 stopped_by = self._stop_reason(signals)
                 if stopped_by:
                     break
             self._finish(stopped_by, evals)
         finally:
-            bar.close()
+            self.console.close()
             signals.restore()
         self._close(stopped_by)
         return dict(history=history, evals=evals, iteration=self.iteration,
@@ -366,25 +388,27 @@ class Trainer:
                      + (f"; schedule applied: {change}\n" if change else "\n"))
         return "".join(lines)
 
-    def _log_step(self, out: Dict[str, float], bar) -> None:
-        """The bar every step; a metrics row every ``log_interval`` (and at the last step)."""
+    def _log_step(self, out: Dict[str, float]) -> None:
+        """The bar every step; every ``log_interval`` (and at the last step) a metrics row with
+        the interval's mean loss (Megatron's and torchtitan's), and a line in a log file."""
         s, lg = self.cfg["schedule"], self.cfg["logging"]
-        self._window[1] += s["global_batch_size"] * self.cfg["model"]["seq_length"]
-        bar.update(1)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}")
+        tokens = s["global_batch_size"] * self.cfg["model"]["seq_length"]
+        self._window.add(out, tokens)
+        self.console.step(out["loss"], self._lr())
         if self.iteration % lg["log_interval"] and self.iteration != s["train_iters"]:
             return
-        dt = time.perf_counter() - self._window[0]
-        rec = dict(split="train", iteration=self.iteration, loss=out["loss"],
-                   ppl=math.exp(min(out["loss"], 50)), lr=self._lr(),
+        w, dt = self._window, time.perf_counter() - self._window.start
+        loss = w.loss_sum / w.losses if w.losses else out["loss"]
+        rec = dict(split="train", iteration=self.iteration, loss=loss,
+                   ppl=math.exp(min(loss, 50)), lr=self._lr(),
                    grad_norm=out["grad_norm"], skipped_total=self.skipped_total,
                    peak_memory_gb=peak_memory_gb(),
-                   **throughput(self._window[1], dt, self.flops, self.dense_flops,
+                   **throughput(w.tokens, dt, self.flops, self.dense_flops,
                                 dist.get_world_size(), self.peak))
         self.writer.write(rec)
-        bar.set_postfix(loss=f"{out['loss']:.3f}", lr=f"{self._lr():.2e}",
-                        tok_s=f"{rec['tokens_per_s']:,.0f}")
-        self._window = [time.perf_counter(), 0]
+        self.console.log(rec, self.consumed, self.consumed * self.cfg["model"]["seq_length"],
+                         1e3 * dt / max(w.steps, 1))
+        self._window = _Window()
 
     def _evaluate_and_save(self, evals: List[Dict[str, Any]]) -> None:
         ck = self.cfg["checkpoint"]
@@ -417,6 +441,10 @@ class Trainer:
         if self.rank0 and self.cfg["logging"]["plot"] and path and os.path.exists(path):
             print(f"loss curves: {plot_metrics(path)}", flush=True)
 
+    def _say(self, message: str) -> None:
+        console = getattr(self, "console", None)
+        console.say(message) if console else print(message, flush=True)
+
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
@@ -425,8 +453,8 @@ class Trainer:
         rec = dict(split="valid", iteration=self.iteration, loss=loss, ppl=math.exp(min(loss, 50)))
         self.writer.write(rec)
         if self.rank0:
-            tqdm.write(f"iteration {self.iteration}: validation loss {loss:.4f}, "
-                       f"perplexity {rec['ppl']:.2f}")
+            self.console.say(f"iteration {self.iteration}: validation loss {loss:.4f}, "
+                             f"perplexity {rec['ppl']:.2f}")
         return rec
 
 
