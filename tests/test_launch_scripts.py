@@ -59,6 +59,12 @@ def _run(script, tmp_path, env_extra, args=()):
                           timeout=300, cwd=str(tmp_path))
 
 
+def _data_args(tiny_dataset):
+    """--dry-run checks that the data and tokenizer are readable: point the configs at real ones."""
+    prefix, tok, _ = tiny_dataset
+    return ["--set", f"data.data_path=[{prefix}]", "--set", f"data.tokenizer={tok}"]
+
+
 def _ranks(out):
     rows = [dict(kv.split("=", 1) for kv in line.split() if "=" in kv and not kv.startswith("--"))
             for line in out.splitlines() if line.startswith("dry-run ")]
@@ -68,14 +74,15 @@ def _ranks(out):
 
 @pytest.mark.parametrize("name,tp,pp", [("pretrain_llama2_7b.sbatch", 2, 1),
                                         ("pretrain_llama2_7b_pp2.sbatch", 2, 2)])
-def test_sbatch_runs_from_the_spool_directory(tmp_path, name, tp, pp):
+def test_sbatch_runs_from_the_spool_directory(tmp_path, name, tp, pp, tiny_dataset):
     spool = tmp_path / "spool"
     spool.mkdir()
     shutil.copy(f"{ROOT}/examples/slurm/{name}", spool / "slurm_script")  # what slurmd runs
     nodes, per = 4, 8
     res = _run(spool / "slurm_script", tmp_path, dict(
         SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NODELIST="gpu-node[001-004]", SLURM_NNODES=str(nodes),
-        SLURM_NTASKS=str(nodes * per), SLURM_NTASKS_PER_NODE=str(per), SLURM_JOB_ID="42"))
+        SLURM_NTASKS=str(nodes * per), SLURM_NTASKS_PER_NODE=str(per), SLURM_JOB_ID="42"),
+        _data_args(tiny_dataset))
     assert res.returncode == 0, res.stderr[-2000:]
     rows = _ranks(res.stdout)
     assert [r["rank"] for r in rows] == ["0", str(nodes * per - 1)]
@@ -103,8 +110,8 @@ def test_sbatch_without_image_or_repository_says_what_to_set(tmp_path):
 
 @pytest.mark.parametrize("script", sorted(glob.glob(f"{ROOT}/examples/torchrun/*.sh")),
                          ids=os.path.basename)
-def test_torchrun_scripts(tmp_path, script):
-    res = _run(script, tmp_path, {})
+def test_torchrun_scripts(tmp_path, script, tiny_dataset):
+    res = _run(script, tmp_path, {}, _data_args(tiny_dataset))
     assert res.returncode == 0, res.stderr[-2000:]
     rows = _ranks(res.stdout)
     n = int(re.search(r"--nproc-per-node (\d+)", open(script).read()).group(1))
