@@ -70,6 +70,14 @@ def test_te_named_checkpoint_exports_evaluates_generates_and_resumes(tiny_datase
     assert "decoder.layers.0.input_layernorm.weight" in local_names
     torch.testing.assert_close(local_logits, te_logits, rtol=0, atol=0)
     assert export_main([save, str(tmp_path / "export")]) == 0
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp_path / "export"):  # readable like any HF export (not 0600)
+        mode = stat.S_IMODE(os.stat(tmp_path / "export" / name).st_mode)
+        assert mode == 0o666 & ~umask, (name, oct(mode))
     out = capsys.readouterr().out
     diff = float(out.split("max |logits(export) - logits(Megatron)| = ")[1].split()[0])
     assert diff < 1e-4
@@ -77,7 +85,8 @@ def test_te_named_checkpoint_exports_evaluates_generates_and_resumes(tiny_datase
     assert json.loads(capsys.readouterr().out)["tokens"] == 64
     assert gen_main([save, "--prompt", "the", "--max-new-tokens", "3"]) == 0
     resumed = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save,
-                                        "schedule.train_iters=6", "model.crnet_beta_init=-0.7"))
+                                        "schedule.train_iters=6", "model.crnet_beta_init=-0.7",
+                                        "checkpoint.override_opt_param_scheduler=true"))
     assert [h["iteration"] for h in resumed["history"]] == [5, 6]
 
 
@@ -96,7 +105,8 @@ def test_local_checkpoint_resumes_under_te_names(tiny_dataset, tmp_path, te_name
     te_logits, _ = _logits(save, "te")
     torch.testing.assert_close(te_logits, local_logits, rtol=0, atol=0)
     resumed = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save,
-                                        "schedule.train_iters=5"))
+                                        "schedule.train_iters=5",
+                                        "checkpoint.override_opt_param_scheduler=true"))
     assert [h["iteration"] for h in resumed["history"]] == [4, 5]
 
 
@@ -133,5 +143,6 @@ def test_checkpoints_from_before_the_key_map_still_load(tiny_dataset, tmp_path, 
     new_logits, _ = _logits(save, "local")
     torch.testing.assert_close(new_logits, old_logits, rtol=0, atol=0)
     resumed = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save,
-                                        "schedule.train_iters=3"))
+                                        "schedule.train_iters=3",
+                                        "checkpoint.override_opt_param_scheduler=true"))
     assert [h["iteration"] for h in resumed["history"]] == [3]

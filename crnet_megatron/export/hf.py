@@ -127,8 +127,18 @@ def export(model, loaded, out: str, dtype=None) -> Dict:
         shutil.copyfile(modeling_crnet.__file__, os.path.join(tmp, "modeling_crnet.py"))
     if os.path.isdir(out):
         os.rmdir(out)  # empty (checked above)
+    _readable_like_any_file(tmp)
     os.replace(tmp, out)
     return config
+
+
+def _readable_like_any_file(directory: str) -> None:
+    """safetensors writes through a private temporary file (mode 0600); give every file of the
+    export the mode a new file gets here (0644 under the usual umask), as any HF export has."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
 def to_hf_model(model, loaded):
