@@ -82,7 +82,12 @@ def test_te_named_checkpoint_exports_evaluates_generates_and_resumes(tiny_datase
     diff = float(out.split("max |logits(export) - logits(Megatron)| = ")[1].split()[0])
     assert diff < 1e-4
     assert eval_main([save, "--data", tiny_dataset[2], "--tokens", "64"]) == 0
-    assert json.loads(capsys.readouterr().out)["tokens"] == 64
+    from_checkpoint = json.loads(capsys.readouterr().out)
+    assert from_checkpoint["tokens"] == 64
+    assert eval_main([str(tmp_path / "export"), "--data", tiny_dataset[2], "--tokens", "64"]) == 0
+    from_export = json.loads(capsys.readouterr().out)  # crnet-eval takes exports too
+    assert from_export["tokens_sha256"] == from_checkpoint["tokens_sha256"]
+    assert from_export["loss"] == pytest.approx(from_checkpoint["loss"], rel=1e-5)
     assert gen_main([save, "--prompt", "the", "--max-new-tokens", "3"]) == 0
     resumed = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save,
                                         "schedule.train_iters=6", "model.crnet_beta_init=-0.7",

@@ -1,4 +1,4 @@
-"""``crnet-eval CHECKPOINT --data FILE.jsonl|FILE.txt|PREFIX``: perplexity on any text.
+"""``crnet-eval CHECKPOINT_OR_EXPORT --data FILE.jsonl|FILE.txt|PREFIX``: perplexity on any text.
 
 Tokenizes with the checkpoint's own tokenizer (EOD after each document), takes the first
 ``--tokens`` predicted tokens as non-overlapping windows of the model's sequence length (window i
@@ -18,7 +18,8 @@ from crnet_megatron.export.perplexity import evaluate
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="crnet-eval", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="run directory (latest checkpoint) or iter_N directory")
+    p.add_argument("checkpoint", help="run directory (latest checkpoint), iter_N directory or "
+                   "export directory (crnet-export)")
     p.add_argument("--data", required=True, help=".jsonl, text file, or indexed-dataset prefix")
     p.add_argument("--tokens", type=int, default=65536, help="predicted tokens to score")
     p.add_argument("--seq-length", type=int, default=0, help="window length (default: the model's)")
