@@ -89,6 +89,11 @@ def test_tool_on_a_checkpoint(tiny_dataset, tmp_path, capsys):
     assert main([save, "--data", tiny_dataset[2], "--out", out, "--tokens", "256",
                  "--ranks", "4,8,16"]) == 0
     assert {"residuals.csv", "heatmap.png", "suggested_ranks.yaml"} <= set(os.listdir(out))
+    text = capsys.readouterr().out
+    heat = int(text.split("direct error at r = ")[1].split(")")[0])
+    cells = [c for ln in text.splitlines()[1:4] for c in ln.split()[1:]]
+    assert heat < 16 and any(float(c.split("/")[0]) > 0.01 for c in cells)  # not all 0.00
+    assert "scaled by" in text and "to the rank-sum budget 48" in text
     rows = open(os.path.join(out, "residuals.csv")).read().splitlines()
     assert len(rows) == 1 + 3 * 7 * 3  # layers 2..4 x 7 projections x 3 ranks
     suggestion = yaml.safe_load(open(os.path.join(out, "suggested_ranks.yaml")))["model"]
@@ -99,4 +104,4 @@ def test_tool_on_a_checkpoint(tiny_dataset, tmp_path, capsys):
     from crnet_megatron.training.run_config import to_crnet_config
 
     assert to_crnet_config(cfg).crnet_layer_ranks == suggestion["crnet_rank"]
-    assert "model.crnet_rank:" in capsys.readouterr().out
+    assert "model.crnet_rank:" in text

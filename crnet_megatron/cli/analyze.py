@@ -56,9 +56,7 @@ def _main(args) -> int:
         w.writeheader()
         w.writerows(rows)
     c = model.config
-    model_ranks = [r for r in c.crnet_layer_ranks if r is not None]
-    heat = args.heat_rank or (max(set(model_ranks), key=model_ranks.count) if model_ranks
-                              else sweep[len(sweep) // 2])
+    heat = args.heat_rank or informative_rank(rows, sweep)
     if heat not in sweep:
         heat = min(sweep, key=lambda r: abs(r - heat))
     _heatmap(rows, heat, len(acts), POSITIONS, os.path.join(args.out, "heatmap.png"))
@@ -71,9 +69,23 @@ def _main(args) -> int:
             f"{cells[p]['err_cross']:.2f}/{cells[p]['err_direct']:.2f}".rjust(9) for p in POSITIONS))
     print(f"needed rank per layer (mean over projections, error <= {args.target_error}): "
           + ", ".join(f"{x:.0f}" for x in need))
+    print(f"suggested ranks: the needed ranks (sum {sum(need):.0f}) scaled by {total} / "
+          f"{sum(need):.0f} = {total / max(sum(need), 1e-9):.2f} to the rank-sum budget {total} "
+          f"(--budget-rank-sum; default: the model's own), each rounded to a multiple of "
+          f"{args.multiple} (--multiple), at least {args.multiple}")
     print(f"model.crnet_rank: {ranks}   (sum {sum(ranks)}, budget {total}; "
           f"{os.path.join(args.out, 'suggested_ranks.yaml')})")
     return 0
+
+
+def informative_rank(rows, sweep, floor: float = 0.05) -> int:
+    """The heat map's default rank: the largest swept rank whose mean cross-layer error is still
+    at least ``floor`` (at a CR-Net model's own rank every error vanishes: its chains are
+    exactly rank r), else the middle of the sweep."""
+    mean = {r: sum(x["err_cross"] for x in rows if x["r"] == r)
+            / max(1, sum(1 for x in rows if x["r"] == r)) for r in sweep}
+    informative = [r for r in sweep if mean[r] >= floor]
+    return max(informative) if informative else sweep[len(sweep) // 2]
 
 
 def _capture(model, tok, eos, args):
