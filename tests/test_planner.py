@@ -227,6 +227,20 @@ def test_crnet_plan_cli(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert set(data["variants"]) == {"crnet", "lowrank", "dense"}
     assert (tmp_path / "ws.png").stat().st_size > 0
+    crnet = data["variants"]["crnet"]
+    train = crnet["train"]  # the config's token budget at the predicted speed
+    assert train["hours"] == pytest.approx(train["iterations"] * crnet["time"]["step_s"] / 3600)
+    assert train["gpu_hours"] == pytest.approx(8 * train["hours"])
+    assert "## Time to train the config's budget" in text and "can pass 100%" in text
+    gain = crnet["gain"]  # the fastest fitting layout against the config's, with its --set lines
+    best = crnet["best"][0]
+    assert gain["gain"] == pytest.approx(best["tokens_per_s"] / crnet["time"]["tokens_per_s"] - 1)
+    assert f"crnet: the fastest fitting layout is {gain['gain']:.0%} faster" in text
+    from crnet_megatron.training.run_config import load_run_config
+
+    cfg = load_run_config("examples/configs/llama2_7b_seq4096.yaml", gain["sets"])
+    assert cfg["parallel"]["tensor_model_parallel_size"] == best["plan"]["tp"]
+    assert cfg["schedule"]["micro_batch_size"] == best["plan"]["micro_batch"]
     with pytest.raises(SystemExit) as e:
         main(["examples/configs/llama2_7b_seq4096.yaml", "--gpus", "3"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, replace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from crnet_megatron.cli.common import run_cli
 
@@ -65,7 +65,8 @@ def variant(plan, name: str):
     return replace(plan, shape=plan.shape.as_variant(name), recompute=recompute)
 
 
-def report(plan, gpu, top: int = 5, counts=(8, 16, 32, 64, 128, 256, 512, 1024)) -> Dict:
+def report(plan, gpu, top: int = 5, counts=(8, 16, 32, 64, 128, 256, 512, 1024),
+           train_iters: int = 0) -> Dict:
     from crnet_megatron.planner.search import (
         evaluate,
         search,
@@ -89,8 +90,33 @@ def report(plan, gpu, top: int = 5, counts=(8, 16, 32, 64, 128, 256, 512, 1024))
                                               tokens_per_s=fix["time"]["tokens_per_s"]),
             best=[dict(plan=_plan_dict(b["plan"]), memory_gib=b["memory"]["total"] / 2 ** 30,
                        tokens_per_s=b["time"]["tokens_per_s"], mfu=b["time"]["mfu"]) for b in best],
-            weak_scaling=weak_scaling(scale_base, gpu, counts))
+            weak_scaling=weak_scaling(scale_base, gpu, counts),
+            train=_time_to_train(vp, r["time"]["step_s"], train_iters),
+            gain=_gain(vp, r, best))
     return out
+
+
+def _time_to_train(plan, step_s: float, train_iters: int) -> Dict:
+    """The config's token budget (schedule.train_iters global batches) at the predicted speed."""
+    hours = train_iters * step_s / 3600
+    return dict(iterations=train_iters, tokens=train_iters * plan.global_batch * plan.seq,
+                hours=hours, gpu_hours=hours * plan.gpus)
+
+
+def _gain(plan, evaluated: Dict, best) -> Optional[Dict]:
+    """How much faster the fastest fitting layout is than the config's, and the --set lines."""
+    if not best or not evaluated["fits"]:
+        return None
+    b = best[0]["plan"]
+    gain = best[0]["time"]["tokens_per_s"] / evaluated["time"]["tokens_per_s"] - 1
+    if gain < 0.005:
+        return dict(gain=0.0, sets=[])
+    sets = [f"parallel.tensor_model_parallel_size={b.tp}",
+            f"parallel.pipeline_model_parallel_size={b.pp}",
+            f"schedule.micro_batch_size={b.micro_batch}",
+            f"parallel.sequence_parallel={str(b.sp).lower()}",
+            f"recompute.recompute_granularity={'null' if b.recompute == 'none' else b.recompute}"]
+    return dict(gain=gain, sets=sets)
 
 
 def _plan_dict(p) -> Dict:
@@ -136,6 +162,9 @@ def print_report(out: Dict, plan, gpu, config_name: str) -> None:
     for label, key, fmt in rows:
         print(f"| {label} | " + " | ".join(fmt.format(v[n]["time"][key]) for n in VARIANTS) + " |")
     print("\n## Weak scaling (fastest fitting layout at 8 GPUs; DP grows, per-replica batch fixed)\n")
+    print("Efficiency is tokens/s per GPU against 8 GPUs. It can pass 100%: with the distributed "
+          "optimizer each GPU's share of the optimizer step (and its state) shrinks as DP grows, "
+          "while the global batch grows with DP too; it is not a faster model.\n")
     print("| GPUs | " + " | ".join(f"{n} tok/s/GPU | {n} eff." for n in ("crnet", "dense")) + " |")
     print("|---|---|---|---|---|")
     dense_rows = {r["gpus"]: r for r in v["dense"]["weak_scaling"]}
@@ -143,6 +172,7 @@ def print_report(out: Dict, plan, gpu, config_name: str) -> None:
         d = dense_rows.get(r["gpus"])
         dtxt = f"{d['tokens_per_s_per_gpu']:,.0f} | {d['efficiency']:.1%}" if d else "- | -"
         print(f"| {r['gpus']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['efficiency']:.1%} | {dtxt} |")
+    _print_time_to_train(v)
     print(f"\n## Best layouts on {plan.gpus} GPUs (predicted tokens/s among those that fit)\n")
     print("| variant | layout | GiB | tokens/s | MFU |\n|---|---|---|---|---|")
     for n in VARIANTS:
@@ -150,6 +180,23 @@ def print_report(out: Dict, plan, gpu, config_name: str) -> None:
             print(f"| {n} | {_layout(b['plan'])} | {b['memory_gib']:.1f} | {b['tokens_per_s']:,.0f} | {b['mfu']:.1%} |")
         if not v[n]["best"]:
             print(f"| {n} | nothing fits on {plan.gpus} GPUs | | | |")
+    for n in VARIANTS:
+        g = v[n]["gain"]
+        if g and g["sets"]:
+            print(f"\n{n}: the fastest fitting layout is {g['gain']:.0%} faster than the config's; "
+                  "use it with\n  " + " ".join(f"--set {s}" for s in g["sets"]))
+        elif g:
+            print(f"\n{n}: the config's layout is the fastest that fits")
+
+
+def _print_time_to_train(v: Dict) -> None:
+    t = v["crnet"]["train"]
+    print(f"\n## Time to train the config's budget ({t['iterations']:,} iterations, "
+          f"{t['tokens'] / 1e9:,.2f} B tokens; predicted)\n")
+    print("| | " + " | ".join(VARIANTS) + " |\n|---|---|---|---|")
+    print("| hours | " + " | ".join(f"{v[n]['train']['hours']:,.1f}" for n in VARIANTS) + " |")
+    print("| GPU-hours | " + " | ".join(f"{v[n]['train']['gpu_hours']:,.0f}" for n in VARIANTS)
+          + " |")
 
 
 def plot_weak_scaling(out: Dict, path: str) -> None:
@@ -203,7 +250,7 @@ def _main(args) -> int:
     announce()
     gpu = get_gpu(args.gpu).with_(gpus_per_node=args.nodes_of)
     plan = plan_from_config(cfg, args.gpus, args.vocab)
-    out = report(plan, gpu, args.top)
+    out = report(plan, gpu, args.top, train_iters=cfg["schedule"]["train_iters"])
     print_report(out, plan, gpu, os.path.basename(args.config))
     if args.plot:
         plot_weak_scaling(out, args.plot)
