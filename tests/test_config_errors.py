@@ -4,6 +4,8 @@ import pytest
 
 from tests.helpers import tiny_config
 
+pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check
+
 CASES = [
     (dict(crnet_rank=0), r"crnet_rank=0 .*must be > 0"),
     (dict(crnet_rank=-4), r"crnet_rank=-4"),

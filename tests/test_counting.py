@@ -11,6 +11,8 @@ from crnet_megatron.analysis.counting import (
 )
 from tests.helpers import SEQ, VOCAB, tiny_config
 
+pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check
+
 
 @pytest.mark.parametrize("rank,expected_m", [(448, 582.4), (512, 639.7), (None, 1339.1)])
 def test_paper_1b_counts(rank, expected_m):

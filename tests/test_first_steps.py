@@ -10,6 +10,8 @@ import pytest
 
 from crnet_megatron.training.run_config import load_run_config
 
+pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check
+
 
 def _run(code: str):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

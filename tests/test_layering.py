@@ -11,6 +11,8 @@ import pytest
 
 import crnet_megatron
 
+pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check
+
 PACKAGE = pathlib.Path(crnet_megatron.__file__).parent
 
 

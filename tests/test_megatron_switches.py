@@ -7,6 +7,8 @@ import torch
 from crnet_megatron.training.run_config import load_run_config, sequence_parallel_warning
 from tests.helpers import SEQ, VOCAB, batch, tiny_config
 
+pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check
+
 
 @pytest.mark.parametrize("overrides,pattern", [
     (dict(fp8="hybrid"), r"fp8='hybrid' is invalid: FP8 is not supported"),

@@ -2,11 +2,14 @@
 every gradient (betas included). fp32; both compute the same math in a different op order
 (fused QKV, SDPA vs explicit softmax), so tolerance is rtol=1e-4, atol=1e-5."""
 
+import pytest
 import torch
 
 from crnet_megatron import build_model
 from crnet_megatron.testing.reference import ReferenceCRNet, from_megatron
 from tests.helpers import SEQ, VOCAB, batch, randomize_betas, tiny_config
+
+pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
