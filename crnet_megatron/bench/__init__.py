@@ -1,0 +1,1 @@
+"""The benchmarks behind ``crnet-bench``, on one runner (``runner.py``)."""

@@ -1,0 +1,1 @@
+"""Every console script; bad input ends each with one line (``common.run_cli``)."""

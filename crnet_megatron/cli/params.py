@@ -19,6 +19,9 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--json", help="write the rows as JSON here")
     args = p.parse_args(argv)
+    from crnet_megatron.parallel.environment import announce
+
+    announce()
     rows = []
     print(f"{'size':>5} {'rank':>5} {'params':>10} {'lowrank':>10} {'dense':>10} {'ratio':>6} "
           f"{'train GFLOP/tok':>16} {'linear FLOP ratio':>18}")

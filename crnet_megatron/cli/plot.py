@@ -15,8 +15,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     def _plot() -> int:
+        from crnet_megatron.parallel.environment import announce
         from crnet_megatron.training.plot import plot_metrics
 
+        announce()
         print(plot_metrics(args.jsonl, args.out))
         return 0
 

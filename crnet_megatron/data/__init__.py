@@ -1,0 +1,1 @@
+"""Corpus, tokenizer, preprocessing, start-up validation of data files, evaluation windows."""

@@ -1,4 +1,4 @@
-"""``crnet-generate CHECKPOINT_OR_EXPORT --prompt TEXT``: sample from a trained model.
+"""Sampling from a trained model (``crnet-generate``).
 
 Greedy (``--temperature 0``), temperature, top-k and top-p sampling with a KV cache. A CR-Net
 chain runs through depth per position, so a decode step needs only the new token's

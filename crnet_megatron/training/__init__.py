@@ -1,1 +1,1 @@
-"""The production training driver: config, data, optimizer, checkpoints, metrics, loop."""
+"""The training driver: run config, datasets, the step, the trainer, checkpoints, metrics."""
