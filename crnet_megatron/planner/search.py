@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Dict, List, Optional
 
+from crnet_megatron.parallel.rules import layout_problems
 from crnet_megatron.planner.hardware import GPU
 from crnet_megatron.planner.memory import GIB, plan_memory
 from crnet_megatron.planner.per_rank import Plan
@@ -19,16 +20,15 @@ def evaluate(plan: Plan, gpu: GPU) -> Dict:
 
 
 def valid(plan: Plan, gpus: int) -> bool:
+    """A layout a real run accepts (``parallel.rules``), on exactly ``gpus`` GPUs (the planner
+    plans even pipeline stages)."""
     s = plan.shape
-    if plan.tp * plan.pp * plan.dp != gpus or s.layers % plan.pp:
+    if plan.tp * plan.pp * plan.dp != gpus or (plan.recompute == "crnet" and not s.chained):
         return False
-    if s.heads % plan.tp or (s.groups or s.heads) % plan.tp or s.ffn % plan.tp:
-        return False
-    if plan.global_batch % (plan.micro_batch * plan.dp):
-        return False
-    if plan.recompute == "crnet" and not s.chained:
-        return False
-    return True
+    return not layout_problems(heads=s.heads, groups=s.groups, ffn=s.ffn, layers=s.layers,
+                               seq=plan.seq, tp=plan.tp, pp=plan.pp, sequence_parallel=plan.sp,
+                               world=gpus, micro_batch=plan.micro_batch,
+                               global_batch=plan.global_batch)
 
 
 def recompute_modes(plan: Plan) -> List[str]:

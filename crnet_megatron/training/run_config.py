@@ -437,44 +437,20 @@ def shape_keys(cfg) -> Dict[str, Any]:
 
 
 def check_layout(cfg, world: Optional[int] = None) -> None:
-    """Every divisibility rule a run checks, before any process group: one line naming the rule
-    that fails. ``world`` (the number of processes) adds the data-parallel rules."""
+    """Every divisibility rule a run checks (``parallel.rules``), before any process group: one
+    line naming the rule that fails. ``world`` (the number of processes) adds the DP rules."""
+    from crnet_megatron.parallel.rules import layout_problems
+
     m, p, s = cfg["model"], cfg["parallel"], cfg["schedule"]
-    tp, pp = p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"]
-    heads = m["num_attention_heads"]
-    rules = [
-        (heads % tp == 0, f"model.num_attention_heads = {heads} is not divisible by "
-                          f"parallel.tensor_model_parallel_size = {tp} (each rank holds whole heads)"),
-        ((m["num_query_groups"] or heads) % tp == 0,
-         f"model.num_query_groups = {m['num_query_groups'] or heads} is not divisible by "
-         f"parallel.tensor_model_parallel_size = {tp}"),
-        (heads % (m["num_query_groups"] or heads) == 0,
-         f"model.num_attention_heads = {heads} is not a multiple of model.num_query_groups = "
-         f"{m['num_query_groups']}"),
-        (m["ffn_hidden_size"] % tp == 0, f"model.ffn_hidden_size = {m['ffn_hidden_size']} is not "
-                                         f"divisible by parallel.tensor_model_parallel_size = {tp}"),
-        (not p["sequence_parallel"] or m["seq_length"] % tp == 0,
-         f"model.seq_length = {m['seq_length']} is not divisible by "
-         f"parallel.tensor_model_parallel_size = {tp} (sequence parallel splits the sequence)"),
-        (pp <= m["num_layers"], f"parallel.pipeline_model_parallel_size = {pp} is more than "
-                                f"model.num_layers = {m['num_layers']}"),
-        (pp == 1 or m["num_layers"] % pp == 0 or p["num_layers_in_first_pipeline_stage"]
-         or p["num_layers_in_last_pipeline_stage"],
-         f"model.num_layers = {m['num_layers']} is not divisible by "
-         f"parallel.pipeline_model_parallel_size = {pp} (or set "
-         "parallel.num_layers_in_first/last_pipeline_stage)"),
-    ]
-    if world is not None:
-        rules.append((world % (tp * pp) == 0, f"{world} processes are not divisible by "
-                      f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp * pp}"))
-        dp = max(1, world // (tp * pp))
-        rules.append((s["global_batch_size"] % (s["micro_batch_size"] * dp) == 0,
-                      f"schedule.global_batch_size = {s['global_batch_size']} is not divisible by "
-                      f"schedule.micro_batch_size x data-parallel size = "
-                      f"{s['micro_batch_size']} x {dp}"))
-    for ok, message in rules:
-        if not ok:
-            raise ValueError(message)
+    problems = layout_problems(
+        heads=m["num_attention_heads"], groups=m["num_query_groups"], ffn=m["ffn_hidden_size"],
+        layers=m["num_layers"], seq=m["seq_length"], tp=p["tensor_model_parallel_size"],
+        pp=p["pipeline_model_parallel_size"], sequence_parallel=bool(p["sequence_parallel"]),
+        uneven_pp=bool(p["num_layers_in_first_pipeline_stage"]
+                       or p["num_layers_in_last_pipeline_stage"]),
+        world=world, micro_batch=s["micro_batch_size"], global_batch=s["global_batch_size"])
+    if problems:
+        raise ValueError(problems[0])
 
 
 def check_inputs(cfg) -> None:

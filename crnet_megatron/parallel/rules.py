@@ -1,0 +1,40 @@
+"""The divisibility rules of a parallel layout, stated once (no torch): the run config checks a
+run against them before any process group (``crnet-train``, ``--dry-run``), and the planner's
+layout search keeps only layouts that pass them. Each broken rule is one line in the run
+config's key names."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+
+def layout_problems(*, heads: int, groups: Optional[int], ffn: int, layers: int, seq: int,
+                    tp: int, pp: int, sequence_parallel: bool, uneven_pp: bool = False,
+                    world: Optional[int] = None, micro_batch: int = 1,
+                    global_batch: Optional[int] = None) -> List[str]:
+    groups = groups or heads
+    tp_key, pp_key = "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size"
+    rules = [
+        (heads % tp == 0, f"model.num_attention_heads = {heads} is not divisible by {tp_key} = "
+                          f"{tp} (each rank holds whole heads)"),
+        (groups % tp == 0, f"model.num_query_groups = {groups} is not divisible by {tp_key} = {tp}"),
+        (heads % groups == 0, f"model.num_attention_heads = {heads} is not a multiple of "
+                              f"model.num_query_groups = {groups}"),
+        (ffn % tp == 0, f"model.ffn_hidden_size = {ffn} is not divisible by {tp_key} = {tp}"),
+        (not sequence_parallel or seq % tp == 0,
+         f"model.seq_length = {seq} is not divisible by {tp_key} = {tp} (sequence parallel "
+         "splits the sequence)"),
+        (pp <= layers, f"{pp_key} = {pp} is more than model.num_layers = {layers}"),
+        (pp == 1 or layers % pp == 0 or uneven_pp,
+         f"model.num_layers = {layers} is not divisible by {pp_key} = {pp} (or set "
+         "parallel.num_layers_in_first/last_pipeline_stage)"),
+    ]
+    if world is not None:
+        rules.append((world % (tp * pp) == 0, f"{world} processes are not divisible by "
+                      f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp * pp}"))
+        dp = max(1, world // (tp * pp))
+        if global_batch is not None:
+            rules.append((global_batch % (micro_batch * dp) == 0,
+                          f"schedule.global_batch_size = {global_batch} is not divisible by "
+                          f"schedule.micro_batch_size x data-parallel size = {micro_batch} x {dp}"))
+    return [message for ok, message in rules if not ok]
