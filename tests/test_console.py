@@ -3,6 +3,7 @@ per log_interval with the interval's mean loss, checkpoint and eval messages on 
 own, no megatron-core import warnings; metrics rows carry the interval's mean loss."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,10 +26,11 @@ def test_log_file_gets_lines_not_a_bar(tiny_dataset, tmp_path):
         f"checkpoint.save={tmp_path / 'run'}", "schedule.train_iters=4",
         "checkpoint.save_interval=2", "eval.eval_interval=2"]
     log = tmp_path / "train.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", "crnet_megatron.cli.train", str(config)]
                               + [a for s in sets for a in ("--set", s)],
-                              stdout=f, stderr=subprocess.STDOUT, timeout=300)
+                              stdout=f, stderr=subprocess.STDOUT, timeout=300, env=env)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
     assert "\r" not in text and "Transformer Engine and Apex are not installed" not in text

@@ -68,7 +68,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_dataset, tmp_path, mon
     assert read_latest(str(save)) == 2
     assert not (save / "iter_0000004").exists()
     resumed = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save,
-                                        "schedule.train_iters=3"))
+                                        "schedule.train_iters=3",
+                                        "checkpoint.override_opt_param_scheduler=true"))
     assert [h["iteration"] for h in resumed["history"]] == [3]
 
 
