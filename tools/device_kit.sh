@@ -31,7 +31,7 @@ if [ "$mode" = "--cpu" ]; then
 fi
 status=0
 "$py" -m crnet_megatron.cli.selftest "${checks[@]}" --workdir "${TMPDIR:-/tmp}/crnet_kit_$$" \
-  --json "$out/selftest.json" > "$out/selftest.md" 2> "$out/selftest.log" || status=1
+  --json "$out/selftest.json" --markdown "$out/selftest.md" > "$out/selftest.log" 2>&1 || status=1
 cat "$out/selftest.md"
 "$py" -m crnet_megatron.cli.bench device "${reduced[@]}" --json "$out/device.json" \
   > "$out/device.md" 2> "$out/device.log" || status=1

@@ -51,6 +51,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="crnet-selftest", description=__doc__.splitlines()[0])
     ap.add_argument("--checks", nargs="+", default=list(CHECKS), choices=list(CHECKS))
     ap.add_argument("--json", help="write the table as JSON here")
+    ap.add_argument("--markdown", help="write the table as Markdown here (the training runs' own "
+                                       "output stays on stdout)")
     ap.add_argument("--workdir", default="~/.cache/crnet_megatron/selftest",
                     help="scratch directory every rank can read (data cache, checkpoints)")
     args = ap.parse_args(argv)
@@ -72,10 +74,14 @@ def main(argv=None):
             shutil.rmtree(os.path.join(workdir, "dist_opt_ck"), ignore_errors=True)
     if int(os.environ.get("RANK", "0")) == 0:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        print(f"\nselftest on {device}, {_world()} process(es); {banner()}\n")
-        print("| check | status | seconds | detail |\n|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['check']} | {r['status']} | {r['seconds']} | {r['detail']} |")
+        table = "\n".join([f"selftest on {device}, {_world()} process(es); {banner()}", "",
+                           "| check | status | seconds | detail |", "|---|---|---|---|"]
+                          + [f"| {r['check']} | {r['status']} | {r['seconds']} | {r['detail']} |"
+                             for r in rows])
+        print("\n" + table)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(table + "\n")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=device, world=_world(), versions=versions(),

@@ -270,7 +270,7 @@ def check_export_round_trip(workdir):
     got = CRNetForCausalLM.from_export(out).eval()(ids).logits.float()
     diff = (got - ref).abs().max().item()
     assert diff < 1e-3, f"export logits differ from the checkpoint's by {diff:.2e}"
-    return f"max |logits(export) - logits(checkpoint)| = {diff:.1e}"
+    return f"max abs(logits(export) - logits(checkpoint)) = {diff:.1e}"
 
 
 def check_versions(workdir):
