@@ -1,7 +1,7 @@
 """``crnet-train CONFIG.yaml [--set section.key=value ...]``: CR-Net pre-training on Megatron-Core.
 
 Runs under ``torchrun`` for TP/PP/DP (gloo on CPU, NCCL on GPU); alone it is one process.
-See ``examples/configs/`` for configs and ``crnet_megatron/training/config.py`` for every key.
+See ``examples/configs/`` for configs and ``crnet_megatron/training/run_config.py`` for every key.
 Bad input (config, data, tokenizer, checkpoint) ends the run with one line naming the file or
 key; set ``CRNET_TRACEBACK=1`` for the full traceback.
 """
