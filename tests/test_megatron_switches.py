@@ -4,7 +4,8 @@ default where CR-Net needs it; every run records the versions it ran with."""
 import pytest
 import torch
 
-from crnet_megatron.training.run_config import load_run_config, sequence_parallel_warning
+from crnet_megatron.training.preflight import sequence_parallel_warning
+from crnet_megatron.training.run_config import load_run_config
 from tests.helpers import SEQ, VOCAB, batch, tiny_config
 
 pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check

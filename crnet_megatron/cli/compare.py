@@ -58,9 +58,17 @@ def _check_out(args) -> None:
 
 
 def _compare(args) -> int:
-    from crnet_megatron.analysis.counting import ModelShape, count_params, flops_per_token
+    from crnet_megatron.analysis.counting import (
+        ModelShape,
+        count_params,
+        flops_per_token,
+    )
     from crnet_megatron.parallel.environment import announce
-    from crnet_megatron.training.run_config import load_run_config, padded_vocab, to_crnet_config
+    from crnet_megatron.training.run_config import (
+        load_run_config,
+        padded_vocab,
+        to_crnet_config,
+    )
 
     for variant in args.variants:  # every variant's config is valid before anything trains
         load_run_config(args.config, args.set + [f"model.variant={variant}"])

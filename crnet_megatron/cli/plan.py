@@ -26,14 +26,14 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
     """The CR-Net ``Plan`` of a run config on ``gpus`` GPUs."""
     from crnet_megatron.analysis.counting import ModelShape
     from crnet_megatron.planner.per_rank import Plan
-    from crnet_megatron.training import run_config
+    from crnet_megatron.training import preflight, run_config
 
     m, p, s = cfg["model"], cfg["parallel"], cfg["schedule"]
     tp, pp = p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"]
     if gpus % (tp * pp):
         raise ValueError(f"--gpus {gpus} is not a multiple of TP x PP = {tp} x {pp}; set "
                          "parallel.tensor_model_parallel_size / pipeline_model_parallel_size")
-    run_config.check_layout(cfg, gpus)  # the rules a real run checks, named
+    preflight.check_layout(cfg, gpus)  # the rules a real run checks, named
     single = copy.deepcopy(cfg)
     single["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                               sequence_parallel=False)

@@ -28,6 +28,7 @@ import warnings
 
 from crnet_megatron.testing.selfchecks import CHECKS, Skip, _world
 
+
 def run_checks(names, workdir):
     import torch.distributed as dist
 

@@ -30,7 +30,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _train(args) -> None:
     from crnet_megatron.parallel.launch import world_size
-    from crnet_megatron.training.run_config import check_inputs, check_layout, load_run_config
+    from crnet_megatron.training.preflight import check_inputs, check_layout
+    from crnet_megatron.training.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.set)
     check_layout(cfg, world_size())
@@ -45,7 +46,10 @@ def _train(args) -> None:
 def dry_run(cfg, args) -> None:
     """One line per rank: what this process would run as, so a launch script can be checked."""
     from crnet_megatron.parallel.launch import layout_from_env
-    from crnet_megatron.training.run_config import sequence_parallel_warning, validate_batch
+    from crnet_megatron.training.preflight import (
+        sequence_parallel_warning,
+        validate_batch,
+    )
 
     p = cfg["parallel"]
     lay = layout_from_env(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"])

@@ -72,7 +72,6 @@ def load_for_generation(path: str, tokenizer: Optional[str] = None):
     from tokenizers import Tokenizer
 
     from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
-
     from crnet_megatron.parallel.environment import announce
 
     announce()

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from crnet_megatron.model import positions
-
 from crnet_megatron.model.choices import (
     LOWRANK_INITS,
     RANK_SCHEDULES,

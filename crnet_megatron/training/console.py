@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+import time
 from typing import Dict, Optional
 
 from tqdm import tqdm
@@ -19,6 +20,21 @@ from tqdm import tqdm
 def wants_bar(progress_bar: bool, stream=None) -> bool:
     stream = stream or sys.stdout
     return bool(progress_bar) and hasattr(stream, "isatty") and stream.isatty()
+
+
+class IntervalWindow:
+    """The current logging interval: its start, steps, tokens and the losses of its steps."""
+
+    def __init__(self):
+        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
+        self.loss_sum, self.losses = 0.0, 0
+
+    def add(self, out: Dict[str, float], tokens: int) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        if not out["skipped"]:
+            self.loss_sum += out["loss"]
+            self.losses += 1
 
 
 class Console:

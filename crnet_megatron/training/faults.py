@@ -1,4 +1,5 @@
-"""Process hygiene: a killed trainer leaves no helper processes behind.
+"""Process hygiene: a killed trainer leaves no helper processes behind, and SIGTERM/SIGINT ask
+for a save and a clean stop (``StopSignals``).
 
 Megatron-Core's checkpoint writer forks worker processes during a save. If the trainer is
 killed (SIGKILL, OOM killer, a node agent) in the middle of a save, those workers would live on
@@ -12,6 +13,7 @@ import ctypes
 import os
 import signal
 import sys
+from typing import Optional
 
 _PR_SET_PDEATHSIG = 1
 _INSTALLED = False
@@ -32,3 +34,24 @@ def children_die_with_parent() -> None:
         return
     os.register_at_fork(after_in_child=_set_pdeathsig)
     _INSTALLED = True
+
+
+class StopSignals:
+    """SIGTERM (Slurm's warning before the time limit) and SIGINT request a save and exit."""
+
+    def __init__(self, enabled: bool):
+        self.received: Optional[int] = None
+        self.previous = {}
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self.previous[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -43,7 +42,7 @@ from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model
 from crnet_megatron.parallel.environment import banner, versions
 from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
-from crnet_megatron.training import run_config
+from crnet_megatron.training import preflight, run_config
 from crnet_megatron.training.checkpointing import (
     check_compatible,
     iteration_dir,
@@ -51,13 +50,13 @@ from crnet_megatron.training.checkpointing import (
     load_common,
     save_checkpoint,
 )
-from crnet_megatron.training.console import Console, wants_bar
+from crnet_megatron.training.console import Console, IntervalWindow, wants_bar
 from crnet_megatron.training.data import (
     SampleIterator,
     build_datasets,
     prepare_builtin,
 )
-from crnet_megatron.training.faults import children_die_with_parent
+from crnet_megatron.training.faults import StopSignals, children_die_with_parent
 from crnet_megatron.training.metrics import (
     MetricsWriter,
     detect_peak_tflops,
@@ -77,42 +76,6 @@ def _any_rank(flag: bool) -> bool:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-class _Window:
-    """The current logging interval: its start, steps, tokens and the losses of its steps."""
-
-    def __init__(self):
-        self.start, self.steps, self.tokens = time.perf_counter(), 0, 0
-        self.loss_sum, self.losses = 0.0, 0
-
-    def add(self, out: Dict[str, float], tokens: int) -> None:
-        self.steps += 1
-        self.tokens += tokens
-        if not out["skipped"]:
-            self.loss_sum += out["loss"]
-            self.losses += 1
-
-
-class _Signals:
-    """SIGTERM (Slurm's warning before the time limit) and SIGINT request a save and exit."""
-
-    def __init__(self, enabled: bool):
-        self.received: Optional[int] = None
-        self.previous = {}
-        if enabled:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                try:
-                    self.previous[sig] = signal.signal(sig, self._handle)
-                except ValueError:  # not the main thread
-                    pass
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -144,7 +107,7 @@ class Trainer:
                          seed=self.cfg["schedule"]["seed"])
         self.rank0 = dist.get_rank() == 0
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-        self.num_microbatches = run_config.validate_batch(self.cfg, self.dp_size)
+        self.num_microbatches = preflight.validate_batch(self.cfg, self.dp_size)
         self.config = run_config.to_crnet_config(self.cfg)
 
     def _build_data(self):
@@ -317,13 +280,13 @@ class Trainer:
     def train(self) -> Dict[str, Any]:
         s, lg = self.cfg["schedule"], self.cfg["logging"]
         self._log_start()
-        signals = _Signals(self.cfg["safety"]["exit_on_signal"])
+        signals = StopSignals(self.cfg["safety"]["exit_on_signal"])
         data = self._iterator(self.train_ds, self.consumed)
         history: List[Dict[str, Any]] = []
         evals: List[Dict[str, Any]] = []
         self.console = Console(self.rank0, wants_bar(lg["progress_bar"]), s["train_iters"],
                                self.iteration)
-        self._window = _Window()
+        self._window = IntervalWindow()
         stopped_by = None
         try:
             while self.iteration < s["train_iters"]:
@@ -361,7 +324,7 @@ class Trainer:
                 f.write(history + f"# {self.banner}\n" + run_config.dump(cfg))
             # the tokenizer travels with the run (export, eval and generation read it)
             shutil.copyfile(self.tokenizer.path, os.path.join(save, "tokenizer.json"))
-        warning = run_config.sequence_parallel_warning(cfg)
+        warning = preflight.sequence_parallel_warning(cfg)
         if warning:
             print(warning, flush=True)
         params = sum(p.numel() for p in self.model.parameters())
@@ -408,7 +371,7 @@ class Trainer:
         self.writer.write(rec)
         self.console.log(rec, self.consumed, self.consumed * self.cfg["model"]["seq_length"],
                          1e3 * dt / max(w.steps, 1))
-        self._window = _Window()
+        self._window = IntervalWindow()
 
     def _evaluate_and_save(self, evals: List[Dict[str, Any]]) -> None:
         ck = self.cfg["checkpoint"]
