@@ -46,7 +46,8 @@ class CRNetConfig(TransformerConfig):
         ``recompute.py``) with crnet_checkpoint_every (Y stored every 8th layer) and
         crnet_recompute_min_scale (chains whose next |s(beta)| is smaller are stored, not inverted)
         and crnet_recompute_max_ratio (16-bit chains whose next update is larger than this many
-        times the carried term are stored; None disables the check and its per-layer sync).
+        times the carried term are stored; None disables the check; ``parallel.conditioning``
+        decides from the previous step's statistics, with no host sync per layer).
     """
 
     # LLaMA-2 defaults (override TransformerConfig's GPT defaults).

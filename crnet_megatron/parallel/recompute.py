@@ -11,7 +11,8 @@ Z B matmul is re-run: their outputs are known), recomputing only norms, RoPE, at
 SwiGLU, and backpropagates through it. Dense layers are recomputed as they are. A chain whose
 next-layer ``|s(beta)|`` is below ``crnet_recompute_min_scale``, or (16-bit chains) whose
 next-layer update dwarfs it (``||Z B|| > crnet_recompute_max_ratio * ||s(beta) Y||``, measured
-in the forward with one host sync per layer), is stored instead of inverted.
+in the forward; ``conditioning`` decides from the previous step's statistics, so no layer waits
+for the device), is stored instead of inverted.
 No RNG is involved (the model has no dropout), so nothing depends on the CUDA RNG tracker.
 
 ``recompute_granularity: full`` is Megatron's uniform/block layer checkpointing
@@ -21,7 +22,6 @@ incoming chain tensors.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -33,8 +33,8 @@ from crnet_megatron.model.chain_ops import invert_chain
 from crnet_megatron.model.layer import Chains
 from crnet_megatron.model.linears import is_crnet_linear
 from crnet_megatron.model.projection import projection_scheme
+from crnet_megatron.parallel.conditioning import StageGuard, log_fallback, small_scales
 
-logger = logging.getLogger(__name__)
 
 
 def chain_modules(layer) -> List[torch.nn.Module]:
@@ -110,10 +110,13 @@ class CRNetRecomputeFunction(torch.autograd.Function):
     def forward(ctx, stage, hidden, *chains_in):
         layers, rope, config = stage
         store = checkpoint_set(layers, config.crnet_checkpoint_every)
-        small = _small_scale_chains(layers, config.crnet_recompute_min_scale)
         max_ratio = _max_ratio(config, hidden)
+        small_now = small_scales(layers, chain_modules, is_crnet_layer,
+                                 config.crnet_recompute_min_scale)
+        guard = StageGuard.of(layers)
+        small, ill = guard.decisions(small_now)
         chains = Chains(*chains_in) if chains_in else None
-        saved = _Saved(chains_in)
+        saved, ratios = _Saved(chains_in), []
         for i, layer in enumerate(layers):
             rec = _Record(measure=max_ratio is not None and i > 0 and is_crnet_layer(layer))
             entry = _LayerSaved(hidden=saved.add(hidden))
@@ -122,14 +125,18 @@ class CRNetRecomputeFunction(torch.autograd.Function):
                 hidden, chains = layer(hidden, chains, rotary_pos_emb=rope)
             entry.codes = {m: saved.add(z) for m, z in rec.codes.items()}
             if rec.ratios:  # Y_{i-1} is still alive: keep it where inverting layer i is unsafe
-                _store_ill_conditioned(layer, rec, prev, saved, saved.layers[i - 1], max_ratio)
+                row = torch.stack([rec.ratios[m] for m in chain_modules(layer)])
+                ratios.append((i, row))
+                bad = ill[i] if ill is not None else (row > max_ratio).tolist()  # first step
+                _store_ill_conditioned(layer, bad, prev, saved, saved.layers[i - 1], max_ratio)
             for c in range(4):
                 if small[i][c]:
-                    _log_fallback(layer.layer_number, c,
-                                  f"|s(beta)| < {config.crnet_recompute_min_scale:g}")
+                    log_fallback(layer.layer_number, c,
+                                 f"|s(beta)| < {config.crnet_recompute_min_scale:g}")
                 if i in store or small[i][c]:
                     entry.chains[c] = saved.add(chains[c])
             saved.layers.append(entry)
+        guard.record(small_now, ratios, max_ratio)
         ctx.save_for_backward(*saved.tensors)
         ctx.stage, ctx.layers, ctx.n_chains_in = stage, saved.layers, saved.n_chains_in
         return (hidden, *chains)
@@ -168,32 +175,15 @@ class CRNetRecomputeFunction(torch.autograd.Function):
         return (None, g_h, *g_in)
 
 
-def _store_ill_conditioned(layer, rec, prev, saved: _Saved, below: _LayerSaved,
+def _store_ill_conditioned(layer, bad: List[bool], prev, saved: _Saved, below: _LayerSaved,
                            max_ratio: float) -> None:
     """Store the incoming chains (the layer below's Y) that inverting this layer would recover
-    badly (one host sync per layer for the ratios)."""
-    ratios = torch.stack([rec.ratios[m] for m in chain_modules(layer)]).tolist()
-    for c, ratio in enumerate(ratios):
-        if ratio > max_ratio and below.chains[c] is None:
-            _log_fallback(layer.layer_number - 1, c,
-                          f"||Z B|| / ||s(beta) Y|| = {ratio:.0f} > {max_ratio:g}")
+    badly (``conditioning``: decided from the previous step's ratios)."""
+    for c, flag in enumerate(bad):
+        if flag and below.chains[c] is None:
+            log_fallback(layer.layer_number - 1, c,
+                         f"||Z B|| / ||s(beta) Y|| > {max_ratio:g}")
             below.chains[c] = saved.add(prev[c])
-
-
-def _small_scale_chains(layers, threshold: float) -> List[List[bool]]:
-    """[i][c]: recovering layer i's chain c would divide by a |s(beta)| of layer i+1 below
-    ``threshold`` (one host sync for the whole stage)."""
-    mins = []
-    for i in range(len(layers)):
-        nxt = layers[i + 1] if i + 1 < len(layers) else None
-        if nxt is None or not is_crnet_layer(nxt):
-            mins.append(None)
-            continue
-        mins.append(torch.stack([m.beta.detach().abs().min().float() + m.eps
-                                 for m in chain_modules(nxt)]))
-    present = [m for m in mins if m is not None]
-    flags = iter((torch.stack(present) < threshold).tolist() if present else [])
-    return [[False] * 4 if m is None else next(flags) for m in mins]
 
 
 def _max_ratio(config, hidden) -> Optional[float]:
@@ -202,17 +192,6 @@ def _max_ratio(config, hidden) -> Optional[float]:
     if config.crnet_recompute_max_ratio is None or hidden.dtype == torch.float32:
         return None
     return float(config.crnet_recompute_max_ratio)
-
-
-_WARNED = set()  # (layer, chain) pairs already logged: the fallback is reported once
-
-
-def _log_fallback(layer_number: int, chain: int, reason: str) -> None:
-    key = (layer_number, chain)
-    if key not in _WARNED:
-        _WARNED.add(key)
-        logger.warning("CR-Net recompute: storing layer %d's %s chain instead of inverting it "
-                       "(%s)", layer_number, Chains._fields[chain], reason)
 
 
 def _recover(layer, i, ctx, saved, y_cur):
