@@ -44,6 +44,24 @@ def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs:
     return loss.item()
 
 
+def step_with_norm(optimizer, grad_norm: float) -> None:
+    """Megatron's optimizer step once ``prepare_grads`` and ``get_grad_norm`` have run this step
+    (the trainer needs the norm first, for its non-finite check): clip by that norm and step with
+    the ready gradients, as ``ChainedOptimizer.step`` does after its own prepare and norm, so
+    gradients are prepared once and the norm all-reduced once per step."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(opt, "is_stub_optimizer", False):
+            continue
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0.0:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    optimizer.step_with_ready_grads()
+
+
 def mean_loss(model, batches: Iterator, num_batches: int, num_microbatches: int, seq_len: int,
               micro_batch_size: int) -> float:
     """Forward-only loss over ``num_batches`` global batches (windows of equal length make the

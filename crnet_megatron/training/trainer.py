@@ -65,7 +65,7 @@ from crnet_megatron.training.metrics import (
     truncate_metrics,
 )
 from crnet_megatron.training.plot import plot_metrics
-from crnet_megatron.training.step import mean_loss, run_schedule
+from crnet_megatron.training.step import mean_loss, run_schedule, step_with_norm
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +255,13 @@ class Trainer:
                             self.cfg["model"]["seq_length"], s["micro_batch_size"], False)
         self.consumed += s["global_batch_size"]
         with cpu_compat.cuda_device_rewrite():  # the norm Megatron's clipping uses
-            self.optimizer.prepare_grads()
+            found_inf = self.optimizer.prepare_grads()
             norm = float(self.optimizer.get_grad_norm())
-        if _any_rank(not (math.isfinite(loss) and math.isfinite(norm))):
+        if _any_rank(found_inf or not (math.isfinite(loss) and math.isfinite(norm))):
             return self._skip_step(loss, norm)
         self.skipped_in_a_row = 0
-        with cpu_compat.cuda_device_rewrite():
-            self.optimizer.step()
+        with cpu_compat.cuda_device_rewrite():  # prepared once, one norm: clip and step
+            step_with_norm(self.optimizer, norm)
         self.scheduler.step(increment=1)
         return dict(loss=loss, grad_norm=norm, skipped=0)
 
