@@ -19,21 +19,9 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from crnet_megatron.data.validate import tokenizer_file
+
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
-
-
-def tokenizer_file(path: str) -> str:
-    """An HF tokenizer: a ``tokenizer.json`` file, or a directory holding one (what
-    ``save_pretrained`` writes)."""
-    if os.path.isdir(path):
-        inner = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(inner):
-            raise FileNotFoundError(f"tokenizer directory {path!r} has no tokenizer.json (only "
-                                    "fast HF tokenizers are read)")
-        return inner
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
-    return path
 
 
 class HFTokenizer:

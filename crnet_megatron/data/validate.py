@@ -114,3 +114,17 @@ def check_index_cache(cache_dir: str) -> None:
             raise ValueError(f"dataset index cache {path} holds {dtype} data, not a numeric "
                              "index; refusing to load it (object arrays run code when read). "
                              "Delete it and it is rebuilt")
+
+
+def tokenizer_file(path: str) -> str:
+    """An HF tokenizer: a ``tokenizer.json`` file, or a directory holding one (what
+    ``save_pretrained`` writes)."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "tokenizer.json")
+        if not os.path.isfile(inner):
+            raise FileNotFoundError(f"tokenizer directory {path!r} has no tokenizer.json (only "
+                                    "fast HF tokenizers are read)")
+        return inner
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+    return path

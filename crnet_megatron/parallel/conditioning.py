@@ -52,6 +52,8 @@ class StageGuard:
         self.small: Optional[List[List[bool]]] = None
         self.ill: Optional[List[List[bool]]] = None
         self._pending: Optional[torch.Tensor] = None  # [2, layers, 4] on its way to the host
+        self._host: Optional[torch.Tensor] = None     # its pinned buffer, allocated once
+        self._copied = None                           # CUDA event: the copy has landed
 
     @staticmethod
     def of(layers) -> "StageGuard":
@@ -64,6 +66,8 @@ class StageGuard:
         """(small [i][c], ill [i][c] or None) for this step: the previous step's flags, or on a
         first step the current small-scale flags (read now) and no ill-conditioning flags yet."""
         if self._pending is not None:
+            if self._copied is not None:  # recorded a step ago: long complete, no stall
+                self._copied.synchronize()
             flags = self._pending.tolist()  # host memory, copied during the previous step
             self._pending = None
             self.small, self.ill = flags[0], flags[1]
@@ -77,9 +81,11 @@ class StageGuard:
         for i, row in ratios:
             ill[i] = row > max_ratio
         flags = torch.stack([small_now, ill])
-        if flags.is_cuda:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-        else:
-            host = flags.clone()
-        self._pending = host
+        if not flags.is_cuda:
+            self._pending = flags
+            return
+        if self._host is None or self._host.shape != flags.shape:
+            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        self._pending = self._host.copy_(flags, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()

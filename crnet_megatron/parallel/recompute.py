@@ -36,7 +36,6 @@ from crnet_megatron.model.projection import projection_scheme
 from crnet_megatron.parallel.conditioning import StageGuard, log_fallback, small_scales
 
 
-
 def chain_modules(layer) -> List[torch.nn.Module]:
     """The four projections of a layer, in ``Chains`` order."""
     att, mlp = layer.self_attention, layer.mlp

@@ -31,7 +31,7 @@ def check_layout(cfg, world: Optional[int] = None) -> None:
 def check_inputs(cfg) -> None:
     """The files a run reads exist and its save directory can be written, before any import of
     megatron-core or process group."""
-    from crnet_megatron.data.preprocess import tokenizer_file
+    from crnet_megatron.data.validate import tokenizer_file
 
     d, ck = cfg["data"], cfg["checkpoint"]
     if d["data_path"]:
