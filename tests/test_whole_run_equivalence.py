@@ -61,21 +61,12 @@ def test_crnet_recompute_trains_the_same_model(reference, tiny_dataset, tmp_path
     assert max(_relative(g["loss"], r["loss"]) for g, r in zip(got, reference)) < RTOL
 
 
-def _dist_optimizer_worker(rank, world, cfg):
-    """Megatron's distributed optimizer trains on CPU (only loading its checkpoints needs
-    Apex/TE), so it is forced on here to check the logged grad norm under it."""
-    from crnet_megatron.training import run_config
-
-    run_config.distributed_optimizer_supported = lambda: True
-    return run_worker(rank, world, cfg)
-
-
 def test_distributed_optimizer_logs_the_global_grad_norm(reference, tiny_dataset, tmp_path):
     """With the optimizer state sharded over DP, each rank holds part of the gradient; the
     logged norm is still the global one, the same on every rank and equal to DP=1's."""
     cfg = driver_cfg(tiny_dataset, tmp_path / "c", None, *BASE,
                      "parallel.use_distributed_optimizer=true")
-    results = run_distributed(_dist_optimizer_worker, 2, cfg, timeout=400)
+    results = run_distributed(run_worker, 2, cfg, timeout=400)
     norms = [[h["grad_norm"] for h in r["history"]] for r in results]
     assert norms[0] == norms[1]
     assert max(_relative(g, r["grad_norm"]) for g, r in zip(norms[0], reference)) < RTOL

@@ -17,6 +17,12 @@ Without CUDA it makes these adaptations (file:line are megatron-core 0.16.1):
    ``optimizer/distrib_optimizer.py:~415-431``); entered only around calls that need it
    (``pipeline_parallel/schedules.py:2138``, ``optimizer/optimizer.py:907``, DDP and optimizer
    construction, ``optimizer.step``, ``finalize_model_grads``).
+5. The distributed optimizer without Apex/TE (never installed on CPU) runs on torch's Adam,
+   which keeps a per-parameter ``step`` tensor. Its loader gives every parameter one shared
+   ``step`` tensor (``optimizer/distrib_optimizer.py:822``; Adam would then add to it once per
+   parameter), then copies over it a ``step`` that the fully reshardable state does not hold
+   (``:938``, a KeyError) or that is the placeholder state's (``dp_reshardable``, ``:1652``).
+   ``_torch_adam_distributed_optimizer()`` keeps each parameter's own, restored step.
 """
 
 from __future__ import annotations
@@ -52,8 +58,37 @@ def activate() -> bool:
 
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _torch_adam_distributed_optimizer()
     _ACTIVE = True
     return True
+
+
+def _torch_adam_distributed_optimizer() -> None:
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    if do.HAVE_APEX_OR_TE:
+        return
+    cls = do.DistributedOptimizer
+    set_states, load_state_dict = cls._set_main_param_and_optimizer_states, cls.load_state_dict
+
+    def _set_states(self, model_param, tensors):
+        # the step count was restored from the param groups just before; a source's own
+        # "step" is absent (fully_reshardable) or the placeholder state's (dp_reshardable)
+        group, order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group]["params"][order]]
+        tensors = {k: v for k, v in tensors.items() if k != "step"}
+        if "step" in state:
+            tensors["step"] = state["step"]
+        set_states(self, model_param, tensors)
+
+    def _load_state_dict(self, state_dict):
+        load_state_dict(self, state_dict)
+        for state in self.optimizer.state.values():  # one step tensor per parameter
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    cls._set_main_param_and_optimizer_states = _set_states
+    cls.load_state_dict = _load_state_dict
 
 
 def _is_cuda(device) -> bool:

@@ -33,10 +33,11 @@ from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.training import run_config
 from crnet_megatron.training.safe_checkpoint import (
     IncompleteCheckpointError,
+    TensorsOnly,
     UnsafeCheckpointError,
     load_metadata,
+    object_sizes,
     safe_reads,
-    strip_pickled_objects,
     verify_checkpoint,
 )
 
@@ -85,14 +86,31 @@ def _rng_tensors() -> Dict[str, ShardedTensor]:
         for name, state in states.items()}
 
 
-def _sharded_state(model, optimizer, is_loading: bool, with_rng: bool):
-    model_sd = strip_pickled_objects(getattr(model, "module", model).sharded_state_dict())
+def optimizer_format(optimizer, fully_reshardable: bool) -> Optional[str]:
+    """How the distributed optimizer's state is written (None: the plain optimizer's own).
+
+    ``dp_reshardable`` (Megatron-LM's default) writes each rank's shard as it is: no gather, no
+    extra host copies; it loads at any DP but only at the TP/PP it was saved with.
+    ``fully_reshardable`` gathers every bucket over DP and writes one copy per parameter, which
+    loads at any layout, at the price of three fp32 host copies of the model-parallel shard on
+    every DP rank during the save.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not any(isinstance(o, DistributedOptimizer)
+               for o in getattr(optimizer, "chained_optimizers", [optimizer])):
+        return None
+    return "fully_reshardable" if fully_reshardable else "dp_reshardable"
+
+
+def _sharded_state(model, optimizer, is_loading: bool, with_rng: bool, fmt: Optional[str],
+                   tensors_only: TensorsOnly):
+    model_sd = tensors_only(getattr(model, "module", model).sharded_state_dict())
     state = {"model": model_sd}
     if optimizer is not None:
-        # fully_reshardable: distributed-optimizer state loadable at any TP/PP/DP layout
-        state["optimizer"] = strip_pickled_objects(optimizer.sharded_state_dict(
+        state["optimizer"] = tensors_only(optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"}))
+            metadata={"distrib_optim_sharding_type": fmt or "fully_reshardable"}), ("optimizer",))
     if with_rng:
         state["rng_state"] = _rng_tensors()
     return state
@@ -134,7 +152,7 @@ def _failure_reason(exc: BaseException) -> str:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[str, Any],
-                    keep_last: int) -> str:
+                    keep_last: int, fully_reshardable: bool = False) -> str:
     """Save, then rename into place, then move ``latest``; keep the newest ``keep_last``."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
@@ -148,9 +166,12 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
     _in_process_write_results()
     try:
         with cpu_compat.cuda_device_rewrite():
-            state = _sharded_state(model, optimizer, is_loading=False, with_rng=True)
+            fmt = optimizer_format(optimizer, fully_reshardable)
+            state = _sharded_state(model, optimizer, is_loading=False, with_rng=True, fmt=fmt,
+                                   tensors_only=TensorsOnly())
             state["common"] = dict(common, iteration=iteration, layout=layout(),
-                                   rng_format="tensors", rng_cuda=torch.cuda.is_available())
+                                   rng_format="tensors", rng_cuda=torch.cuda.is_available(),
+                                   optimizer_format=fmt)
             dist_checkpointing.save(state, tmp)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - one message, then stop
         if rank0:
@@ -328,16 +349,39 @@ def _missing_keys_line(path: str, state, keys: set) -> str:
             f"holds instead {extra[:4]}{' ...' if len(extra) > 4 else ''}")
 
 
+def check_optimizer_layout(common: Dict[str, Any], optimizer) -> None:
+    """A ``dp_reshardable`` optimizer state loads only into the distributed optimizer at the
+    TP/PP it was saved with: anything else is refused with the ways out."""
+    if optimizer is None or common.get("optimizer_format") != "dp_reshardable":
+        return
+    saved, now = common.get("layout") or {}, layout()
+    distributed = optimizer_format(optimizer, False) is not None
+    if distributed and all(saved.get(k) == now[k] for k in ("tp", "pp")):
+        return
+    where = f"TP={saved.get('tp')} PP={saved.get('pp')}"
+    raise ValueError(
+        f"checkpoint {common['path']} holds the distributed optimizer's state as dp_reshardable, "
+        f"which loads only with parallel.use_distributed_optimizer=true at the layout it was "
+        f"saved at ({where}; any DP); this run is TP={now['tp']} PP={now['pp']}"
+        f"{'' if distributed else ' without it'}. Resume once at {where} with "
+        "checkpoint.optim_fully_reshardable=true to write a checkpoint that loads at any "
+        "layout, or set checkpoint.no_load_optim=true to start the optimizer afresh")
+
+
 def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
     """Load model (+ optimizer) state; returns whether the RNG state was restored."""
+    check_optimizer_layout(common, optimizer)
     restore_rng = (common.get("layout") == layout() and common.get("rng_format") == "tensors"
                    and bool(common.get("rng_cuda")) == torch.cuda.is_available())
     module = getattr(model, "module", model)
-    keys = _checkpoint_keys(common["path"])
+    metadata = load_metadata(os.path.join(common["path"], ".metadata"))
+    keys = set(metadata.state_dict_metadata)
+    tensors_only = TensorsOnly(object_sizes(metadata))
     with cpu_compat.cuda_device_rewrite(), _norm_keys_as_saved(module, keys):
         if optimizer is not None:
             _ensure_optimizer_state(optimizer)
-        state = _sharded_state(model, optimizer, is_loading=True, with_rng=restore_rng)
+        state = _sharded_state(model, optimizer, is_loading=True, with_rng=restore_rng,
+                               fmt=common.get("optimizer_format"), tensors_only=tensors_only)
         try:
             with safe_reads():
                 loaded = dist_checkpointing.load(state, common["path"])
@@ -350,13 +394,15 @@ def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
                     from None
             raise ValueError(f"could not load checkpoint {common['path']}: "
                              f"{_failure_reason(e)}") from None
+        loaded = tensors_only.restore(loaded)
         result = module.load_state_dict(loaded["model"], strict=False)
         bad = [k for k in list(result.missing_keys) + list(result.unexpected_keys)
                if not k.endswith("_extra_state")]
         if bad:
             raise ValueError(f"checkpoint {common['path']} does not match the model: {bad[:5]}")
         if optimizer is not None:
-            optimizer.load_state_dict(loaded["optimizer"])
+            with torch.no_grad():  # dp_reshardable copies into fp32 params that need grads
+                optimizer.load_state_dict(loaded["optimizer"])
     if restore_rng:
         rng = loaded["rng_state"]
         torch.set_rng_state(rng["cpu"].reshape(-1).cpu())

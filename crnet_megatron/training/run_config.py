@@ -61,7 +61,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
     "checkpoint": {
         "save": (None, OPT_STR), "load": (None, OPT_STR), "save_interval": (None, OPT_INT),
         "keep_last": (2, int), "no_load_optim": (False, bool),
-        "override_opt_param_scheduler": (False, bool),
+        "override_opt_param_scheduler": (False, bool), "optim_fully_reshardable": (False, bool),
     },
     "eval": {"eval_interval": (50, int), "eval_iters": (4, int)},
     "logging": {
@@ -339,24 +339,27 @@ def to_crnet_config(cfg, params_dtype=None):
     )
 
 
-def distributed_optimizer_supported() -> bool:
-    """Megatron-Core 0.16.1's distributed optimizer saves checkpoints without Apex/TE but cannot
-    load them back (its non-Apex path drops the Adam step count), so it is used only with them."""
+def distributed_optimizer_problem() -> Optional[str]:
+    """Why the distributed optimizer cannot be used here (None: it can). Without Apex/TE,
+    megatron-core 0.16.1 runs it on torch Adam, whose checkpoints its loader cannot read back;
+    on CPU the compatibility module mends that (``parallel/cpu_compat.py``), on a GPU it is
+    left as megatron-core has it, so there it needs Apex or Transformer Engine."""
+    import torch
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
-    return bool(HAVE_APEX_OR_TE)
+    if HAVE_APEX_OR_TE or not torch.cuda.is_available():
+        return None
+    return ("parallel.use_distributed_optimizer=true on a GPU needs Transformer Engine or Apex "
+            "(megatron-core 0.16.1 cannot load its torch-Adam checkpoints); install one or set "
+            "it to false")
 
 
 def use_distributed_optimizer(cfg) -> bool:
-    if not cfg["parallel"]["use_distributed_optimizer"]:
-        return False
-    if distributed_optimizer_supported():
+    if cfg["parallel"]["use_distributed_optimizer"]:
+        problem = distributed_optimizer_problem()
+        if problem:
+            raise ValueError(problem)
         return True
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print("note: parallel.use_distributed_optimizer ignored (no Apex/Transformer Engine); "
-              "using the non-distributed Megatron optimizer", flush=True)
     return False
 
 

@@ -8,9 +8,10 @@ clusters, so neither may run. Here:
 * ``.metadata`` is unpickled by ``MetadataUnpickler``, which knows only the classes torch's
   distributed-checkpoint metadata is made of and refuses everything else, naming the file and
   the class (``safe_reads()`` puts it in place of torch's reader while a load runs);
-* the checkpoints this project writes hold no pickled objects (``strip_pickled_objects``: no
-  Megatron ``_extra_state`` objects, RNG state as plain tensors), and a checkpoint whose metadata
-  marks any other item as pickled bytes is refused before anything is read;
+* the checkpoints this project writes hold no pickled objects (``TensorsOnly``: no Megatron
+  ``_extra_state`` objects, RNG state as plain tensors, and the distributed optimizer's small
+  per-group objects as JSON in uint8 tensors), and a checkpoint whose metadata marks any other
+  item as pickled bytes is refused before anything is read;
 * every storage file the metadata points into must exist and be long enough (a truncated copy
   is "incomplete", not a crash in the middle of a load).
 """
@@ -18,6 +19,7 @@ clusters, so neither may run. Here:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import re
@@ -136,19 +138,111 @@ def safe_reads():
             os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = forced
 
 
-def strip_pickled_objects(state: Dict[str, Any]) -> Dict[str, Any]:
-    """Drop Megatron's per-linear ``_extra_state`` objects (None for local linears, unused
-    without FP8) so that nothing in a checkpoint is pickled; any other object is an error."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+# A JSON-coded object larger than this in a checkpoint is refused (they are a few kB).
+MAX_OBJECT_BYTES = 16 << 20
 
-    out = {}
-    for key, value in state.items():
-        if isinstance(value, dict):
-            out[key] = strip_pickled_objects(value)
-        elif isinstance(value, ShardedObject):
-            if not key.endswith("_extra_state"):
-                raise TypeError(f"state {key!r} would be pickled into the checkpoint; "
-                                "store it as tensors")
+
+def _encode(value, key: str):
+    """Plain data as JSON-able values; tuples, non-string keys and dtypes tagged."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [_encode(v, key) for v in value]
+    if isinstance(value, tuple):
+        return {"t": [_encode(v, key) for v in value]}
+    if isinstance(value, dict):
+        return {"d": [[_encode(k, key), _encode(v, key)] for k, v in value.items()]}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    raise TypeError(f"state {key!r} holds a {type(value).__name__}, which would be pickled into "
+                    "the checkpoint; store it as tensors")
+
+
+def _decode(value, key: str):
+    if isinstance(value, list):
+        return [_decode(v, key) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if set(value) == {"t"}:
+        return tuple(_decode(v, key) for v in value["t"])
+    if set(value) == {"d"}:
+        return {_hashable(_decode(k, key)): _decode(v, key) for k, v in value["d"]}
+    dtype = getattr(torch, str(value.get("dtype")), None) if set(value) == {"dtype"} else None
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    raise IncompleteCheckpointError(f"checkpoint object {key!r} holds an unknown value {value!r:.80}")
+
+
+def _hashable(key):
+    if isinstance(key, list):
+        raise IncompleteCheckpointError(f"checkpoint object key {key!r:.80} is a list")
+    return key
+
+
+class TensorsOnly:
+    """A sharded state made of tensors only: Megatron's per-linear ``_extra_state`` objects
+    (None for local linears, unused without FP8) are dropped, and every other ``ShardedObject``
+    (the distributed optimizer's param groups and bucket sizes in its ``dp_reshardable`` format)
+    travels as its JSON in a uint8 ``ShardedTensor`` under the same key, with the same replicas.
+
+    Loading needs each object's byte length: ``sizes`` (key -> bytes, from the checkpoint's
+    ``.metadata``). ``restore(loaded)`` turns the loaded bytes back into the objects.
+    """
+
+    def __init__(self, sizes: Dict[str, int] | None = None):
+        self.sizes = sizes
+        self.paths: list = []
+
+    def __call__(self, state: Dict[str, Any], path: tuple = ()) -> Dict[str, Any]:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        out = {}
+        for key, value in state.items():
+            if isinstance(value, dict):
+                out[key] = self(value, path + (key,))
+            elif isinstance(value, ShardedObject):
+                if not key.endswith("_extra_state"):
+                    out[key] = self._as_tensor(value)
+                    self.paths.append(path + (key,))
+            else:
+                out[key] = value
+        return out
+
+    def _as_tensor(self, obj):
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        if any(n != 1 for n in obj.global_shape):
+            raise TypeError(f"state {obj.key!r} is an object sharded {obj.global_shape}; store "
+                            "it as tensors")
+        if self.sizes is None:
+            data = torch.frombuffer(bytearray(json.dumps(_encode(obj.data, obj.key)).encode()),
+                                    dtype=torch.uint8)
         else:
-            out[key] = value
-    return out
+            n = self.sizes.get(obj.key, 1)
+            if not 0 < n <= MAX_OBJECT_BYTES:
+                raise IncompleteCheckpointError(f"checkpoint object {obj.key!r} claims {n} bytes "
+                                                f"(at most {MAX_OBJECT_BYTES})")
+            data = torch.zeros(n, dtype=torch.uint8)
+        return ShardedTensor.from_rank_offsets(obj.key, data.view(1, -1),
+                                               replica_id=obj.replica_id)
+
+    def restore(self, loaded: Dict[str, Any]) -> Dict[str, Any]:
+        for path in self.paths:
+            parent = loaded
+            for key in path[:-1]:
+                parent = parent[key]
+            raw = bytes(parent[path[-1]].reshape(-1).cpu().numpy())
+            try:
+                parent[path[-1]] = _decode(json.loads(raw.decode()), path[-1])
+            except (UnicodeDecodeError, ValueError) as e:
+                raise IncompleteCheckpointError(
+                    f"checkpoint object {'/'.join(map(str, path))} is not valid JSON ({e})") \
+                    from None
+        return loaded
+
+
+def object_sizes(metadata: dcp_md.Metadata) -> Dict[str, int]:
+    """Byte lengths of the JSON-coded objects (and every other tensor) a checkpoint holds."""
+    return {key: int(md.size[-1]) for key, md in metadata.state_dict_metadata.items()
+            if isinstance(md, dcp_md.TensorStorageMetadata) and len(md.size) == 2
+            and md.properties.dtype == torch.uint8}

@@ -243,7 +243,7 @@ class Trainer:
                       model_shape=run_config.shape_keys(self.cfg), vocab_size=self.vocab,
                       tokenizer=self.tokenizer.fingerprint(), versions=self.versions)
         path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer, common,
-                               ck["keep_last"])
+                               ck["keep_last"], ck["optim_fully_reshardable"])
         if self.rank0:
             self._say(f"saved checkpoint {path}")
 
