@@ -38,14 +38,14 @@ def _train_step(model):
     """One forward/backward over 4 micro-batches; grads keyed by *global* parameter name."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from crnet_megatron.parallel.groups import sync_sequence_parallel_grads
+    from crnet_megatron.parallel.groups import sync_partial_grads
     from crnet_megatron.parallel.pipeline import forward_backward
 
     data = iter([batch(seed) for seed in range(MICROBATCHES)])
     out = forward_backward(forward_step_func=_forward_step, data_iterator=data, model=model,
                            num_microbatches=MICROBATCHES, seq_length=SEQ,
                            micro_batch_size=BATCH)
-    sync_sequence_parallel_grads(model)
+    sync_partial_grads(model)
     offset = get_transformer_layer_offset(model.config)
     grads = {}
     for name, p in model.named_parameters():

@@ -41,12 +41,12 @@ MODES = {
 
 
 def _grads(model):
-    from crnet_megatron.parallel.groups import sync_sequence_parallel_grads
+    from crnet_megatron.parallel.groups import sync_partial_grads
 
     ids, pos, labels = batch()
     loss = model(ids, pos, None, labels=labels)
     loss.sum().backward()
-    sync_sequence_parallel_grads(model)
+    sync_partial_grads(model)
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 

@@ -20,11 +20,11 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def _loss_and_grads(model, ids, pos, labels):
-    from crnet_megatron.parallel.groups import sync_sequence_parallel_grads
+    from crnet_megatron.parallel.groups import sync_partial_grads
 
     loss = model(ids, pos, None, labels=labels)
     loss.sum().backward()
-    sync_sequence_parallel_grads(model)
+    sync_partial_grads(model)
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 

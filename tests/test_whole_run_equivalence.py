@@ -27,6 +27,7 @@ LAYOUTS = {
     "tp2-pp2": (4, TP2 + PP2), "tp2-sp-crnet": (2, TP2 + SP + CRNET),
     "pp2-crnet": (2, PP2 + CRNET), "dp2-crnet": (2, CRNET),
     "tp2-pp2-sp-crnet": (4, TP2 + PP2 + SP + CRNET),
+    "pp2-dp2-distopt-crnet": (4, PP2 + CRNET + ["parallel.use_distributed_optimizer=true"]),
 }
 
 

@@ -210,8 +210,9 @@ def tp_layer_comm(hidden: int, rank: Optional[int], tp: int, sequence_parallel: 
     gathers dY. CR-Net: the column A factors are replicated, so only the codes cross ranks
     (T n r, n = 3 for qkv, 2 for fc1): all-reduced dZ in backward, or under SP gathered along
     the sequence in forward and reduce-scattered in backward; the row reduces only T r (and
-    gathers T r back under SP); the column betas all-reduce n scalars. (Once per step, not
-    counted here: under SP the A, row B and beta gradients are summed over TP with the norms.)
+    gathers T r back under SP). No scalar collective: the column betas' partial gradients are
+    summed once per step (``layer_collective_calls``; not counted here, nor the once-per-step
+    TP sum of the norms, A, row B and betas under SP).
     """
     if tp == 1:
         return {}
@@ -221,8 +222,22 @@ def tp_layer_comm(hidden: int, rank: Optional[int], tp: int, sequence_parallel: 
                 else dict(all_reduce=4 * t * h))
     codes, row = 5 * rank * t, 2 * rank * t
     if sequence_parallel:
-        return dict(all_gather=codes + row, reduce_scatter=codes + row, all_reduce=5)
-    return dict(all_reduce=codes + row + 5)
+        return dict(all_gather=codes + row, reduce_scatter=codes + row)
+    return dict(all_reduce=codes + row)
+
+
+def layer_collective_calls(sequence_parallel: bool, dense: bool) -> Dict[str, int]:
+    """TP collective calls of one layer per micro-batch, forward + backward (TP > 1).
+
+    Without SP both layers make 4 all-reduces (dense: dX of the two column linears, the two row
+    outputs; CR-Net: dZ of the two column codes, the two r-wide row codes). Under SP the dense
+    layer gathers X for each column linear in forward and again for its weight gradient,
+    reduce-scatters dX, reduce-scatters each row output and gathers dY: 6 + 4; CR-Net's codes
+    are gathered once (forward) and reduce-scattered once (backward) per linear: 4 + 4."""
+    if not sequence_parallel:
+        return dict(all_reduce=4)
+    return dict(all_gather=6, reduce_scatter=4) if dense else dict(all_gather=4,
+                                                                   reduce_scatter=4)
 
 
 def comm_wire_bytes(elements: Dict[str, int], tp: int, dtype_bytes: int) -> float:

@@ -25,11 +25,13 @@ Sharding (t = tensor-parallel size):
   applied after the reduction, and the chain add happens there, exactly once. The o/down chains
   therefore have the residual stream's layout ([s, b, h], or [s/t, b, h] under SP).
 * beta is replicated. A column beta sees only part of ``<dY, Y_prev>`` (outputs sharded on
-  h_out): its gradient is summed over TP inside autograd (``copy_to_tensor_model_parallel_region``:
-  identity forward, all-reduce of n scalars backward). Under SP a row's B and beta see one
-  sequence shard: they carry Megatron's ``sequence_parallel`` mark and are summed over TP once
-  per step with the norms (``finalize_model_grads``; ``parallel.sync_sequence_parallel_grads``
-  for an unwrapped model).
+  h_out), so its gradient is partial: it is marked ``partial_over_tp`` and summed over TP once
+  per step, not in autograd on every micro-batch (2-3 scalars a call would put ~2 L M
+  latency-bound collectives on the compute stream). Under SP a row's B and beta see one
+  sequence shard, likewise partial: everything partial carries Megatron's
+  ``sequence_parallel`` mark under SP and is summed with the norms in ``finalize_model_grads``;
+  without SP the column betas get one coalesced all-reduce of their own
+  (``parallel.groups.finalize_grads``; ``sync_partial_grads`` for an unwrapped model).
 """
 
 from __future__ import annotations
@@ -156,6 +158,9 @@ class CRNetColumnParallelLinear(MegatronModule):
             self.linear_b.add_module(name, b)
 
         self.beta = _make_beta(n, config)
+        if self.beta is not None and t > 1:  # a partial gradient, summed over TP once a step
+            self.beta.partial_over_tp = True
+            self.beta.sequence_parallel = self.sequence_parallel
         self.output_width = output_size // t  # this rank's share of the fused output
 
     @staticmethod
@@ -183,11 +188,8 @@ class CRNetColumnParallelLinear(MegatronModule):
         return torch.cat([q, k, v], dim=-1).reshape(*lead, -1)
 
     def position_scales(self) -> torch.Tensor:
-        """s(beta) per position; beta's gradient is summed over TP (sharded output)."""
-        beta = self.beta
-        if self.tp > 1:
-            beta = copy_to_tensor_model_parallel_region(beta)
-        return signed_scale(beta, self.eps)
+        """s(beta) per position (beta's gradient here is this rank's part; summed per step)."""
+        return signed_scale(self.beta, self.eps)
 
     def slices(self, y: torch.Tensor) -> List[torch.Tensor]:
         """Per-position views of a local output in the fused layout (no copies)."""
@@ -280,8 +282,8 @@ class CRNetRowParallelLinear(MegatronModule):
         # like Megatron's norms, they are summed over TP once per step (finalize_model_grads,
         # in fp32), not all-reduced in autograd on every micro-batch.
         for param in (self.linear_b.weight, self.beta):
-            if param is not None:
-                param.sequence_parallel = self.linear_a.sequence_parallel
+            if param is not None and self.linear_a.sequence_parallel:
+                param.sequence_parallel = param.partial_over_tp = True
 
     def _b_and_beta(self):
         return self.linear_b.weight, self.beta

@@ -61,19 +61,38 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def sync_sequence_parallel_grads(model: torch.nn.Module) -> None:
-    """Sum over TP the grads of params marked ``sequence_parallel`` (the norms under SP).
+def _partial_over_tp(param) -> bool:
+    """A replicated parameter whose gradient each TP rank holds only part of: marked
+    ``partial_over_tp`` (the column betas) or ``sequence_parallel`` (set only under SP)."""
+    return bool(getattr(param, "partial_over_tp", False) or getattr(param, "sequence_parallel",
+                                                                     False))
 
-    Megatron's ``finalize_model_grads`` does this for DDP-wrapped models; this is the same
-    reduction for an unwrapped model (tests, the small trainer).
-    """
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return
-    grads = [p.grad for p in model.parameters()
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
+
+def _sum_over_tp(grads) -> None:
+    """One coalesced all-reduce over TP of ``grads``, in place."""
+    if not grads or parallel_state.get_tensor_model_parallel_world_size() == 1:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
     for g, s in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.copy_(s)
+
+
+def sync_partial_grads(model: torch.nn.Module) -> None:
+    """Sum over TP the partial gradients of an unwrapped model (tests, the small trainer):
+    what ``finalize_grads`` does for DDP-wrapped ones."""
+    _sum_over_tp([p.grad for p in model.parameters() if _partial_over_tp(p) and p.grad is not None])
+
+
+def finalize_grads(model, *args, **kwargs) -> None:
+    """Megatron's ``finalize_model_grads``, then the partial gradients it does not sum: without
+    SP, the column betas (one coalesced all-reduce per step; under SP they carry the
+    ``sequence_parallel`` mark and Megatron sums them with the norms)."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.utils import get_model_config
+
+    finalize_model_grads(model, *args, **kwargs)
+    if get_model_config(model[0]).sequence_parallel:
+        return
+    _sum_over_tp([p.main_grad for chunk in model for p in chunk.parameters()
+                  if getattr(p, "partial_over_tp", False) and p.requires_grad])

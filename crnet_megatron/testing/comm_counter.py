@@ -77,6 +77,14 @@ class CommCounter(contextlib.AbstractContextManager):
             out[kind] += n
         return dict(out)
 
+    def call_counts(self) -> Dict[str, int]:
+        """Calls per kind."""
+        return dict(Counter(kind for kind, _, _ in self.calls))
+
+    def smallest(self) -> int:
+        """Elements of the smallest call (0 when none): a scalar collective shows here."""
+        return min((n for _, n, _ in self.calls), default=0)
+
     def wire_bytes(self) -> float:
         """Bytes one rank sends (ring algorithm, ``counting.comm_wire_bytes``)."""
         from crnet_megatron.analysis.counting import comm_wire_bytes

@@ -10,7 +10,8 @@ import torch
 
 def measure_layer_comm(hidden: int, ffn: int, heads: int, groups: int, rank: int, seq: int,
                        batch: int, tp: int, sequence_parallel: bool) -> Dict[str, Dict]:
-    """{"dense"|"crnet": {"elements": {kind: n}, "wire_bytes": b}} on this rank (fp32)."""
+    """{"dense"|"crnet": {"elements": {kind: n}, "calls": {kind: n}, "smallest": n,
+    "wire_bytes": b}} on this rank (fp32)."""
     from megatron.core import parallel_state as ps
 
     from crnet_megatron.model.config import CRNetConfig
@@ -34,5 +35,6 @@ def measure_layer_comm(hidden: int, ffn: int, heads: int, groups: int, rank: int
         with CommCounter(ps.get_tensor_model_parallel_group()) as counter:
             y, outgoing = layer(hidden_states, incoming, rotary_pos_emb=rope)
             (y.sum() + sum(c.sum() for c in outgoing)).backward()
-        out[name] = dict(elements=counter.elements(), wire_bytes=counter.wire_bytes())
+        out[name] = dict(elements=counter.elements(), calls=counter.call_counts(),
+                         smallest=counter.smallest(), wire_bytes=counter.wire_bytes())
     return out

@@ -4,7 +4,8 @@ Set-up (one place, in this order): distributed groups -> data (built-in corpus o
 prefixes) -> this rank's CR-Net stage -> Megatron DDP -> Megatron optimizer -> param scheduler
 -> FLOP counts -> resume. Each step runs Megatron's forward/backward schedule over the
 micro-batches (``step.run_schedule``: 1F1B under PP, chains carried between stages;
-``finalize_model_grads`` through the schedule), a non-finite check, then the optimizer step.
+``finalize_model_grads`` through the schedule, and the column betas' TP sum), a non-finite
+check, then the optimizer step.
 The loop logs, evaluates, saves and stops (signal, ``exit_interval``) in named steps too.
 """
 
@@ -21,11 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import (
     get_megatron_optimizer,
     get_standard_config_overrides,
@@ -41,7 +38,7 @@ from crnet_megatron.data.preprocess import HFTokenizer
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model
 from crnet_megatron.parallel.environment import banner, versions
-from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
+from crnet_megatron.parallel.groups import destroy_distributed, finalize_grads, init_distributed
 from crnet_megatron.training import preflight, run_config
 from crnet_megatron.training.checkpointing import (
     check_compatible,
@@ -146,7 +143,7 @@ class Trainer:
             ocfg = run_config.to_optimizer_config(cfg, dist_opt)
             self.optimizer = get_megatron_optimizer(
                 ocfg, [self.model], config_overrides=get_standard_config_overrides(ocfg))
-        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.finalize_model_grads_func = finalize_grads
         self.config.no_sync_func = self.model.no_sync
 
     def _build_scheduler(self):
