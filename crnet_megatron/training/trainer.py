@@ -22,7 +22,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+)
 from megatron.core.optimizer import (
     get_megatron_optimizer,
     get_standard_config_overrides,
@@ -38,7 +41,11 @@ from crnet_megatron.data.preprocess import HFTokenizer
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model
 from crnet_megatron.parallel.environment import banner, versions
-from crnet_megatron.parallel.groups import destroy_distributed, finalize_grads, init_distributed
+from crnet_megatron.parallel.groups import (
+    destroy_distributed,
+    finalize_grads,
+    init_distributed,
+)
 from crnet_megatron.training import preflight, run_config
 from crnet_megatron.training.checkpointing import (
     check_compatible,
