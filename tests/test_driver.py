@@ -80,9 +80,9 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tiny_dataset, tmp_path,
     bad_iters = {3, 6, 7}
     state = {"calls": 0}
 
-    def poisoned(data_iterator, model):
+    def poisoned(data_iterator, model, **shape):
         state["calls"] += 1
-        out, loss_func = real(data_iterator, model)
+        out, loss_func = real(data_iterator, model, **shape)
         if state["calls"] in bad_iters:
             out = out * float("nan")
         return out, loss_func
@@ -108,11 +108,11 @@ def test_sigterm_saves_a_final_checkpoint(tiny_dataset, tmp_path, monkeypatch):
 
     real, state = loop._forward_step, {"calls": 0}
 
-    def sends_sigterm(data_iterator, model):
+    def sends_sigterm(data_iterator, model, **shape):
         state["calls"] += 1
         if state["calls"] == 3:
             signal.raise_signal(signal.SIGTERM)  # what Slurm sends before the time limit
-        return real(data_iterator, model)
+        return real(data_iterator, model, **shape)
 
     monkeypatch.setattr(loop, "_forward_step", sends_sigterm)
     save = tmp_path / "ck"

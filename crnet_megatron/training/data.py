@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from crnet_megatron.data.corpus import EOS, builtin_corpus, load_or_train_tokenizer
 from crnet_megatron.data.preprocess import HFTokenizer, output_paths, preprocess_jsonl
@@ -67,7 +68,8 @@ def check_splits(prefixes: List[str], split: str) -> None:
 
 def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
                    weights: Optional[List[float]], sizes: List[int]):
-    """(train, valid, test) GPTDatasets; rank 0 builds the index caches first."""
+    """(train, valid, test) GPTDatasets on the ranks that read data (None elsewhere); rank 0
+    builds the index caches first."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -89,7 +91,7 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
 
     def build():
         try:
-            return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+            return BlendedMegatronDatasetBuilder(GPTDataset, sizes, reads_data, config).build()
         except (AssertionError, ValueError, OSError) as e:
             raise ValueError(f"could not read datasets {prefixes}: {e}") from e
 
@@ -133,3 +135,37 @@ class SampleIterator:
             check_batch_tokens(torch.cat([batch["tokens"], batch["labels"]]), self.vocab_size,
                                self.prefixes)
         return {k: v.to(self.device) for k, v in batch.items()}
+
+
+def reads_data() -> bool:
+    """Whether this rank reads micro-batches: TP rank 0 of the first and the last pipeline
+    stage (Megatron's rule); the middle stages need none, the other TP ranks get a broadcast."""
+    ends = (ps.is_pipeline_first_stage(ignore_virtual=True)
+            or ps.is_pipeline_last_stage(ignore_virtual=True))
+    return ends and ps.get_tensor_model_parallel_rank() == 0
+
+
+_INT_KEYS = ("tokens", "labels", "position_ids")
+
+
+def get_batch(data_iterator, micro_batch_size: int, seq_len: int,
+              device) -> Optional[Dict[str, torch.Tensor]]:
+    """This stage's micro-batch (None on a middle stage): read on TP rank 0 and broadcast over
+    TP in two calls (Megatron's ``get_batch_on_this_tp_rank``)."""
+    if not (ps.is_pipeline_first_stage(ignore_virtual=True)
+            or ps.is_pipeline_last_stage(ignore_virtual=True)):
+        return None
+    if ps.get_tensor_model_parallel_world_size() == 1:
+        return next(data_iterator)
+    shape = (micro_batch_size, seq_len)
+    if ps.get_tensor_model_parallel_rank() == 0:
+        batch = next(data_iterator)
+        ints = torch.stack([batch[k].to(torch.int64) for k in _INT_KEYS])
+        mask = batch["loss_mask"].float().contiguous()
+    else:
+        ints = torch.empty((len(_INT_KEYS), *shape), dtype=torch.int64, device=device)
+        mask = torch.empty(shape, dtype=torch.float32, device=device)
+    src, group = ps.get_tensor_model_parallel_src_rank(), ps.get_tensor_model_parallel_group()
+    dist.broadcast(ints, src, group=group)
+    dist.broadcast(mask, src, group=group)
+    return dict(zip(_INT_KEYS, ints), loss_mask=mask)

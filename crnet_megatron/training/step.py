@@ -4,6 +4,7 @@ training-time eval and ``crnet-eval`` share."""
 
 from __future__ import annotations
 
+import functools
 from typing import Iterator
 
 import torch
@@ -11,10 +12,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from crnet_megatron.parallel.pipeline import forward_backward
+from crnet_megatron.training.data import get_batch
 
 
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+def _forward_step(data_iterator, model, micro_batch_size: int, seq_len: int):
+    device = next(model.parameters()).device
+    batch = get_batch(data_iterator, micro_batch_size, seq_len, device)
+    if batch is None:  # a middle stage: its input is the previous stage's output
+        return model(None, None, None), lambda out: (out, {})
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     mask = batch["loss_mask"].float()
 
@@ -28,7 +33,8 @@ def _forward_step(data_iterator, model):
 def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs: int,
                  forward_only: bool) -> float:
     """Megatron's schedule over the micro-batches; mean loss, broadcast from the last stage."""
-    out = forward_backward(forward_step_func=_forward_step, data_iterator=data_iterator,
+    step = functools.partial(_forward_step, micro_batch_size=mbs, seq_len=seq_len)
+    out = forward_backward(forward_step_func=step, data_iterator=data_iterator,
                            model=model, num_microbatches=num_microbatches, seq_length=seq_len,
                            micro_batch_size=mbs, forward_only=forward_only)
     device = next(model.parameters()).device

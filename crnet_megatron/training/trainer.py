@@ -228,6 +228,9 @@ class Trainer:
 
     # -- pieces ------------------------------------------------------------------------------
     def _iterator(self, dataset, consumed: int):
+        """This rank's micro-batches; None where it reads none (``data.reads_data``)."""
+        if dataset is None:
+            return None
         device = next(self.model.parameters()).device
         return SampleIterator(dataset, self.cfg["schedule"]["micro_batch_size"], self.dp_rank,
                               self.dp_size, consumed, device, self.tokenizer.vocab_size,

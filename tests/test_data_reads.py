@@ -1,0 +1,39 @@
+"""Data is read once per TP group and only on the first and last pipeline stages (Megatron's
+``get_batch_on_this_tp_rank``): at TP=2 x PP=2 two of the four ranks read, each every sample
+of the run, and the others read none; the run is unchanged (whole-run equivalence holds at
+tp2-pp2 in ``test_whole_run_equivalence``)."""
+
+from tests.driver_utils import driver_cfg, run_worker
+from tests.helpers import run_distributed
+
+ITERS, GBS, EVAL_ITERS, EVAL_INTERVAL = 4, 4, 2, 4
+
+
+def _counting_worker(rank, world, cfg):
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    reads = [0]
+    getitem = GPTDataset.__getitem__
+
+    def counted(self, idx):
+        reads[0] += 1
+        return getitem(self, idx)
+
+    GPTDataset.__getitem__ = counted
+    result = run_worker(rank, world, cfg)
+    return dict(reads=reads[0], history=result["history"])
+
+
+def test_only_tp_rank0_of_the_end_stages_reads(tiny_dataset, tmp_path):
+    cfg = driver_cfg(tiny_dataset, tmp_path / "c", None, f"schedule.train_iters={ITERS}",
+                     f"schedule.global_batch_size={GBS}", "schedule.micro_batch_size=2",
+                     f"eval.eval_iters={EVAL_ITERS}", f"eval.eval_interval={EVAL_INTERVAL}",
+                     "parallel.tensor_model_parallel_size=2",
+                     "parallel.pipeline_model_parallel_size=2")
+    results = run_distributed(_counting_worker, 4, cfg, timeout=400)
+    # global rank order (Megatron's default tp-cp-ep-dp-pp): tp fastest, then pp
+    reads = [r["reads"] for r in results]
+    evals = ITERS // EVAL_INTERVAL
+    per_reader = ITERS * GBS + evals * EVAL_ITERS * GBS
+    assert reads == [per_reader, 0, per_reader, 0], reads
+    assert len({tuple(h["loss"] for h in r["history"]) for r in results}) == 1
