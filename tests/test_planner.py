@@ -132,6 +132,87 @@ def test_pp2_stage_params_and_payload(projection):
         assert width == payload_elements_per_token(plan)
 
 
+def _pp_held_worker(rank, world, dealloc):
+    """Peak bytes of stage-boundary tensors this stage holds for backward during one 1F1B step
+    (4 micro-batches): its received inputs and its sent outputs, storages counted once."""
+    from megatron.core.pipeline_parallel import schedules
+
+    from crnet_megatron import CRNetConfig, build_model
+    from crnet_megatron.parallel.groups import init_distributed
+    from crnet_megatron.parallel.pipeline import forward_backward
+    from tests.helpers import batch
+
+    init_distributed(pipeline_model_parallel_size=world)
+    config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                         num_query_groups=2, crnet_rank=16, pipeline_model_parallel_size=world,
+                         use_cpu_initialization=True, deallocate_pipeline_outputs=dealloc)
+    model = build_model(config, vocab_size=256, max_sequence_length=16, seed=1)
+    live, peak = {}, [0]
+    first = lambda t: t[0] if isinstance(t, list) else t  # noqa: E731
+
+    def measure():
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for pair in live.values() for t in pair if t is not None}
+        peak[0] = max(peak[0], sum(storages.values()))
+
+    real_fwd, real_bwd, real_free = (schedules.forward_step, schedules.backward_step,
+                                     schedules.deallocate_output_tensor)
+
+    def forward_step(*args, **kwargs):
+        out, n = real_fwd(*args, **kwargs)
+        inp = kwargs.get("input_tensor", args[4] if len(args) > 4 else None)
+        live[id(first(out))] = (first(inp), first(out) if first(out).dim() else None)
+        return out, n
+
+    def deallocate(out, *a, **k):
+        real_free(out, *a, **k)
+        measure()
+
+    def backward_step(input_tensor, output_tensor, *a, **k):
+        measure()
+        live.pop(id(first(output_tensor)), None)
+        return real_bwd(input_tensor, output_tensor, *a, **k)
+
+    schedules.forward_step, schedules.backward_step = forward_step, backward_step
+    schedules.deallocate_output_tensor = deallocate
+    data = iter([dict(zip(("tokens", "position_ids", "labels"), batch(seed)))
+                 for seed in range(4)])
+
+    def step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(b["tokens"], b["position_ids"], None, labels=b["labels"])
+        return out, lambda o: (o.float().mean(), {})
+
+    forward_backward(forward_step_func=step, data_iterator=data, model=model,
+                     num_microbatches=4, seq_length=16, micro_batch_size=2)
+    return peak[0]
+
+
+@pytest.mark.parametrize("dealloc", [True, False], ids=["deallocated", "kept"])
+def test_pp2_held_stage_tensors_equal_the_planner(dealloc):
+    """The planner counts the received inputs of the micro-batches in flight (1F1B: PP - stage)
+    on every stage but the first, and no sent outputs (``deallocate_pipeline_outputs``, on by
+    default): measured at PP=2 with 4 micro-batches, to the byte (a 1-element placeholder per
+    deallocated output aside). Kept outputs would add one payload per micro-batch in flight."""
+    from crnet_megatron import CRNetConfig
+    from crnet_megatron.planner.memory import (
+        payload_elements_per_token,
+        pipeline_held_bytes,
+    )
+
+    held = run_distributed(_pp_held_worker, 2, dealloc, timeout=300)
+    config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                         num_query_groups=2, crnet_rank=16, use_cpu_initialization=True)
+    plan = Plan(ModelShape.from_config(config, 256), config.crnet_layer_ranks, 16, pp=2,
+                micro_batch=2, global_batch=8, bf16=False)
+    payload = payload_elements_per_token(plan) * 16 * 2 * 4
+    kept = [0 if dealloc else payload * min(2 - stage, 4) for stage in range(2)]
+    kept[1] = 0  # the last stage sends nothing
+    for stage in range(2):
+        predicted = pipeline_held_bytes(plan, stage) + kept[stage]
+        assert abs(held[stage] - predicted) <= 4 * 4, (stage, held, predicted)
+
+
 def _dp_worker(rank, world, cfg):
     from megatron.core import parallel_state as ps
 

@@ -58,6 +58,10 @@ class CRNetConfig(TransformerConfig):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     layernorm_epsilon: float = 1e-6
+    # As Megatron-LM always sets it: a stage's packed output keeps only its graph once sent
+    # (CR-Net's boundary tensor is ~11x a dense one's, so holding it per in-flight micro-batch
+    # would cost more than for dense).
+    deallocate_pipeline_outputs: bool = True
 
     # CR-Net.
     crnet_variant: str = "crnet"

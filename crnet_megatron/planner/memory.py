@@ -6,9 +6,10 @@
 * activations: per micro-batch (``model.stage_activation_elements``) times the micro-batches in
   flight (1F1B: stage i holds min(PP - i, M)), plus the layer being recomputed in backward, plus
   the logits on the last stage;
-* pipeline buffers: the received stage inputs kept for backward (one per micro-batch in flight)
-  and a send and a receive buffer, each ``payload_width`` wide (the residual stream and, for
-  CR-Net, the packed chains);
+* pipeline buffers: the received stage inputs kept for backward (one per micro-batch in flight,
+  on every stage but the first; a stage's sent outputs keep only their graph,
+  ``deallocate_pipeline_outputs``) and a send and a receive buffer, each ``payload_width`` wide
+  (the residual stream and, for CR-Net, the packed chains);
 * a framework allowance: CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation,
   stated as ``ALLOWANCE_GIB + ALLOWANCE_FRACTION`` of the tensors.
 """
@@ -47,6 +48,16 @@ def payload_elements_per_token(plan: Plan) -> float:
     return payload_width(plan.shape, plan.tp, plan.sp) / (plan.tp if plan.sp else 1)
 
 
+def pipeline_held_bytes(plan: Plan, stage: int) -> float:
+    """Stage-boundary tensors a stage holds for backward at its peak: the received inputs of
+    its micro-batches in flight (none on the first stage; sent outputs are deallocated)."""
+    if plan.pp == 1 or stage == 0:
+        return 0.0
+    tokens = plan.seq * plan.micro_batch
+    in_flight = min(plan.pp - stage, plan.microbatches)
+    return payload_elements_per_token(plan) * tokens * (2 if plan.bf16 else 4) * in_flight
+
+
 def stage_memory(plan: Plan, stage: int) -> Dict[str, float]:
     """Bytes on one GPU of ``stage``, by part."""
     dtype = 2 if plan.bf16 else 4
@@ -58,8 +69,8 @@ def stage_memory(plan: Plan, stage: int) -> Dict[str, float]:
     act += working_layer_elements(plan, stage) * tokens * dtype
     logits = logits_bytes_per_token(plan) * tokens if stage == plan.pp - 1 else 0.0
     p2p = 0.0
-    if plan.pp > 1:
-        p2p = payload_elements_per_token(plan) * tokens * dtype * (in_flight + 2)
+    if plan.pp > 1:  # + a send and a receive buffer
+        p2p = pipeline_held_bytes(plan, stage) + payload_elements_per_token(plan) * tokens * dtype * 2
     parts = dict(weights=params * per["weights"], gradients=params * per["gradients"],
                  optimizer=params * per["optimizer"], activations=act, logits=logits,
                  pipeline_buffers=p2p)
