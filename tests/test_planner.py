@@ -19,7 +19,11 @@ from tests.helpers import run_distributed
 MODES = {"none": {}, "full": dict(recompute_granularity="full", recompute_method="uniform",
                                   recompute_num_layers=1),
          "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
-         "crnet": dict(recompute_granularity="crnet", crnet_checkpoint_every=2)}
+         "crnet": dict(recompute_granularity="crnet", crnet_checkpoint_every=2),
+         "full-block-2": dict(recompute_granularity="full", recompute_method="block",
+                              recompute_num_layers=2),
+         "full-uniform-2": dict(recompute_granularity="full", recompute_method="uniform",
+                                recompute_num_layers=2)}
 
 
 def _measure(config, seq, batch, vocab=256):
@@ -43,7 +47,9 @@ def _measure(config, seq, batch, vocab=256):
 def _predicted(config, seq, batch, mode, tp=1, vocab=256):
     shape = ModelShape.from_config(config, vocab)
     plan = Plan(shape, config.crnet_layer_ranks or None, seq, tp=tp, micro_batch=batch,
-                sequence_parallel=config.sequence_parallel, recompute=mode, bf16=False,
+                sequence_parallel=config.sequence_parallel, recompute=mode.split("-")[0],
+                recompute_method=config.recompute_method or "uniform",
+                recompute_num_layers=config.recompute_num_layers or 1, bf16=False,
                 backend="local", every=config.crnet_checkpoint_every)
     h = config.hidden_size / tp if plan.sp else config.hidden_size
     # the decoder ends with the final norm (its output is the output layer's, not counted here)

@@ -47,6 +47,8 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
     return Plan(shape, config.crnet_layer_ranks, m["seq_length"], tp=tp, pp=pp, dp=dp,
                 micro_batch=s["micro_batch_size"], global_batch=s["global_batch_size"],
                 sequence_parallel=p["sequence_parallel"], recompute=recompute,
+                recompute_method=cfg["recompute"]["recompute_method"] or "uniform",
+                recompute_num_layers=cfg["recompute"]["recompute_num_layers"] or 1,
                 distributed_optimizer=p["use_distributed_optimizer"], bf16=cfg["optimizer"]["bf16"])
 
 

@@ -220,7 +220,10 @@ def crnet_recompute(layers, hidden, chains: Optional[Chains], rope, config):
 
 
 def megatron_full_recompute(layers, hidden, chains: Optional[Chains], rope, config):
-    """Megatron ``full`` recompute (uniform or block) with the chains as checkpoint inputs."""
+    """Megatron ``full`` recompute with the chains as checkpoint inputs, as Megatron chunks it:
+    ``uniform`` checkpoints every ``recompute_num_layers`` layers as one chunk; ``block``
+    checkpoints each of the first ``recompute_num_layers`` layers on its own and runs the rest
+    without (``planner.per_rank.full_recompute_chunks`` counts the same)."""
     n, k = len(layers), config.recompute_num_layers or 1
 
     def run(start, end):
@@ -231,20 +234,19 @@ def megatron_full_recompute(layers, hidden, chains: Optional[Chains], rope, conf
             return (h, *(cs or ()))
         return fn
 
+    block = config.recompute_method == "block"
     start = 0
     while start < n:
-        end = min(n, start + k)
-        if config.recompute_method == "block" and start >= k:
-            out = run(start, n)(hidden, *(chains or ()))
-            end = n
+        if block and start >= k:  # the rest keeps its activations
+            out, end = run(start, n)(hidden, *(chains or ())), n
         else:
+            end = start + 1 if block else min(n, start + k)
             out = tensor_parallel.checkpoint(run(start, end), False, hidden, *(chains or ()))
         if not isinstance(out, tuple):
             out = (out,)
         hidden, chains = out[0], (Chains(*out[1:]) if len(out) > 1 else None)
         start = end
     return hidden, chains
-
 
 
 def layer_runner(config) -> Optional[Callable]:

@@ -16,7 +16,9 @@ token of one micro-batch; ``H`` marks hidden-wide tensors, which sequence parall
 * a CR-Net layer also keeps the incoming o and down chains (2H) for dbeta; the qkv and fc1
   chains are outputs the previous layer keeps anyway (attention's v and SwiGLU's gate/up
   views hold them), so they cost nothing more;
-* Megatron ``full`` keeps each layer's input (H) and incoming chains; ``selective`` (core
+* Megatron ``full`` keeps each checkpoint's input (H) and incoming chains (``uniform``: one
+  checkpoint per ``recompute_num_layers`` layers; ``block``: the first ``recompute_num_layers``
+  layers each checkpointed on its own, the rest keep everything); ``selective`` (core
   attention) saves only the log-sum-exp, as flash attention keeps no score matrix; ``crnet``
   (Algorithm 1) keeps layer inputs, each rank's own codes (7r, split under SP) and the chains
   at its checkpoint layers (``counting.recompute_saved_elements``).
@@ -26,7 +28,7 @@ token of one micro-batch; ``H`` marks hidden-wide tensors, which sequence parall
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from crnet_megatron.analysis.counting import (
     ModelShape,
@@ -53,6 +55,8 @@ class Plan:
     global_batch: int = 8
     sequence_parallel: Optional[bool] = None  # default: on when tp > 1
     recompute: str = "none"
+    recompute_method: str = "uniform"  # Megatron's, for recompute="full": "uniform" | "block"
+    recompute_num_layers: int = 1
     distributed_optimizer: bool = True
     bf16: bool = True
     every: int = 8
@@ -149,8 +153,12 @@ def stage_activation_elements(plan: Plan, stage: int) -> float:
     if mode in ("none", "selective"):
         return sum(layer_activation_elements(plan, i, mode) for i in layers)
     if mode == "full":
-        carried = sum(1 for i in layers if i > 0) if chains else 0
-        return len(layers) * H + carried * chain_elements(plan)
+        checkpoints, kept = full_recompute_chunks(plan, stage)
+        carried = sum(1 for c in checkpoints if c[0] > 0) if chains else 0
+        n = len(checkpoints) * H + carried * chain_elements(plan)
+        if kept and chains and kept[0] > 0:  # its qkv/fc1 chains: no kept layer below holds them
+            n += chain_elements(plan) - 2 * H
+        return n + sum(layer_activation_elements(plan, i, "none") for i in kept)
     if mode == "crnet":
         ranks = plan.ranks
         # Algorithm 1 stores each rank's own codes (a sequence shard under SP: the column
@@ -163,9 +171,31 @@ def stage_activation_elements(plan: Plan, stage: int) -> float:
     raise ValueError(f"recompute mode {mode!r}: one of {RECOMPUTE_MODES}")
 
 
+def full_recompute_chunks(plan: Plan, stage: int) -> Tuple[List[List[int]], List[int]]:
+    """(the layers of each checkpoint, the layers run without one) of a stage under Megatron
+    ``full`` recompute, as ``parallel.recompute.megatron_full_recompute`` runs them."""
+    layers = list(plan.stage_layers(stage))
+    k = max(1, plan.recompute_num_layers)
+    if plan.recompute_method == "block":
+        return [[i] for i in layers[:k]], layers[k:]
+    return [layers[j:j + k] for j in range(0, len(layers), k)], []
+
+
+def recomputed_layers(plan: Plan, stage: int) -> List[int]:
+    """The layers whose forward runs again in backward (``full``: the checkpointed ones)."""
+    if plan.recompute == "full":
+        return [i for chunk in full_recompute_chunks(plan, stage)[0] for i in chunk]
+    return list(plan.stage_layers(stage)) if plan.recompute == "crnet" else []
+
+
 def working_layer_elements(plan: Plan, stage: int) -> float:
-    """One layer's full activations, live again while ``full``/``crnet`` recompute it."""
-    if plan.recompute not in ("full", "crnet"):
+    """Activations live again while ``full``/``crnet`` recompute: one checkpoint's layers
+    (Algorithm 1: one layer)."""
+    if plan.recompute == "full":
+        chunks = full_recompute_chunks(plan, stage)[0]
+        return max((sum(layer_activation_elements(plan, i, "none") for i in c) for c in chunks),
+                   default=0.0)
+    if plan.recompute != "crnet":
         return 0.0
     return max(layer_activation_elements(plan, i, "none") for i in plan.stage_layers(stage))
 

@@ -33,11 +33,12 @@ from typing import Dict, List, Tuple
 from crnet_megatron.analysis.counting import (
     comm_wire_bytes,
     flops_per_token,
+    layer_collective_calls,
     tp_layer_comm,
 )
 from crnet_megatron.planner.hardware import GPU
 from crnet_megatron.planner.memory import payload_elements_per_token
-from crnet_megatron.planner.per_rank import Plan, stage_params
+from crnet_megatron.planner.per_rank import Plan, recomputed_layers, stage_params
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ def _elementwise_bytes(plan: Plan, rank) -> float:
     return n * (2 if plan.bf16 else 4)
 
 
-def layer_times(plan: Plan, gpu: GPU, layer: int) -> Dict[str, float]:
-    """Seconds of one layer for one micro-batch: forward, backward, recompute, TP comm."""
+def layer_times(plan: Plan, gpu: GPU, layer: int, recomputed: bool = True) -> Dict[str, float]:
+    """Seconds of one layer for one micro-batch: forward, backward, recompute (``recomputed``:
+    whether ``full`` recompute checkpoints this layer), TP comm."""
     dtype = 2 if plan.bf16 else 4
     T = plan.seq * plan.micro_batch
     rank = plan.ranks[layer]
@@ -95,7 +97,7 @@ def layer_times(plan: Plan, gpu: GPU, layer: int) -> Dict[str, float]:
     bwd = 2 * gemm + 2.5 * attn + 2 * elem
     mode = plan.recompute
     if mode == "full":
-        re = fwd
+        re = fwd if recomputed else 0.0
     elif mode == "selective":
         re = attn
     elif mode == "crnet":
@@ -117,7 +119,7 @@ def tp_layer_time(plan: Plan, gpu: GPU, rank) -> float:
     elements = tp_layer_comm(plan.shape.hidden, rank, plan.tp, plan.sp, T)
     dtype = 2 if plan.bf16 else 4
     wire = comm_wire_bytes(elements, plan.tp, dtype)
-    calls = (10 if plan.sp else 4) if rank is None else (10 if plan.sp else 6)
+    calls = sum(layer_collective_calls(plan.sp, dense=rank is None).values())
     bw = gpu.nvlink_gb_s * 1e9 * gpu.link_efficiency
     steps = math.ceil(math.log2(plan.tp))
     return wire / bw + calls * steps * gpu.nvlink_latency_us * 1e-6
@@ -139,7 +141,8 @@ def step_time(plan: Plan, gpu: GPU, overlap: Overlap = Overlap()) -> Dict[str, f
     loss_elem = 3 * 4 * s.vocab / plan.tp * T / (gpu.hbm_tb_s * 1e12)
     stages = []
     for stage in range(plan.pp):
-        parts = [layer_times(plan, gpu, i) for i in plan.stage_layers(stage)]
+        again = set(recomputed_layers(plan, stage))
+        parts = [layer_times(plan, gpu, i, i in again) for i in plan.stage_layers(stage)]
         comp = sum(p["forward"] + p["backward"] + p["recompute"] for p in parts)
         fwd = sum(p["forward"] for p in parts)
         bwd = sum(p["backward"] + p["recompute"] for p in parts)
