@@ -37,3 +37,23 @@ def test_only_tp_rank0_of_the_end_stages_reads(tiny_dataset, tmp_path):
     per_reader = ITERS * GBS + evals * EVAL_ITERS * GBS
     assert reads == [per_reader, 0, per_reader, 0], reads
     assert len({tuple(h["loss"] for h in r["history"]) for r in results}) == 1
+
+
+def _own_home_worker(rank, world, cfg, root):
+    import os
+
+    os.environ["HOME"] = os.path.join(root, f"node{rank}")  # each "node" has its own ~
+    return run_worker(rank, world, cfg)
+
+
+def test_a_cache_dir_not_shared_between_nodes_stops_every_rank(tiny_dataset, tmp_path):
+    """``data.cache_dir`` under a per-node ``~``: every rank stops at start-up with one line
+    naming the ranks that cannot see rank 0's files (and nothing hangs)."""
+    import pytest
+
+    cfg = driver_cfg(tiny_dataset, "~/cache", None, "schedule.global_batch_size=8")
+    with pytest.raises(RuntimeError) as err:
+        run_distributed(_own_home_worker, 2, cfg, str(tmp_path), timeout=200)
+    text = str(err.value)
+    assert "data.cache_dir='~/cache' is not shared between the ranks: rank 1 on " in text
+    assert "point data.cache_dir at a filesystem every node mounts" in text

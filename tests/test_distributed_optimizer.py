@@ -69,3 +69,21 @@ def test_dp_reshardable_at_another_tp_is_refused_with_the_way_out(tiny_dataset, 
     assert "dp_reshardable" in text and "TP=1 PP=1" in text and "this run is TP=2 PP=1" in text
     assert "checkpoint.optim_fully_reshardable=true" in text
     assert read_latest(str(tmp_path / "b")) == 4  # nothing lost
+
+
+def test_overlap_param_gather_trains_and_resumes_the_same(straight, tiny_dataset, tmp_path):
+    """Parameter all-gathers overlapped with the next forward (+ overlapped grad reduction):
+    the same losses as without, bitwise, through an evaluation, a save and a resume; the saved
+    model weights alone (what export reads; no optimizer state) are the trained ones, so the
+    parameters were gathered before the save."""
+    overlap = ["parallel.overlap_param_gather=true", "parallel.overlap_grad_reduce=true"]
+    first = _train(tiny_dataset, tmp_path, "b", 2, *overlap, "schedule.exit_interval=4",
+                   "eval.eval_interval=100")  # the save follows a step, no evaluation between
+    weights_only = run_distributed(run_worker, 2, driver_cfg(
+        tiny_dataset, tmp_path / "c", None, *DIST, "schedule.train_iters=4",
+        f"checkpoint.load={tmp_path / 'b'}", "checkpoint.no_load_optim=true",
+        "checkpoint.override_opt_param_scheduler=true"), timeout=400)[0]
+    assert weights_only["evals"][-1] == straight["evals"][0]  # iteration 4
+    resumed = _train(tiny_dataset, tmp_path, "b", 2, *overlap)
+    assert _losses(first) + _losses(resumed) == _losses(straight)
+    assert resumed["evals"][-1]["loss"] == straight["evals"][-1]["loss"]

@@ -17,8 +17,10 @@ from crnet_megatron.parallel.launch import free_port, rank_env_from_slurm
 
 
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                     seed: int = 1234, timeout_s: int = 600) -> None:
-    """Initialise torch.distributed (env:// as set by torchrun) and Megatron's groups."""
+                     seed: int = 1234, timeout_minutes: int = 10) -> None:
+    """Initialise torch.distributed (env:// as set by torchrun) and Megatron's groups, their
+    collectives timing out after ``timeout_minutes`` (``parallel.distributed_timeout_minutes``,
+    Megatron's ``--distributed-timeout-minutes``)."""
     cpu_compat.activate()
     if not dist.is_initialized():
         rank_env_from_slurm()
@@ -32,7 +34,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
         raise ValueError(
@@ -41,7 +43,8 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
             f"{pipeline_model_parallel_size}")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size)
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_minutes)
     set_seed(seed)
 
 

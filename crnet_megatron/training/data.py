@@ -5,6 +5,7 @@ preprocessed into the cache through the same path as ``crnet-preprocess``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -22,7 +23,60 @@ from crnet_megatron.data.validate import (
 )
 
 
-def prepare_builtin(cache_dir: str, vocab_size: int) -> Tuple[List[str], str]:
+def cache_barrier(timeout_minutes: int) -> None:
+    """Wait for rank 0's cache building: a barrier on a gloo group of its own whose timeout is
+    ``data.cache_build_timeout_minutes`` (a C4-sized index can take longer than the collectives'
+    ``parallel.distributed_timeout_minutes``)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    import datetime
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+    try:
+        dist.barrier(group=group)
+    finally:
+        dist.destroy_process_group(group)
+
+
+def check_shared_dir(root: str, key: str) -> None:
+    """Rank 0 builds what ``root`` caches and the other ranks read it: every rank must see the
+    same directory. Rank 0 writes a token file there; a rank that cannot read it back (a node
+    whose ``~`` or local disk is not shared) stops every rank with one line naming them."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    import secrets
+    import socket
+
+    path = os.path.expanduser(root)
+    token = torch.zeros(1, dtype=torch.int64)
+    if dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        token[0] = secrets.randbits(62)
+        with open(os.path.join(path, f".shared-check-{int(token)}"), "w") as f:
+            f.write(str(int(token)))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    token = token.to(device)
+    dist.broadcast(token, 0)
+    marker = os.path.join(path, f".shared-check-{int(token)}")
+    try:
+        seen = open(marker).read() == str(int(token))
+    except OSError:
+        seen = False
+    hosts: List[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, (seen, socket.gethostname()))
+    if dist.get_rank() == 0:
+        os.remove(marker)
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(hosts) if not ok]
+    if blind:
+        raise ValueError(f"{key}={root!r} is not shared between the ranks: {', '.join(blind)} "
+                         f"cannot see the file rank 0 ({hosts[0][1]}) wrote in {path}; rank 0 "
+                         f"builds the dataset caches there for every rank, so point {key} at a "
+                         "filesystem every node mounts")
+
+
+def prepare_builtin(cache_dir: str, vocab_size: int,
+                    timeout_minutes: int = 240) -> Tuple[List[str], str]:
     """Built-in corpus -> jsonl -> BPE tokenizer -> indexed dataset (once, on global rank 0)."""
     root = os.path.join(os.path.expanduser(cache_dir), "builtin")
     tok_path = os.path.join(root, f"builtin_bpe_{vocab_size}.json")
@@ -39,8 +93,7 @@ def prepare_builtin(cache_dir: str, vocab_size: int) -> Tuple[List[str], str]:
         load_or_train_tokenizer(docs, vocab_size, root)
         preprocess_jsonl([jsonl], prefix, tok_path, ["text"], append_eod=True, workers=1,
                          eod_token=EOS, overwrite=True, progress=False)
-    if dist.is_initialized():
-        dist.barrier()
+    cache_barrier(timeout_minutes)
     return [bin_path[:-4]], tok_path
 
 
@@ -68,8 +121,13 @@ def check_splits(prefixes: List[str], split: str) -> None:
 
 def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
                    weights: Optional[List[float]], sizes: List[int]):
-    """(train, valid, test) GPTDatasets on the ranks that read data (None elsewhere); rank 0
-    builds the index caches first."""
+    """(train, valid, test) GPTDatasets on the ranks that read data (None elsewhere).
+
+    Megatron-Core's builder builds on rank 0 between barriers of the default group, which time
+    out after ``parallel.distributed_timeout_minutes``. Rank 0 therefore builds the index caches
+    first, on its own (the builder sees one process), while the others wait on
+    ``cache_barrier`` (``data.cache_build_timeout_minutes``); then every rank builds from the
+    caches, as Megatron-Core does."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
@@ -95,14 +153,25 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
         except (AssertionError, ValueError, OSError) as e:
             raise ValueError(f"could not read datasets {prefixes}: {e}") from e
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        out = build()
-    if dist.is_initialized():
-        dist.barrier()
-    if rank != 0:
-        out = build()
-    return out
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return build()
+    if dist.get_rank() == 0:
+        with _builder_sees_one_process():
+            build()
+    cache_barrier(cfg["data"]["cache_build_timeout_minutes"])
+    return build()
+
+
+@contextlib.contextmanager
+def _builder_sees_one_process():
+    """While rank 0 builds the caches alone: megatron-core's dataset builder asks
+    ``torch.distributed.is_initialized()`` before each of its barriers."""
+    original = dist.is_initialized
+    dist.is_initialized = lambda: False
+    try:
+        yield
+    finally:
+        dist.is_initialized = original
 
 
 class SampleIterator:

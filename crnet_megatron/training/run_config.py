@@ -40,7 +40,8 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "sequence_parallel": (None, (bool, type(None))), "use_distributed_optimizer": (False, bool),
         "num_layers_in_first_pipeline_stage": (None, OPT_INT),
         "num_layers_in_last_pipeline_stage": (None, OPT_INT),
-        "overlap_grad_reduce": (False, bool),
+        "overlap_grad_reduce": (False, bool), "overlap_param_gather": (False, bool),
+        "distributed_timeout_minutes": (10, int),
     },
     "optimizer": {
         "optimizer": ("adam", str), "lr": (3e-3, NUM), "min_lr": (3e-4, NUM),
@@ -56,7 +57,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "data_path": (None, (list, type(None))), "split": ("969,30,1", str),
         "tokenizer": (None, OPT_STR), "eod_token": (None, OPT_STR),
         "builtin_vocab_size": (2048, int),
-        "cache_dir": ("~/.cache/crnet_megatron", str),
+        "cache_dir": ("~/.cache/crnet_megatron", str), "cache_build_timeout_minutes": (240, int),
     },
     "checkpoint": {
         "save": (None, OPT_STR), "load": (None, OPT_STR), "save_interval": (None, OPT_INT),
@@ -90,6 +91,7 @@ RANGES: Dict[str, tuple] = {
     "parallel.tensor_model_parallel_size": _POS, "parallel.pipeline_model_parallel_size": _POS,
     "parallel.num_layers_in_first_pipeline_stage": _POS,
     "parallel.num_layers_in_last_pipeline_stage": _POS,
+    "parallel.distributed_timeout_minutes": _POS, "data.cache_build_timeout_minutes": _POS,
     "optimizer.lr": _NONNEG, "optimizer.min_lr": _NONNEG, "optimizer.weight_decay": _NONNEG,
     "optimizer.adam_beta1": (0, 1, False, True), "optimizer.adam_beta2": (0, 1, False, True),
     "optimizer.adam_eps": (0, None, True, False), "optimizer.clip_grad": _NONNEG,
@@ -161,6 +163,11 @@ def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
                          f"model.variant: crnet (model.variant = {m['variant']!r} has no "
                          "cross-layer chain to invert); use 'full' or 'selective'")
     _validate_recompute_modules(cfg["recompute"])
+    p = cfg["parallel"]
+    if p["overlap_param_gather"] and not p["use_distributed_optimizer"]:
+        raise ValueError("config key parallel.overlap_param_gather = true needs "
+                         "parallel.use_distributed_optimizer: true (it overlaps the distributed "
+                         "optimizer's parameter all-gather with the next forward)")
     rank = m["crnet_rank"]
     ranks = rank if isinstance(rank, list) else [rank]
     if not ranks or any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in ranks):
@@ -377,6 +384,7 @@ def to_optimizer_config(cfg, distributed: bool):
         clip_grad=float(o["clip_grad"]), bf16=o["bf16"],
         params_dtype=torch.bfloat16 if o["bf16"] else torch.float32,
         use_distributed_optimizer=distributed,
+        overlap_param_gather=distributed and cfg["parallel"]["overlap_param_gather"],
     )
 
 

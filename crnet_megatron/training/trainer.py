@@ -11,6 +11,7 @@ The loop logs, evaluates, saves and stops (signal, ``exit_interval``) in named s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -58,6 +59,7 @@ from crnet_megatron.training.console import Console, IntervalWindow, wants_bar
 from crnet_megatron.training.data import (
     SampleIterator,
     build_datasets,
+    check_shared_dir,
     prepare_builtin,
 )
 from crnet_megatron.training.faults import StopSignals, children_die_with_parent
@@ -108,7 +110,8 @@ class Trainer:
     def _init_distributed(self):
         p = self.cfg["parallel"]
         init_distributed(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"],
-                         seed=self.cfg["schedule"]["seed"])
+                         seed=self.cfg["schedule"]["seed"],
+                         timeout_minutes=p["distributed_timeout_minutes"])
         self.rank0 = dist.get_rank() == 0
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.num_microbatches = preflight.validate_batch(self.cfg, self.dp_size)
@@ -118,13 +121,15 @@ class Trainer:
         """The tokenizer and the train/valid datasets (the built-in corpus, or indexed prefixes)."""
         cfg = self.cfg
         s, d, e = cfg["schedule"], cfg["data"], cfg["eval"]
+        check_shared_dir(d["cache_dir"], "data.cache_dir")
         if d["data_path"]:
             prefixes, weights = run_config.parse_blend(d["data_path"])
             if not d["tokenizer"]:
                 raise ValueError("data.tokenizer (a tokenizer.json) is required with data.data_path")
             tok_path = d["tokenizer"]
         else:
-            (prefixes, tok_path), weights = prepare_builtin(d["cache_dir"], d["builtin_vocab_size"]), None
+            (prefixes, tok_path), weights = prepare_builtin(d["cache_dir"], d["builtin_vocab_size"],
+                                                           d["cache_build_timeout_minutes"]), None
         self.prefixes = prefixes
         self.tokenizer = HFTokenizer(tok_path, d["eod_token"])
         evals = s["train_iters"] // e["eval_interval"] + 1
@@ -144,7 +149,7 @@ class Trainer:
         dist_opt = run_config.use_distributed_optimizer(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
-            use_distributed_optimizer=dist_opt)
+            overlap_param_gather=p["overlap_param_gather"], use_distributed_optimizer=dist_opt)
         with cpu_compat.cuda_device_rewrite():
             self.model = DistributedDataParallel(self.config, ddp_config, model)
             ocfg = run_config.to_optimizer_config(cfg, dist_opt)
@@ -236,12 +241,28 @@ class Trainer:
                               self.dp_size, consumed, device, self.tokenizer.vocab_size,
                               self.prefixes)
 
+    @contextlib.contextmanager
+    def _params_gathered(self):
+        """With ``overlap_param_gather`` the updated parameters are all-gathered in the next
+        forward's pre-hooks; evaluation and checkpoints need them now (as Megatron-LM does:
+        hooks off, which syncs the parameters, then on again)."""
+        hooked = getattr(self.model, "use_forward_hook", False)
+        if hooked:
+            with cpu_compat.cuda_device_rewrite():
+                self.model.disable_forward_pre_hook()
+        try:
+            yield
+        finally:
+            if hooked:
+                self.model.enable_forward_pre_hook()
+
     def evaluate(self) -> float:
         """Loss on a fixed validation budget: eval_iters global batches from the split start."""
         s = self.cfg["schedule"]
-        return mean_loss(self.model, self._iterator(self.valid_ds, 0), self.cfg["eval"]["eval_iters"],
-                         self.num_microbatches, self.cfg["model"]["seq_length"],
-                         s["micro_batch_size"])
+        with self._params_gathered():
+            return mean_loss(self.model, self._iterator(self.valid_ds, 0),
+                             self.cfg["eval"]["eval_iters"], self.num_microbatches,
+                             self.cfg["model"]["seq_length"], s["micro_batch_size"])
 
     def save(self):
         ck = self.cfg["checkpoint"]
@@ -249,8 +270,9 @@ class Trainer:
                       skipped_iterations=self.skipped_total, config=self.cfg,
                       model_shape=run_config.shape_keys(self.cfg), vocab_size=self.vocab,
                       tokenizer=self.tokenizer.fingerprint(), versions=self.versions)
-        path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer, common,
-                               ck["keep_last"], ck["optim_fully_reshardable"])
+        with self._params_gathered():
+            path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer,
+                                   common, ck["keep_last"], ck["optim_fully_reshardable"])
         if self.rank0:
             self._say(f"saved checkpoint {path}")
 
