@@ -87,3 +87,16 @@ def test_overlap_param_gather_trains_and_resumes_the_same(straight, tiny_dataset
     resumed = _train(tiny_dataset, tmp_path, "b", 2, *overlap)
     assert _losses(first) + _losses(resumed) == _losses(straight)
     assert resumed["evals"][-1]["loss"] == straight["evals"][-1]["loss"]
+
+
+@pytest.mark.parametrize("fmt", [[], FULL], ids=["dp_reshardable", "fully_reshardable"])
+def test_async_save_resumes_exactly(straight, tiny_dataset, tmp_path, fmt):
+    """checkpoint.async_save: the tensors are written by a forked process while training goes
+    on; the checkpoint becomes the latest only once complete, and resuming from it is exact."""
+    first = _train(tiny_dataset, tmp_path, "b", 2, *fmt, "checkpoint.async_save=true",
+                   "checkpoint.save_interval=2", "schedule.exit_interval=4")
+    assert read_latest(str(tmp_path / "b")) == 4
+    assert sorted(p.name for p in (tmp_path / "b").glob("iter_*")) == ["iter_0000002",
+                                                                      "iter_0000004"]
+    resumed = _train(tiny_dataset, tmp_path, "b", 2, *fmt, "checkpoint.async_save=true")
+    assert _losses(first) + _losses(resumed) == _losses(straight)

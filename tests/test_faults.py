@@ -129,10 +129,13 @@ _KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_kill_during_save_leaves_no_processes(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_kill_during_save_leaves_no_processes(tiny_dataset, tmp_path, mode):
+    """SIGKILL while a save is being written (async: by a forked process while training goes
+    on): no process is left behind and nothing half-written becomes the latest."""
     save = tmp_path / "ck"
     prefix, tok, _ = tiny_dataset
-    sets = []
+    sets = ["--set", f"checkpoint.async_save={str(mode == 'async').lower()}"]
     for item in ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=172",
                  "model.crnet_rank=16", "model.seq_length=32", "schedule.train_iters=4",
                  "schedule.micro_batch_size=2", "schedule.global_batch_size=2",

@@ -2,9 +2,11 @@
 
     python tools/soak_faults.py --kills 20 --out runs/soak
 
-One uninterrupted reference run, then the same run started, killed at a random moment (SIGKILL
-or SIGTERM; about half while a checkpoint is being written) and resumed, until it has been
-killed ``--kills`` times and has finished. At the end the per-iteration losses of the killed
+One uninterrupted reference run, then the same run started, killed (SIGKILL or SIGTERM) and
+resumed, until it has been killed ``--kills`` times and has finished. About half the kills
+wait for a checkpoint being written ("mid-save"); the others wait for the attempt's first
+logged training step and then a random 0-3 s of training ("training"). ``--set`` passes
+config overrides to every run (e.g. ``--set checkpoint.async_save=true``). At the end the per-iteration losses of the killed
 run (from its ``metrics.jsonl``) must equal the reference's exactly, and no process of any
 attempt and no temporary checkpoint directory may be left. Local processes only; bounded by
 ``--max-minutes``. Prints a Markdown table and writes ``soak.json``.
@@ -33,9 +35,9 @@ TINY = ["model.num_layers=3", "model.hidden_size=64", "model.ffn_hidden_size=172
         "checkpoint.save_interval=3", "checkpoint.keep_last=2", "data.builtin_vocab_size=512"]
 
 
-def _command(save: Path, cache: Path, iters: int):
+def _command(save: Path, cache: Path, iters: int, extra=()):
     sets = TINY + [f"schedule.train_iters={iters}", f"checkpoint.save={save}",
-                   f"data.cache_dir={cache}"]
+                   f"data.cache_dir={cache}"] + list(extra)
     config = cache.parent / "soak.yaml"  # the values are all --set; the config names the run
     config.write_text("logging:\n  plot: false\n")
     return ([sys.executable, "-m", "crnet_megatron.cli.train", str(config)]
@@ -46,6 +48,14 @@ def _env():
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return env
+
+
+def _logged(save: Path) -> int:
+    """Training rows in the run's metrics.jsonl so far."""
+    try:
+        return sum('"split": "train"' in line for line in open(save / "metrics.jsonl"))
+    except OSError:
+        return 0
 
 
 def _losses(save: Path):
@@ -67,17 +77,20 @@ def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
                             start_new_session=True)
     mid_save = rng.random() < 0.5
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
-    delay = rng.uniform(2.0, 9.0)
-    t0, seen, phase = time.monotonic(), [], "training"
+    delay = rng.uniform(0.0, 3.0)
+    t0, seen, phase, trained_at = time.monotonic(), [], "training", None
+    rows_at_start = _logged(save)
     stale = set(save.glob("iter_*.tmp"))  # left by an earlier kill; removed at the next save
     while proc.poll() is None:
         seen = {p.pid: p for p in seen + _tree(proc.pid)}.values()
         seen = list(seen)
         saving = bool(set(save.glob("iter_*.tmp")) - stale)
+        if trained_at is None and _logged(save) > rows_at_start:
+            trained_at = time.monotonic()  # this attempt's first step is logged
         if not kill:
             pass
         elif (mid_save and saving and time.monotonic() - t0 > 1.0) or \
-                (not mid_save and time.monotonic() - t0 > delay):
+                (not mid_save and trained_at and time.monotonic() - trained_at > delay):
             phase = "mid-save" if saving else "training"
             break
         if time.monotonic() - t0 > 600:
@@ -107,13 +120,15 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--out", default="runs/soak")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every run (repeatable)")
     args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache, rng = out / "cache", random.Random(args.seed)
     log = open(out / "soak.log", "w")
     ref_dir, run_dir = out / f"reference-{os.getpid()}", out / f"killed-{os.getpid()}"
-    ref = subprocess.run(_command(ref_dir, cache, args.iters), env=_env(), cwd=ROOT, stdout=log,
+    ref = subprocess.run(_command(ref_dir, cache, args.iters, args.set), env=_env(), cwd=ROOT, stdout=log,
                          stderr=log)
     if ref.returncode:
         raise SystemExit(f"reference run failed (exit {ref.returncode}); see {out / 'soak.log'}")
@@ -127,8 +142,8 @@ def main(argv=None):
                                                and rows[-1]["phase"] == "finished"):
         if run_dir.exists() and rows and rows[-1]["phase"] == "finished":
             shutil.rmtree(run_dir)  # a finished round; start the job again from scratch
-        row, finished = _attempt(_command(run_dir, cache, args.iters), run_dir, rng, log,
-                                 kill=kills() < args.kills)
+        cmd = _command(run_dir, cache, args.iters, args.set)
+        row, finished = _attempt(cmd, run_dir, rng, log, kill=kills() < args.kills)
         rows.append(dict(attempt=len(rows) + 1, **row))
         if finished:  # every completed round must match the reference exactly
             got = _losses(run_dir)
@@ -139,6 +154,7 @@ def main(argv=None):
               flush=True)
     leftovers = sum(r["left"] for r in rows)
     summary = dict(kills=kills(), mid_save=sum(r["phase"] == "mid-save" for r in rows),
+                   mid_training=sum(r["phase"] == "training" for r in rows),
                    sigkill=sum(r["signal"] == "SIGKILL" for r in rows),
                    sigterm=sum(r["signal"] == "SIGTERM" for r in rows), rounds=len(rounds),
                    iterations_per_round=len(reference),

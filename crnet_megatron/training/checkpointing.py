@@ -125,14 +125,17 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _in_process_write_results():
+def _write_results_queue(async_save: bool):
     """Megatron's checkpoint writer collects write results through a queue it creates with a
-    ``multiprocessing.Manager()`` (a server process that outlives a killed trainer). Saves are
-    synchronous here, so an in-process queue does the same job and leaves no process behind."""
+    ``multiprocessing.Manager()`` (a server process that outlives a killed trainer). A
+    synchronous save writes from this process, so an in-process queue does the job; an async
+    save writes from a forked process, so it gets a fork-context queue (a pipe, no server)."""
+    import multiprocessing as mp
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
+    filesystem_async._results_queue = mp.get_context("fork").Queue() if async_save \
+        else queue.Queue()
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -152,18 +155,20 @@ def _failure_reason(exc: BaseException) -> str:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[str, Any],
-                    keep_last: int, fully_reshardable: bool = False) -> str:
-    """Save, then rename into place, then move ``latest``; keep the newest ``keep_last``."""
+                    keep_last: int, fully_reshardable: bool = False, async_queue=None) -> str:
+    """Save into ``iter_N.tmp``, then rename it into place, move ``latest`` and keep the newest
+    ``keep_last``. With ``async_queue`` (megatron-core's ``AsyncCallsQueue``) the tensors are
+    written by a forked process while training goes on, and the rename, ``latest`` and the
+    retention happen only when every rank's write is complete (``finish_saves``)."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
-    rank0 = _rank0()
-    if rank0:
+    if _rank0():
         os.makedirs(root, exist_ok=True)
         for stale in glob.glob(os.path.join(root, "iter_*.tmp")):
             shutil.rmtree(stale, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    _in_process_write_results()
+    _write_results_queue(async_queue is not None)
     try:
         with cpu_compat.cuda_device_rewrite():
             fmt = optimizer_format(optimizer, fully_reshardable)
@@ -172,19 +177,50 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
             state["common"] = dict(common, iteration=iteration, layout=layout(),
                                    rng_format="tensors", rng_cuda=torch.cuda.is_available(),
                                    optimizer_format=fmt)
-            dist_checkpointing.save(state, tmp)
+            request = dist_checkpointing.save(state, tmp,
+                                              async_sharded_save=async_queue is not None)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - one message, then stop
-        if rank0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        latest = read_latest(root) if os.path.exists(os.path.join(root, TRACKER)) else None
-        raise CheckpointSaveError(
-            f"could not save checkpoint {final}: {_failure_reason(e)}; the previous checkpoint "
-            f"(iteration {latest}) is still the latest") from None
+        raise _save_failed(root, final, e) from None
+    if async_queue is None:
+        _publish(root, iteration, keep_last)
+    else:
+        request.add_finalize_fn(lambda: _publish(root, iteration, keep_last))
+        with cpu_compat.cuda_device_rewrite():
+            async_queue.schedule_async_request(request)
+    return final
+
+
+def finish_saves(async_queue, root: str, blocking: bool) -> List[int]:
+    """Publish the async saves whose writes are complete on every rank (all of them, waiting,
+    when ``blocking``); a failed write raises ``CheckpointSaveError`` on every rank. Called by
+    every rank at the same points (it is collective)."""
+    if async_queue is None or not async_queue.get_num_unfinalized_calls():
+        return []
+    try:
+        with cpu_compat.cuda_device_rewrite():
+            return async_queue.maybe_finalize_async_calls(blocking=blocking)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001
+        tmp = sorted(glob.glob(os.path.join(root, "iter_*.tmp")))
+        raise _save_failed(root, tmp[-1][:-4] if tmp else root, e) from None
+
+
+def _save_failed(root: str, final: str, exc: BaseException) -> CheckpointSaveError:
+    if _rank0():
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
+    latest = read_latest(root) if os.path.exists(os.path.join(root, TRACKER)) else None
+    return CheckpointSaveError(
+        f"could not save checkpoint {final}: {_failure_reason(exc)}; the previous checkpoint "
+        f"(iteration {latest}) is still the latest")
+
+
+def _publish(root: str, iteration: int, keep_last: int) -> None:
+    """Every rank has written ``iter_N.tmp``: rename it, then move ``latest``, then prune."""
+    final = iteration_dir(root, iteration)
     _barrier()
-    if rank0:
+    if _rank0():
         if os.path.exists(final):  # re-saving an iteration: replace the old copy last
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(final + ".tmp", final)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
@@ -193,7 +229,6 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
         for old in kept[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
-    return final
 
 
 def read_checkpoint(path: str) -> Dict[str, Any]:

@@ -63,6 +63,7 @@ SCHEMA: Dict[str, Dict[str, tuple]] = {
         "save": (None, OPT_STR), "load": (None, OPT_STR), "save_interval": (None, OPT_INT),
         "keep_last": (2, int), "no_load_optim": (False, bool),
         "override_opt_param_scheduler": (False, bool), "optim_fully_reshardable": (False, bool),
+        "async_save": (False, bool),
     },
     "eval": {"eval_interval": (50, int), "eval_iters": (4, int)},
     "logging": {

@@ -50,6 +50,7 @@ from crnet_megatron.parallel.groups import (
 from crnet_megatron.training import preflight, run_config
 from crnet_megatron.training.checkpointing import (
     check_compatible,
+    finish_saves,
     iteration_dir,
     load_checkpoint,
     load_common,
@@ -102,6 +103,13 @@ class Trainer:
             os.path.join(save, "metrics.jsonl") if save else None)
         self.iteration, self.consumed, self.skipped_total, self.skipped_in_a_row = 0, 0, 0, 0
         self.schedule_changes: Dict[str, tuple] = {}
+        self.async_saves, self.saving = None, []  # megatron-core's queue; paths in flight
+        if cfg["checkpoint"]["async_save"]:
+            from megatron.core.dist_checkpointing.strategies.async_utils import (
+                AsyncCallsQueue,
+            )
+
+            self.async_saves = AsyncCallsQueue()
         self._resume()
         self.writer = MetricsWriter(self.metrics_path, cfg["logging"]["tensorboard_dir"],
                                     self.rank0)
@@ -270,11 +278,23 @@ class Trainer:
                       skipped_iterations=self.skipped_total, config=self.cfg,
                       model_shape=run_config.shape_keys(self.cfg), vocab_size=self.vocab,
                       tokenizer=self.tokenizer.fingerprint(), versions=self.versions)
+        self.finish_saves(blocking=True)  # one save in flight at a time
         with self._params_gathered():
             path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer,
-                                   common, ck["keep_last"], ck["optim_fully_reshardable"])
-        if self.rank0:
-            self._say(f"saved checkpoint {path}")
+                                   common, ck["keep_last"], ck["optim_fully_reshardable"],
+                                   self.async_saves)
+        if self.async_saves is None:
+            self._say(f"saved checkpoint {path}") if self.rank0 else None
+        else:
+            self.saving.append(path)
+
+    def finish_saves(self, blocking: bool) -> None:
+        """Async saves whose writes are complete everywhere become the latest (collective)."""
+        done = finish_saves(self.async_saves, self.cfg["checkpoint"]["save"] or "", blocking)
+        for _ in done:
+            path = self.saving.pop(0)
+            self._say(f"saved checkpoint {path} (written while training)") if self.rank0 \
+                else None
 
     def train_step(self, data_iterator) -> Dict[str, float]:
         s = self.cfg["schedule"]
@@ -320,6 +340,7 @@ class Trainer:
         try:
             while self.iteration < s["train_iters"]:
                 out = self.train_step(data)
+                self.finish_saves(blocking=False)
                 self.iteration += 1
                 history.append(dict(iteration=self.iteration, **out))
                 self._log_step(out)
@@ -422,8 +443,10 @@ class Trainer:
         save = self.cfg["checkpoint"]["save"]
         if stopped_by is None and (not evals or evals[-1]["iteration"] != self.iteration):
             evals.append(self._eval_record())
+        self.finish_saves(blocking=True)
         if save and not os.path.isdir(iteration_dir(save, self.iteration)):
             self.save()  # a second SIGTERM during this save does not cut it short
+        self.finish_saves(blocking=True)
 
     def _close(self, stopped_by: Optional[str]) -> None:
         if self.rank0 and stopped_by == "signal":
