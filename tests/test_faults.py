@@ -188,3 +188,35 @@ def test_single_process_runs_pick_a_free_port(tiny_dataset, tmp_path, monkeypatc
         assert _iters(result) == [1]
     finally:
         blocker.close()
+
+
+def _put_large(results):
+    results.put(b"x" * (4 << 20))  # far more than a pipe holds
+
+
+def _large_results_worker(rank, world, tmp):
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies.async_utils import (
+        AsyncCallsQueue,
+        AsyncRequest,
+    )
+
+    from crnet_megatron.parallel.groups import init_distributed
+
+    init_distributed(1, 1)
+    checkpointing._write_results_queue(True)
+    results, got = filesystem_async._results_queue, []
+    calls = AsyncCallsQueue()
+    calls.schedule_async_request(AsyncRequest(
+        _put_large, (results,), [lambda: got.append(len(results.get_nowait()))]))
+    return checkpointing.finish_saves(calls, tmp, blocking=True), got
+
+
+def test_async_writer_with_large_results_is_waited_for(tmp_path):
+    """megatron-core joins its forked writer before reading the write results; results larger
+    than a pipe would keep the writer from ever exiting. ``finish_saves`` drains them while it
+    waits (bounded by the helper's timeout, so a regression fails instead of hanging)."""
+    from tests.helpers import run_distributed
+
+    done, got = run_distributed(_large_results_worker, 1, str(tmp_path), timeout=120)[0]
+    assert done == [0] and got == [4 << 20]

@@ -1,4 +1,4 @@
-"""``crnet-bench {throughput,recompute,comm,parallel,weak-scaling,device,planner} [...]``: the
+"""``crnet-bench {throughput,recompute,comm,parallel,weak-scaling,device,planner,costs} [...]``: the
 benchmarks, each printing one table and writing JSON (``--json``); ``--reduced`` where offered
 runs tiny shapes for CI."""
 
@@ -19,6 +19,8 @@ BENCHMARKS = {
                "bf16 step time and peak memory of CR-Net, lowrank and dense (the device kit)"),
     "planner": ("crnet_megatron.bench.planner",
                 "planner vs measured activations and published Megatron runs"),
+    "costs": ("crnet_megatron.bench.costs",
+              "host syncs, TP calls, data reads per step; stall and host RSS per save"),
 }
 
 

@@ -12,6 +12,7 @@ aside (``iter_N.broken``) and the newest complete one is used, with a loud messa
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import glob
@@ -20,6 +21,7 @@ import queue
 import re
 import shutil
 import sys
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -125,17 +127,44 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+class _WriteResults:
+    """Where megatron-core's forked async writer puts its write results: a fork-context
+    multiprocessing queue (a pipe, no server process) that this process drains into a buffer
+    while it waits (``drain``). Megatron-core joins the writer before reading its results; a
+    writer whose results fill the pipe would then never exit, so the waiting loop of
+    ``finish_saves`` drains between its checks."""
+
+    def __init__(self):
+        import multiprocessing as mp
+
+        self._pipe = mp.get_context("fork").Queue()
+        self._got: collections.deque = collections.deque()
+
+    def put(self, item) -> None:  # in the writer
+        self._pipe.put(item)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self._got.append(self._pipe.get_nowait())
+            except queue.Empty:
+                return
+
+    def get_nowait(self):
+        self.drain()
+        if not self._got:
+            raise queue.Empty
+        return self._got.popleft()
+
+
 def _write_results_queue(async_save: bool):
     """Megatron's checkpoint writer collects write results through a queue it creates with a
     ``multiprocessing.Manager()`` (a server process that outlives a killed trainer). A
     synchronous save writes from this process, so an in-process queue does the job; an async
-    save writes from a forked process, so it gets a fork-context queue (a pipe, no server)."""
-    import multiprocessing as mp
-
+    save writes from a forked process (``_WriteResults``)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    filesystem_async._results_queue = mp.get_context("fork").Queue() if async_save \
-        else queue.Queue()
+    filesystem_async._results_queue = _WriteResults() if async_save else queue.Queue()
 
 
 def _failure_reason(exc: BaseException) -> str:
@@ -194,11 +223,21 @@ def finish_saves(async_queue, root: str, blocking: bool) -> List[int]:
     """Publish the async saves whose writes are complete on every rank (all of them, waiting,
     when ``blocking``); a failed write raises ``CheckpointSaveError`` on every rank. Called by
     every rank at the same points (it is collective)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     if async_queue is None or not async_queue.get_num_unfinalized_calls():
         return []
+    done: List[int] = []
     try:
-        with cpu_compat.cuda_device_rewrite():
-            return async_queue.maybe_finalize_async_calls(blocking=blocking)
+        while True:  # megatron-core's own blocking wait would join before reading the results
+            results = filesystem_async._results_queue
+            if isinstance(results, _WriteResults):
+                results.drain()
+            with cpu_compat.cuda_device_rewrite():  # every rank gets the same answer
+                done += async_queue.maybe_finalize_async_calls(blocking=False)
+            if not blocking or not async_queue.get_num_unfinalized_calls():
+                return done
+            time.sleep(0.02)
     except (Exception, CheckpointException) as e:  # noqa: BLE001
         tmp = sorted(glob.glob(os.path.join(root, "iter_*.tmp")))
         raise _save_failed(root, tmp[-1][:-4] if tmp else root, e) from None
