@@ -1,7 +1,7 @@
 """What one training step and one checkpoint save cost a rank, measured through the real driver
 on local processes (gloo on CPU, NCCL on GPU). Prints two tables, writes JSON.
 
-* per step at TP=2 x PP=2 (4 processes, the tiny model): host syncs (``item``, ``tolist``,
+* per step at TP=2 x PP=2 + SP (4 processes, the tiny model, bf16, CR-Net recompute): host syncs (``item``, ``tolist``,
   ``__bool__``, ``__float__``, ``__int__``, ``.cpu()`` of tensors), TP collectives by kind
   (calls, and how many move fewer than 64 elements), and dataset samples read by each rank;
 * per save at DP=2 with the distributed optimizer (a ~15M-parameter model): the stall (seconds
@@ -29,7 +29,8 @@ TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=172
         "schedule.global_batch_size=8", "data.builtin_vocab_size=512", "logging.plot=false",
         "logging.progress_bar=false", "eval.eval_interval=1000", "schedule.train_iters=100"]
 STEP_LAYOUT = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
-               "parallel.sequence_parallel=true"]
+               "parallel.sequence_parallel=true", "optimizer.bf16=true",
+               "recompute.recompute_granularity=crnet", "recompute.crnet_checkpoint_every=2"]
 SAVE_MODEL = ["model.num_layers=8", "model.hidden_size=512", "model.ffn_hidden_size=1376",
               "model.num_attention_heads=8", "model.crnet_rank=128", "model.seq_length=128",
               "schedule.micro_batch_size=1", "schedule.global_batch_size=2",
@@ -183,7 +184,8 @@ def main(argv=None):
                  ("complete s", "complete_s", ".3f"),
                  ("peak extra RSS MiB (max over ranks)", "extra_rss_mib", ".1f")]
     runner.finish(args, [
-        runner.table(step_rows, step_cols, "one training step, TP=2 x PP=2 + SP, tiny model"),
+        runner.table(step_rows, step_cols, "one training step, TP=2 x PP=2 + SP, bf16, CR-Net recompute, "
+                     "tiny model (4 layers, 4 micro-batches)"),
         runner.table(save_rows, save_cols, f"one save, DP=2, distributed optimizer, ~15M "
                      f"parameters (median stall over {args.repeats} interleaved rounds)")],
         steps=steps, saves=saves, save_summary=save_rows)
