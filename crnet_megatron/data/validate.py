@@ -37,6 +37,9 @@ def read_index(prefix: str):
         if not os.path.exists(path):
             raise FileNotFoundError(f"data prefix {prefix!r}: {path} does not exist (make it "
                                     "with crnet-preprocess)")
+    for path in (idx, bin_path):
+        if not os.path.isfile(path):  # a FIFO or device would block or never end
+            _fail(path, "not a regular file (a FIFO, device or directory)")
     size = os.path.getsize(idx)
     with open(idx, "rb") as f:
         head = f.read(_HEADER)

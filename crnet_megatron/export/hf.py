@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Dict, List
 
 import torch
@@ -99,7 +100,8 @@ def check_output_dir(out: str) -> None:
 
 
 def export(model, loaded, out: str, dtype=None) -> Dict:
-    """Write the export directory (into ``out.tmp``, renamed when complete)."""
+    """Write the export directory (into a fresh hidden sibling directory, renamed into place
+    when complete)."""
     from safetensors.torch import save_file
 
     check_output_dir(out)
@@ -111,24 +113,29 @@ def export(model, loaded, out: str, dtype=None) -> Dict:
     dtype = next(iter(state.values())).dtype
     m = loaded.cfg["model"]
     config = hf_config(model, vocab, m["seq_length"], m["rotary_base"], tok.eod, dtype)
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(state, os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt", "source": loaded.common["path"]})
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.json"))
-    eod_name = tok.tok.id_to_token(tok.eod)
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_name,
-                   "bos_token": eod_name, "model_max_length": m["seq_length"]}, f, indent=2)
-    if config["model_type"] == "crnet_llama":
-        shutil.copyfile(modeling_crnet.__file__, os.path.join(tmp, "modeling_crnet.py"))
-    if os.path.isdir(out):
-        os.rmdir(out)  # empty (checked above)
-    _readable_like_any_file(tmp)
-    os.replace(tmp, out)
+    parent, name = os.path.split(os.path.abspath(out.rstrip("/")))
+    os.makedirs(parent, exist_ok=True)
+    # a fresh directory of our own: nothing the user keeps next to OUT is touched
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        save_file(state, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt", "source": loaded.common["path"]})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.json"))
+        eod_name = tok.tok.id_to_token(tok.eod)
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_name,
+                       "bos_token": eod_name, "model_max_length": m["seq_length"]}, f, indent=2)
+        if config["model_type"] == "crnet_llama":
+            shutil.copyfile(modeling_crnet.__file__, os.path.join(tmp, "modeling_crnet.py"))
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        _readable_like_any_file(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours alone
+        raise
     return config
 
 
@@ -139,6 +146,7 @@ def _readable_like_any_file(directory: str) -> None:
     os.umask(umask)
     for name in os.listdir(directory):
         os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+    os.chmod(directory, 0o777 & ~umask)  # mkdtemp made it 0700
 
 
 def to_hf_model(model, loaded):

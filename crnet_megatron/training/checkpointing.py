@@ -31,8 +31,10 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 
+from crnet_megatron.data.safe_files import UnsafePathError, check_readable, write_text
 from crnet_megatron.parallel import cpu_compat
-from crnet_megatron.training import run_config
+from crnet_megatron.training import run_config, run_dir
+from crnet_megatron.training.preflight import TRACKER
 from crnet_megatron.training.safe_checkpoint import (
     IncompleteCheckpointError,
     TensorsOnly,
@@ -43,8 +45,8 @@ from crnet_megatron.training.safe_checkpoint import (
     verify_checkpoint,
 )
 
-TRACKER = "latest_checkpointed_iteration.txt"
-_ITER_DIR = re.compile(r"^iter_(\d{7})$")
+_ITER_DIR = run_dir.ITER_DIR
+_PARTIAL = re.compile(r"^iter_\d{7}\.tmp$")
 
 
 class CheckpointSaveError(RuntimeError):
@@ -59,7 +61,12 @@ def read_latest(root: str) -> Optional[int]:
     path = os.path.join(root, TRACKER)
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    try:
+        check_readable(path, "checkpoint tracker")
+    except UnsafePathError as e:
+        raise IncompleteCheckpointError(str(e)) from None
+    with open(path, "rb") as f:
+        text = f.read(64).decode("ascii", "replace").strip()
     if not text.isdigit():
         raise IncompleteCheckpointError(f"corrupt checkpoint tracker {path}: {text!r} is not an "
                                         "iteration")
@@ -191,10 +198,12 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
     retention happen only when every rank's write is complete (``finish_saves``)."""
     final = iteration_dir(root, iteration)
     tmp = final + ".tmp"
+    if os.path.lexists(final) and (os.path.islink(final) or not os.path.isdir(final)):
+        raise CheckpointSaveError(f"could not save checkpoint {final}: that path exists and is "
+                                  "not a checkpoint directory (a file or a link); move it away")
     if _rank0():
         os.makedirs(root, exist_ok=True)
-        for stale in glob.glob(os.path.join(root, "iter_*.tmp")):
-            shutil.rmtree(stale, ignore_errors=True)
+        _remove_partial_saves(root)
         os.makedirs(tmp)
     _barrier()
     _write_results_queue(async_queue is not None)
@@ -210,10 +219,11 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
                                               async_sharded_save=async_queue is not None)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - one message, then stop
         raise _save_failed(root, final, e) from None
+    run_id = common["run_id"]
     if async_queue is None:
-        _publish(root, iteration, keep_last)
+        _publish(root, iteration, keep_last, run_id)
     else:
-        request.add_finalize_fn(lambda: _publish(root, iteration, keep_last))
+        request.add_finalize_fn(lambda: _publish(root, iteration, keep_last, run_id))
         with cpu_compat.cuda_device_rewrite():
             async_queue.schedule_async_request(request)
     return final
@@ -252,21 +262,18 @@ def _save_failed(root: str, final: str, exc: BaseException) -> CheckpointSaveErr
         f"(iteration {latest}) is still the latest")
 
 
-def _publish(root: str, iteration: int, keep_last: int) -> None:
-    """Every rank has written ``iter_N.tmp``: rename it, then move ``latest``, then prune."""
+def _publish(root: str, iteration: int, keep_last: int, run_id: str) -> None:
+    """Every rank has written ``iter_N.tmp``: rename it, then move ``latest``, then prune this
+    run's own older checkpoints (``run_dir``)."""
     final = iteration_dir(root, iteration)
     _barrier()
     if _rank0():
         if os.path.exists(final):  # re-saving an iteration: replace the old copy last
             shutil.rmtree(final)
         os.replace(final + ".tmp", final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-        kept = sorted(glob.glob(os.path.join(root, "iter_[0-9]*[0-9]")))
-        for old in kept[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        write_text(os.path.join(root, TRACKER), str(iteration), "checkpoint tracker")
+        run_dir.record_saved(root, iteration, run_id)
+        run_dir.prune(root, keep_last, run_id, iteration)
     _barrier()
 
 
@@ -275,6 +282,12 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "metadata.json")):
         raise IncompleteCheckpointError(f"checkpoint {path} is missing or incomplete (no "
                                         "metadata.json)")
+    for name in ("metadata.json", "common.pt", ".metadata"):  # a FIFO would block open()
+        if os.path.exists(os.path.join(path, name)):
+            try:
+                check_readable(os.path.join(path, name), "checkpoint file")
+            except UnsafePathError as e:
+                raise IncompleteCheckpointError(str(e)) from None
     verify_checkpoint(path)
     try:
         with safe_reads():
@@ -302,19 +315,29 @@ def _candidates(root: str) -> Tuple[List[int], List[str]]:
     return sorted(iters, reverse=True), notes
 
 
-def find_resumable(root: str) -> Optional[Dict[str, Any]]:
+def _remove_partial_saves(root: str) -> None:
+    """``iter_NNNNNNN.tmp`` directories of a killed save of this run (the lock makes them ours;
+    the previous checkpoint is intact)."""
+    for name in os.listdir(root):
+        if _PARTIAL.match(name) and os.path.isdir(os.path.join(root, name)) \
+                and not os.path.islink(os.path.join(root, name)):
+            shutil.rmtree(os.path.join(root, name))
+
+
+def find_resumable(root: str, writable: bool = True) -> Optional[Dict[str, Any]]:
     """The newest complete checkpoint under ``root`` (None when there is none at all).
 
-    Newer ones that are missing or unreadable are moved aside to ``iter_N.broken`` and the
-    tracker is pointed at the one used, so a requeued job resumes instead of dying. A checkpoint
-    that would execute code is never skipped quietly: it stops the run.
+    Newer ones that are missing or unreadable are skipped; in the run's own save directory
+    (``writable``) they are moved aside to ``iter_N.broken`` and the tracker is pointed at the
+    one used, so a requeued job resumes instead of dying. A ``checkpoint.load`` directory that is
+    not the save directory is only read. A checkpoint that would execute code is never skipped
+    quietly: it stops the run.
     """
     if not os.path.isdir(root):
         return None
     _barrier()
-    if _rank0():  # partial saves of a killed run (the previous checkpoint is intact)
-        for stale in glob.glob(os.path.join(root, "iter_*.tmp")):
-            shutil.rmtree(stale, ignore_errors=True)
+    if _rank0() and writable:
+        _remove_partial_saves(root)
     _barrier()
     iterations, problems = _candidates(root)
     broken: List[int] = []
@@ -333,7 +356,11 @@ def find_resumable(root: str) -> Optional[Dict[str, Any]]:
             raise IncompleteCheckpointError(f"no readable checkpoint in {root}: "
                                             + "; ".join(problems))
         return None
-    if problems:
+    if problems and not writable:
+        if _rank0():
+            print("WARNING: " + "; ".join(problems) + f". Resuming from {chosen['path']} "
+                  f"({root} is only read).", file=sys.stderr, flush=True)
+    elif problems:
         _barrier()  # every rank has read the directory before rank 0 changes it
         if _rank0():
             for it in broken:
@@ -342,10 +369,8 @@ def find_resumable(root: str) -> Optional[Dict[str, Any]]:
                     aside = path + ".broken"
                     shutil.rmtree(aside, ignore_errors=True)
                     os.replace(path, aside)
-            tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-            with open(tracker_tmp, "w") as f:
-                f.write(str(chosen["iteration"]))
-            os.replace(tracker_tmp, os.path.join(root, TRACKER))
+            write_text(os.path.join(root, TRACKER), str(chosen["iteration"]),
+                       "checkpoint tracker")
             print("WARNING: " + "; ".join(problems) + f". Unreadable checkpoints moved aside "
                   f"(iter_N.broken); resuming from {chosen['path']}.", file=sys.stderr,
                   flush=True)
@@ -353,11 +378,12 @@ def find_resumable(root: str) -> Optional[Dict[str, Any]]:
     return chosen
 
 
-def load_common(root: str, iteration: Optional[int] = None) -> Optional[Dict[str, Any]]:
+def load_common(root: str, iteration: Optional[int] = None,
+                writable: bool = True) -> Optional[Dict[str, Any]]:
     """The non-sharded state of the given iteration, or of the newest complete checkpoint."""
     if iteration is not None:
         return read_checkpoint(iteration_dir(root, iteration))
-    return find_resumable(root)
+    return find_resumable(root, writable)
 
 
 def check_compatible(common: Dict[str, Any], shape: Dict[str, Any],

@@ -10,6 +10,7 @@ from typing import Dict, Optional
 
 import torch
 
+from crnet_megatron.data.safe_files import atomic_writer, check_target, open_append
 from crnet_megatron.planner.hardware import peak_tflops_of
 
 
@@ -45,7 +46,7 @@ class MetricsWriter:
             return
         if jsonl_path:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
-            self.file = open(jsonl_path, "a", encoding="utf-8")
+            self.file = open_append(jsonl_path, "metrics file")
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -74,24 +75,50 @@ class MetricsWriter:
             self.tb.close()
 
 
+MAX_ROW_BYTES = 1 << 16  # a metrics row is a few hundred bytes
+
+
+def valid_row(rec, last: Dict[str, int], iteration: int) -> bool:
+    """A row this project writes: ``split`` train/valid, an int ``iteration`` in order and at
+    most ``iteration``, every other value a number, bool or null."""
+    if not isinstance(rec, dict) or rec.get("split") not in ("train", "valid"):
+        return False
+    it = rec.get("iteration")
+    if not isinstance(it, int) or isinstance(it, bool) or not 0 <= it <= iteration \
+            or it < last.get(rec["split"], 0):
+        return False
+    if not all(isinstance(k, str) and (v is None or isinstance(v, (int, float, bool)))
+               for k, v in rec.items() if k != "split"):
+        return False
+    last[rec["split"]] = it
+    return True
+
+
 def truncate_metrics(path: str, iteration: int) -> None:
-    """Drop rows past ``iteration`` (logged by a run that crashed after its last checkpoint),
-    so a resumed run's rows do not repeat; the file is replaced atomically."""
+    """Keep the rows up to ``iteration`` (a crashed run may have logged past its last
+    checkpoint) that are rows this project writes (``valid_row``; a received file may hold
+    anything), and replace the file atomically, never through a link."""
     if not os.path.exists(path):
         return
-    kept = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
+    check_target(path, "metrics file")
+    kept, dropped, last = [], 0, {}
+    with open(path, "rb") as f:
+        for raw in f:
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a row cut short by the crash
-            if isinstance(rec, dict) and rec.get("iteration", 0) <= iteration:
+                rec = json.loads(raw) if len(raw) <= MAX_ROW_BYTES else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                rec = None  # e.g. a row cut short by the crash
+            past = isinstance(rec, dict) and isinstance(rec.get("iteration"), int) \
+                and rec["iteration"] > iteration  # logged after the checkpoint: not kept
+            if valid_row(rec, last, iteration):
                 kept.append(json.dumps(rec) + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+            elif not past:
+                dropped += 1
+    if dropped:
+        print(f"note: {path}: {dropped} row(s) that are not this project's metrics rows were "
+              "dropped", flush=True)
+    with atomic_writer(path, "metrics file") as f:
         f.writelines(kept)
-    os.replace(tmp, path)
 
 
 def throughput(tokens: int, seconds: float, flops_per_token: float,

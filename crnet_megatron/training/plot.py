@@ -6,6 +6,8 @@ import json
 import os
 from typing import Optional
 
+from crnet_megatron.data.safe_files import claim, replace_into, temporary_path
+
 
 def plot_metrics(jsonl_path: str, out_path: Optional[str] = None) -> str:
     import matplotlib
@@ -30,6 +32,13 @@ def plot_metrics(jsonl_path: str, out_path: Optional[str] = None) -> str:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    tmp = temporary_path(out_path)
+    claim(tmp)  # a fresh name, created exclusively: matplotlib never writes through a link
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        replace_into(tmp, out_path, "loss plot")
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return out_path

@@ -8,7 +8,14 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
+from crnet_megatron.data.safe_files import check_target
 from crnet_megatron.training.run_config import parse_blend
+
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name
+# what a run writes into its save directory (besides iter_N/), and what each file is
+RUN_FILES = {"config.yaml": "run config", "tokenizer.json": "tokenizer",
+             "metrics.jsonl": "metrics file", "metrics.png": "loss plot",
+             TRACKER: "checkpoint tracker"}
 
 
 def check_layout(cfg, world: Optional[int] = None) -> None:
@@ -53,6 +60,8 @@ def check_inputs(cfg) -> None:
             existing = os.path.dirname(existing)
         if not os.access(existing, os.W_OK):
             raise PermissionError(f"checkpoint.save={ck['save']!r}: {existing} is not writable")
+        for name, what in RUN_FILES.items():  # a received run directory may hold links
+            check_target(os.path.join(ck["save"], name), f"{what} (checkpoint.save)")
 
 
 def validate_batch(cfg, dp_size: int) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from crnet_megatron.data.safe_files import check_readable
 from crnet_megatron.model.choices import (
     LOWRANK_INITS,
     RANK_SCHEDULES,
@@ -235,6 +236,23 @@ def _coerce_float(section: str, key: str, value):
     return value
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 16  # a config needs a handful; a "billion laughs" file needs thousands
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` with a limit on aliases: a few hundred bytes of nested aliases would
+    otherwise expand into gigabytes and hang start-up."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases_seen = getattr(self, "aliases_seen", 0) + 1
+            if self.aliases_seen > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (*name); a config "
+                                     "needs none")
+        return super().compose_node(parent, index)
+
+
 def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
     """Defaults <- YAML file <- ``section.key=value`` overrides (values parsed as YAML)."""
     cfg = defaults()
@@ -242,9 +260,12 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
     if path:
         if not os.path.exists(path):
             raise FileNotFoundError(f"config file {path!r} does not exist")
+        check_readable(path, "config file")
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise ValueError(f"config file {path!r} is larger than {MAX_CONFIG_BYTES} bytes")
         try:
             with open(path, encoding="utf-8") as f:
-                updates = yaml.safe_load(f)
+                updates = yaml.load(f, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

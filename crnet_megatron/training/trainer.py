@@ -15,7 +15,6 @@ import contextlib
 import logging
 import math
 import os
-import shutil
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -39,6 +38,7 @@ from crnet_megatron.analysis.counting import (
     pipeline_boundary,
 )
 from crnet_megatron.data.preprocess import HFTokenizer
+from crnet_megatron.data.safe_files import copy_file, write_text
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model
 from crnet_megatron.parallel.environment import banner, versions
@@ -47,7 +47,7 @@ from crnet_megatron.parallel.groups import (
     finalize_grads,
     init_distributed,
 )
-from crnet_megatron.training import preflight, run_config
+from crnet_megatron.training import preflight, run_config, run_dir
 from crnet_megatron.training.checkpointing import (
     check_compatible,
     finish_saves,
@@ -94,6 +94,9 @@ class Trainer:
         self.banner = banner()
         children_die_with_parent()
         self._init_distributed()
+        self.run_id = run_dir.new_run_id()  # a resume from the save directory keeps its own
+        if self.rank0 and cfg["checkpoint"]["save"]:
+            run_dir.acquire_lock(cfg["checkpoint"]["save"])
         self._build_data()
         self._build_model_and_optimizer()
         self._build_scheduler()
@@ -111,6 +114,7 @@ class Trainer:
 
             self.async_saves = AsyncCallsQueue()
         self._resume()
+        self._check_save_dir_is_ours()
         self.writer = MetricsWriter(self.metrics_path, cfg["logging"]["tensorboard_dir"],
                                     self.rank0)
 
@@ -201,7 +205,8 @@ class Trainer:
             if ck["load"]:
                 raise FileNotFoundError(f"checkpoint.load={ck['load']!r} does not exist")
             return
-        common = load_common(root)
+        own = bool(ck["save"]) and os.path.realpath(root) == os.path.realpath(ck["save"])
+        common = load_common(root, writable=own)  # checkpoint.load elsewhere is only read
         if common is None:
             if ck["load"]:
                 raise FileNotFoundError(f"checkpoint.load={ck['load']!r} holds no checkpoint "
@@ -219,11 +224,25 @@ class Trainer:
                                   (("max_lr", "lr"), ("min_lr", "min_lr")) if k in group})
             self.scheduler.load_state_dict(common["scheduler"])
         self.iteration, self.consumed = common["iteration"], common["consumed_samples"]
+        if own and isinstance(common.get("run_id"), str):
+            self.run_id = common["run_id"]  # the same run, resumed: its checkpoints stay its own
         self.skipped_total = common.get("skipped_iterations", 0)
         if self.rank0:
             if self.metrics_path:  # rows a crashed run logged past this checkpoint are dropped
                 truncate_metrics(self.metrics_path, self.iteration)
             print(f"resumed from {common['path']} at iteration {self.iteration}", flush=True)
+
+    def _check_save_dir_is_ours(self) -> None:
+        """Checkpoints of another run past this run's iteration in ``checkpoint.save`` would be
+        overwritten (and ``latest`` would move between the runs): refused at start."""
+        save = self.cfg["checkpoint"]["save"]
+        foreign = run_dir.foreign_checkpoints(save, self.run_id, self.iteration) if save else []
+        if foreign:
+            raise ValueError(
+                f"checkpoint.save={save!r} holds checkpoints this run did not write at "
+                f"iterations {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, past the one it "
+                f"starts from ({self.iteration}): saving there would overwrite them. Choose "
+                "another checkpoint.save, or move them away")
 
     def _check_schedule(self, common) -> Dict[str, tuple]:
         """A resume that changes the schedule is refused unless asked for (Megatron's
@@ -277,7 +296,8 @@ class Trainer:
         common = dict(consumed_samples=self.consumed, scheduler=self.scheduler.state_dict(),
                       skipped_iterations=self.skipped_total, config=self.cfg,
                       model_shape=run_config.shape_keys(self.cfg), vocab_size=self.vocab,
-                      tokenizer=self.tokenizer.fingerprint(), versions=self.versions)
+                      tokenizer=self.tokenizer.fingerprint(), versions=self.versions,
+                      run_id=self.run_id)
         self.finish_saves(blocking=True)  # one save in flight at a time
         with self._params_gathered():
             path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer,
@@ -370,10 +390,10 @@ class Trainer:
             os.makedirs(save, exist_ok=True)
             path = os.path.join(save, "config.yaml")
             history = self._history(path)  # read before the file is rewritten
-            with open(path, "w") as f:
-                f.write(history + f"# {self.banner}\n" + run_config.dump(cfg))
+            write_text(path, history + f"# {self.banner}\n" + run_config.dump(cfg),
+                       "run config")
             # the tokenizer travels with the run (export, eval and generation read it)
-            shutil.copyfile(self.tokenizer.path, os.path.join(save, "tokenizer.json"))
+            copy_file(self.tokenizer.path, os.path.join(save, "tokenizer.json"), "tokenizer")
         warning = preflight.sequence_parallel_warning(cfg)
         if warning:
             print(warning, flush=True)
@@ -478,4 +498,6 @@ def run(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     try:
         return Trainer(cfg).train()
     finally:
+        if cfg["checkpoint"]["save"]:
+            run_dir.release_lock(cfg["checkpoint"]["save"])  # only the holder's own lock
         destroy_distributed()

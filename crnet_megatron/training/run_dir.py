@@ -1,0 +1,146 @@
+"""Who owns what in a save directory: one run at a time (a lock naming its host and pid), and
+retention that removes only checkpoints this run wrote.
+
+A save directory may hold checkpoints of other runs (loaded from elsewhere, copied in, kept by
+hand as ``iter_0000002.bak``). Each run carries an id (kept in its checkpoints, so a resumed or
+requeued run keeps it); every checkpoint it publishes is recorded in ``MANIFEST``, and
+``keep_last`` prunes among exactly those, by exact ``iter_NNNNNNN`` name, never the one
+``latest`` names. Everything else in the directory is left as it is. Rank 0 alone calls these.
+No torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from typing import Dict, List, Optional
+
+from crnet_megatron.data.safe_files import check_target, is_regular, write_text
+
+LOCK = ".crnet-train.lock"
+MANIFEST = ".crnet-checkpoints.json"
+ITER_DIR = re.compile(r"^iter_(\d{7})$")
+_MAX_SMALL_FILE = 1 << 20
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _read_small_json(path: str, what: str):
+    check_target(path, what)
+    if os.path.getsize(path) > _MAX_SMALL_FILE:
+        raise ValueError(f"{what} {path} is larger than {_MAX_SMALL_FILE} bytes")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(root: str) -> str:
+    """Take ``root``'s lock, or stop with one line naming the run that holds it. A lock left by
+    a process of this host that is gone (or by this process) is taken over, with a line."""
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, LOCK)
+    me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if os.path.lexists(path):
+        try:
+            holder = _read_small_json(path, "run lock")
+            host, pid = str(holder["host"]), int(holder["pid"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ValueError(f"checkpoint.save={root!r}: its lock file {path} is unreadable ({e});"
+                             " if no run is saving there, remove it") from None
+        if host != me["host"] or (pid != me["pid"] and _alive(pid)):
+            raise ValueError(
+                f"checkpoint.save={root!r} is in use by pid {pid} on {host} (since "
+                f"{holder.get('started', '?')}); two runs saving into one directory would "
+                f"overwrite each other's checkpoints and metrics. If that run is gone, remove "
+                f"{path}")
+        if pid != me["pid"]:  # (this process's own: an earlier run in it ended without release)
+            print(f"note: taking over the lock of pid {pid} on {host} in {root} (that process "
+                  "is gone)", flush=True)
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+    return path
+
+
+def release_lock(root: str) -> None:
+    path = os.path.join(root, LOCK)
+    try:
+        if is_regular(path) and int(_read_small_json(path, "run lock")["pid"]) == os.getpid():
+            os.unlink(path)
+    except (ValueError, KeyError, TypeError, OSError):
+        pass
+
+
+def _manifest(root: str) -> Dict[str, str]:
+    path = os.path.join(root, MANIFEST)
+    if not os.path.lexists(path):
+        return {}
+    try:
+        data = _read_small_json(path, "checkpoint manifest")
+    except ValueError as e:
+        print(f"note: {e}; no checkpoint is pruned", flush=True)
+        return {}
+    return {k: v for k, v in data.items() if ITER_DIR.match(str(k)) and isinstance(v, str)} \
+        if isinstance(data, dict) else {}
+
+
+def record_saved(root: str, iteration: int, run_id: str) -> None:
+    """``iter_N`` of ``root`` was written by run ``run_id``."""
+    data = _manifest(root)
+    data[f"iter_{iteration:07d}"] = run_id
+    write_text(os.path.join(root, MANIFEST), json.dumps(data, indent=1, sort_keys=True),
+               "checkpoint manifest")
+
+
+def prune(root: str, keep_last: int, run_id: str, latest: Optional[int]) -> List[str]:
+    """Remove all but the newest ``keep_last`` checkpoints that run ``run_id`` wrote here
+    (exact names, plain directories, never ``latest``); returns what was removed."""
+    if keep_last <= 0:
+        return []
+    data = _manifest(root)
+    own = sorted(name for name, rid in data.items() if rid == run_id
+                 and os.path.isdir(os.path.join(root, name))
+                 and not os.path.islink(os.path.join(root, name)))
+    removed = []
+    for name in own[:-keep_last]:
+        if latest is not None and name == f"iter_{latest:07d}":
+            continue
+        shutil.rmtree(os.path.join(root, name))
+        data.pop(name, None)
+        removed.append(name)
+    if removed:
+        write_text(os.path.join(root, MANIFEST), json.dumps(data, indent=1, sort_keys=True),
+                   "checkpoint manifest")
+    return removed
+
+
+def foreign_checkpoints(root: str, run_id: str, after: int) -> List[int]:
+    """Iterations past ``after`` of checkpoints in ``root`` that run ``run_id`` did not write:
+    this run would overwrite them, or ``latest`` would jump between two runs."""
+    if not os.path.isdir(root):
+        return []
+    data = _manifest(root)
+    out = []
+    for name in os.listdir(root):
+        m = ITER_DIR.match(name)
+        if m and int(m.group(1)) > after and data.get(name) != run_id:
+            out.append(int(m.group(1)))
+    return sorted(out)

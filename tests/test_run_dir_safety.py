@@ -1,0 +1,215 @@
+"""A run directory received from someone else: no write goes through a planted symbolic link or
+into a FIFO, the temporary files have unpredictable names created exclusively, and a received
+``metrics.jsonl`` is validated row by row before a resume keeps any of it."""
+
+import json
+import os
+
+import pytest
+
+from crnet_megatron.data import safe_files
+from crnet_megatron.training.preflight import RUN_FILES, TRACKER
+from tests.driver_utils import TINY, driver_cfg, run_in_process
+
+
+def _train_cli(tiny_dataset, tmp_path, save, *extra):
+    """``crnet-train`` in this process; (exit code, stderr text)."""
+    from crnet_megatron.cli.train import main
+
+    prefix, tok, _ = tiny_dataset
+    sets = TINY + [f"data.data_path=[{prefix}]", f"data.tokenizer={tok}",
+                   f"data.cache_dir={tmp_path / 'c'}", f"checkpoint.save={save}",
+                   "schedule.train_iters=2", *extra]
+    config = tmp_path / "run.yaml"
+    config.write_text("logging:\n  plot: true\n")
+    argv = [str(config)] + [a for s in sets for a in ("--set", s)]
+    try:
+        main(argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+@pytest.mark.parametrize("name", sorted(RUN_FILES))
+def test_a_planted_link_in_the_run_directory_is_refused(tiny_dataset, tmp_path, capfd, name):
+    """Each file a run writes into ``checkpoint.save``, planted as a link to a file outside:
+    one line naming it at start-up, exit 2, the target untouched, nothing else written."""
+    save = tmp_path / "run"
+    save.mkdir()
+    marker = tmp_path / "outside.txt"
+    marker.write_text("precious\n")
+    os.symlink(marker, save / name)
+    assert _train_cli(tiny_dataset, tmp_path, save) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("crnet-train: error: ") and str(save / name) in err[-1]
+    assert "symbolic link" in err[-1]
+    assert marker.read_text() == "precious\n"
+    assert sorted(os.listdir(save)) == [name]
+
+
+def test_a_fifo_in_the_run_directory_is_refused(tiny_dataset, tmp_path, capfd):
+    save = tmp_path / "run"
+    save.mkdir()
+    os.mkfifo(save / TRACKER)
+    assert _train_cli(tiny_dataset, tmp_path, save) == 2
+    assert "is not a regular file" in capfd.readouterr().err
+
+
+def test_writes_never_follow_a_link_planted_while_running(tmp_path):
+    """The write helpers themselves (used by the trainer, checkpointing, the exporter and
+    preprocessing): a link at the target is refused, a link at any old-style ``.tmp`` name is
+    never written through, and a failed write leaves neither a temporary file nor a change."""
+    marker = tmp_path / "outside.txt"
+    marker.write_text("precious\n")
+    target = tmp_path / "metrics.png"
+    os.symlink(marker, target)
+    with pytest.raises(safe_files.UnsafePathError, match="symbolic link"):
+        safe_files.write_text(str(target), "x")
+    os.unlink(target)
+    os.symlink(marker, str(target) + ".tmp")  # the name a naive writer would use
+    safe_files.write_text(str(target), "new")
+    assert target.read_text() == "new" and marker.read_text() == "precious\n"
+    with pytest.raises(RuntimeError):
+        with safe_files.atomic_writer(str(target)) as f:
+            f.write("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.png", "metrics.png.tmp",
+                                                          "outside.txt"]
+
+
+def test_a_received_metrics_file_is_validated_row_by_row(tiny_dataset, tmp_path, capfd):
+    """Rows that are not this project's (a shell string as a loss, a null iteration, a list,
+    an iteration going backwards, a huge line) are dropped with one note; the resume works."""
+    save = tmp_path / "ck"
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2",
+                              "logging.log_interval=1"))
+    good = [json.loads(line) for line in open(save / "metrics.jsonl")]
+    crafted = [{"split": "train", "iteration": 1, "loss": "$(touch /tmp/pwned)"},
+               {"split": "train", "iteration": None, "loss": 1.0}, [1, 2, 3],
+               {"split": "train", "iteration": 0, "loss": 2.0},
+               {"split": "train", "iteration": 2, "loss": 1.0, "x": "y" * 70000}]
+    with open(save / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in crafted))
+    capfd.readouterr()
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=3",
+                              "logging.log_interval=1",
+                              "checkpoint.override_opt_param_scheduler=true"))
+    assert "5 row(s) that are not this project's metrics rows were dropped" in \
+        capfd.readouterr().out
+    rows = [json.loads(line) for line in open(save / "metrics.jsonl")]
+    assert rows[:len(good)] == good
+    assert [r["iteration"] for r in rows if r["split"] == "train"] == [1, 2, 3]
+    assert all(isinstance(r["loss"], float) for r in rows)
+
+
+def test_a_second_run_into_one_save_directory_is_refused(tmp_path):
+    """The lock names its holder; a live holder (this test's parent process, here) refuses the
+    second run; a dead holder's lock is taken over with a note."""
+    import subprocess
+    import sys
+
+    from crnet_megatron.training import run_dir
+
+    save = tmp_path / "ck"
+    save.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (save / run_dir.LOCK).write_text(json.dumps(
+            dict(host=__import__("socket").gethostname(), pid=holder.pid, started="then")))
+        with pytest.raises(ValueError, match=rf"is in use by pid {holder.pid} on .*remove "):
+            run_dir.acquire_lock(str(save))
+    finally:
+        holder.kill()
+        holder.wait()
+    run_dir.acquire_lock(str(save))  # the holder is gone: taken over
+    assert json.loads((save / run_dir.LOCK).read_text())["pid"] == os.getpid()
+    run_dir.release_lock(str(save))
+    assert not (save / run_dir.LOCK).exists()
+
+
+def test_retention_removes_only_this_runs_checkpoints(tiny_dataset, tmp_path, capfd):
+    """Loaded from A, saved into B that holds another run's checkpoints and a user's copy:
+    keep_last prunes only the checkpoints this run wrote into B; A is only read (its partial
+    save is not removed); newer checkpoints of another run in B are refused at start-up."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", a, "schedule.train_iters=2"))
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", b, "schedule.train_iters=2",
+                              "checkpoint.save_interval=1"))  # another run: iter 1 and 2 in B
+    shutil.copytree(b / "iter_0000002", b / "iter_0000002.bak1")  # the user's own copy
+    (a / "iter_0000009.tmp").mkdir()  # someone else's save in progress in A
+    listing_a = sorted(os.listdir(a))
+    resumed = ["checkpoint.override_opt_param_scheduler=true", f"checkpoint.load={a}"]
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", b, "schedule.train_iters=7",
+                              "checkpoint.save_interval=1", "checkpoint.keep_last=2", *resumed))
+    names = sorted(p.name for p in b.glob("iter_*"))
+    assert names == ["iter_0000001", "iter_0000002", "iter_0000002.bak1", "iter_0000006",
+                     "iter_0000007"], names
+    assert sorted(os.listdir(a)) == listing_a
+
+    c = tmp_path / "c2"
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", c, "schedule.train_iters=4"))
+    with pytest.raises(ValueError, match=r"holds checkpoints this run did not write at "
+                                         r"iterations \[4\], past the one it starts from \(2\)"):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", c, "schedule.train_iters=5",
+                                  *resumed))
+    assert sorted(p.name for p in c.glob("iter_*")) == ["iter_0000004"]
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    """466 bytes of nested aliases would expand to 9^9 items: refused in well under a second,
+    with the file named."""
+    import time
+
+    from crnet_megatron.training.run_config import load_run_config
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, cur in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{cur}: &{cur} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"bomb.yaml' is not valid YAML.*more than 16 aliases"):
+        load_run_config(str(bomb))
+    assert time.monotonic() - start < 2.0
+
+
+def test_fifos_where_files_are_read_never_block(tiny_dataset, tmp_path):
+    """A FIFO as the tracker or a checkpoint's ``.metadata`` is a broken checkpoint (fall back,
+    with a warning), as a config file or a dataset ``.bin`` one line naming it; nothing blocks
+    (the helper's timeout turns a hang into a failure)."""
+    from crnet_megatron.data.validate import read_index
+    from crnet_megatron.training import checkpointing
+    from crnet_megatron.training.run_config import load_run_config
+    from tests.helpers import run_distributed
+
+    save = tmp_path / "ck"
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4",
+                              "checkpoint.save_interval=2", "checkpoint.keep_last=3"))
+    (save / TRACKER).unlink()
+    os.mkfifo(save / TRACKER)
+    os.unlink(save / "iter_0000004" / ".metadata")
+    os.mkfifo(save / "iter_0000004" / ".metadata")
+    # read (checkpoint.load elsewhere): the previous checkpoint, nothing written
+    assert run_distributed(_find_resumable, 1, str(save), False, timeout=60)[0] == 2
+    # the run's own directory: the FIFO tracker is not replaced silently
+    with pytest.raises(RuntimeError, match=r"checkpoint tracker .* is not a regular file"):
+        run_distributed(_find_resumable, 1, str(save), True, timeout=60)
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="config file .* is not a regular file"):
+        load_run_config(str(fifo))
+    prefix = tmp_path / "data"
+    (tmp_path / "data.idx").write_bytes(open(tiny_dataset[0] + ".idx", "rb").read())
+    os.mkfifo(tmp_path / "data.bin")
+    with pytest.raises(ValueError, match=r"data.bin: not a regular file"):
+        read_index(str(prefix))
+    assert checkpointing.TRACKER == TRACKER
+
+
+def _find_resumable(rank, world, save, writable):
+    from crnet_megatron.training import checkpointing
+
+    return checkpointing.find_resumable(save, writable)["iteration"]
