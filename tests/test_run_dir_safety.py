@@ -213,3 +213,29 @@ def _find_resumable(rank, world, save, writable):
     from crnet_megatron.training import checkpointing
 
     return checkpointing.find_resumable(save, writable)["iteration"]
+
+
+@pytest.mark.parametrize("item,message", [
+    ("optimizer.lr=.nan", r"optimizer.lr = nan is not a finite number"),
+    ("model.crnet_beta_init=.nan", r"model.crnet_beta_init = nan is not a finite number"),
+    ("optimizer.min_lr=.inf", r"optimizer.min_lr = inf is not a finite number"),
+    ("model.seq_length=1000000000", r"model.seq_length = 1000000000 is out of range"),
+])
+def test_non_finite_and_huge_values_are_refused(item, message):
+    from crnet_megatron.training.run_config import load_run_config
+
+    with pytest.raises(ValueError, match=message):
+        load_run_config(None, [item])
+
+
+def test_a_huge_jsonl_line_is_refused_before_tokenizing(tiny_dataset, tmp_path):
+    """A 20 MB line: one line naming file and line, no output and no temporary file left."""
+    from crnet_megatron.data import preprocess
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"text": "short"}) + "\n"
+                   + json.dumps({"text": "x" * (20 << 20)}) + "\n")
+    out = tmp_path / "out" / "data"
+    with pytest.raises(ValueError, match=r"in.jsonl:2: a line longer than 16777216 bytes"):
+        preprocess.preprocess_jsonl([str(src)], str(out), tiny_dataset[1], progress=False)
+    assert os.listdir(tmp_path / "out") == []

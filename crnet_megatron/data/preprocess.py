@@ -9,6 +9,7 @@ overwritten unless asked.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -19,6 +20,12 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from crnet_megatron.data.safe_files import (
+    check_readable,
+    claim,
+    replace_into,
+    temporary_path,
+)
 from crnet_megatron.data.validate import tokenizer_file
 
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
@@ -79,10 +86,21 @@ def _encode(item: Tuple[int, str, str, bool]) -> List[int]:
     return ids
 
 
+MAX_LINE_BYTES = 16 << 20  # one document; a longer line is refused before it is tokenized
+
+
 def read_lines(path: str) -> Iterator[Tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file; bad bytes are an error naming file and line."""
+    """(line number, line) of a UTF-8 text file; bad bytes or a line over ``MAX_LINE_BYTES``
+    are an error naming file and line (read in bounded pieces, never a whole huge line)."""
+    check_readable(path, "input file")
     with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n in itertools.count(1):
+            raw = f.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{path}:{n}: a line longer than {MAX_LINE_BYTES} bytes; split "
+                                 "such documents (nothing was written)")
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -136,7 +154,8 @@ def preprocess_jsonl(inputs: Sequence[str], output_prefix: str, tokenizer_path: 
         if not overwrite and (os.path.exists(bin_path) or os.path.exists(idx_path)):
             raise FileExistsError(f"{bin_path} / {idx_path} exist; pass overwrite=True "
                                   "(--overwrite) to replace them")
-        tmp_bin, tmp_idx = bin_path + f".tmp{os.getpid()}", idx_path + f".tmp{os.getpid()}"
+        tmp_bin, tmp_idx = temporary_path(bin_path), temporary_path(idx_path)
+        claim(tmp_bin), claim(tmp_idx)  # fresh names, created here: no planted link written
         builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(tok.vocab_size))
         items = _lines(inputs, key, append_eod)
         docs = tokens = 0
@@ -157,8 +176,8 @@ def preprocess_jsonl(inputs: Sequence[str], output_prefix: str, tokenizer_path: 
         if docs == 0:
             os.remove(tmp_bin), os.remove(tmp_idx)
             raise ValueError(f"no documents with field {key!r} in {list(inputs)}")
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
+        replace_into(tmp_bin, bin_path, "dataset file")
+        replace_into(tmp_idx, idx_path, "dataset index")
         result[key] = bin_path[:-4]
         if progress:
             print(f"wrote {docs:,} documents, {tokens:,} tokens to {bin_path[:-4]}.{{bin,idx}}")

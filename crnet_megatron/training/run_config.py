@@ -8,6 +8,7 @@ an unknown section or key, or a value of the wrong type, is a ``ValueError`` nam
 from __future__ import annotations
 
 import copy
+import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -87,7 +88,8 @@ _POS, _NONNEG = (1, None, False, False), (0, None, False, False)
 RANGES: Dict[str, tuple] = {
     "model.num_layers": _POS, "model.hidden_size": _POS, "model.ffn_hidden_size": _POS,
     "model.num_attention_heads": _POS, "model.num_query_groups": _POS, "model.kv_channels": _POS,
-    "model.seq_length": _POS, "model.crnet_dense_layers": _NONNEG, "model.crnet_eps": _NONNEG,
+    "model.seq_length": (1, 1 << 20, False, False), "model.crnet_dense_layers": _NONNEG,
+    "model.crnet_eps": _NONNEG,
     "model.init_method_std": (0, None, True, False), "model.rotary_base": (1, None, False, False),
     "model.layernorm_epsilon": (0, None, True, False),
     "parallel.tensor_model_parallel_size": _POS, "parallel.pipeline_model_parallel_size": _POS,
@@ -130,7 +132,12 @@ def _range_text(lo, hi, lo_open, hi_open) -> str:
 
 
 def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
-    """Every numeric key within its stated range, every choice valid, cross-key rules."""
+    """Every numeric key finite and within its stated range, every choice valid, cross-key
+    rules."""
+    for section, keys in cfg.items():
+        for key, v in keys.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"config key {section}.{key} = {v!r} is not a finite number")
     for dotted, (lo, hi, lo_open, hi_open) in RANGES.items():
         section, key = dotted.split(".")
         v = cfg[section][key]
