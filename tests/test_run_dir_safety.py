@@ -239,3 +239,36 @@ def test_a_huge_jsonl_line_is_refused_before_tokenizing(tiny_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"in.jsonl:2: a line longer than 16777216 bytes"):
         preprocess.preprocess_jsonl([str(src)], str(out), tiny_dataset[1], progress=False)
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_sigterm_during_start_up_exits_cleanly(tiny_dataset, tmp_path):
+    """SIGTERM while the run sets up (after it took the save directory's lock): exit 143, no
+    traceback, the lock released."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from crnet_megatron.training import run_dir
+
+    prefix, tok, _ = tiny_dataset
+    save = tmp_path / "ck"
+    sets = TINY + [f"data.data_path=[{prefix}]", f"data.tokenizer={tok}",
+                   f"data.cache_dir={tmp_path / 'c'}", f"checkpoint.save={save}"]
+    config = tmp_path / "run.yaml"
+    config.write_text("logging:\n  plot: false\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    proc = subprocess.Popen([sys.executable, "-m", "crnet_megatron.cli.train", str(config)]
+                            + [a for s in sets for a in ("--set", s)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (save / run_dir.LOCK).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert not (save / run_dir.LOCK).exists()

@@ -4,8 +4,9 @@
 
 One uninterrupted reference run, then the same run started, killed (SIGKILL or SIGTERM) and
 resumed, until it has been killed ``--kills`` times and has finished. About half the kills
-wait for a checkpoint being written ("mid-save"); the others wait for the attempt's first
-logged training step and then a random 0-3 s of training ("training"). ``--set`` passes
+wait for a checkpoint being written ("mid-save"), most others for the attempt's first logged
+training step and then a random 0-3 s of training ("training"), and one in ten comes 0.5-5 s
+after launch ("start-up"; a SIGTERM then must end the process cleanly, exit 143). ``--set`` passes
 config overrides to every run (e.g. ``--set checkpoint.async_save=true``). At the end the per-iteration losses of the killed
 run (from its ``metrics.jsonl``) must equal the reference's exactly, and no process of any
 attempt and no temporary checkpoint directory may be left. Local processes only; bounded by
@@ -75,9 +76,11 @@ def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
     """Start the job and (if ``kill``) kill it at a random moment; returns (row, finished)."""
     proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=log, stderr=log,
                             start_new_session=True)
-    mid_save = rng.random() < 0.5
+    draw = rng.random()
+    mid_save, startup = draw < 0.45, draw >= 0.9
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
     delay = rng.uniform(0.0, 3.0)
+    startup_at = rng.uniform(0.5, 5.0)
     t0, seen, phase, trained_at = time.monotonic(), [], "training", None
     rows_at_start = _logged(save)
     stale = set(save.glob("iter_*.tmp"))  # left by an earlier kill; removed at the next save
@@ -89,8 +92,12 @@ def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
             trained_at = time.monotonic()  # this attempt's first step is logged
         if not kill:
             pass
+        elif startup and time.monotonic() - t0 > startup_at:
+            phase = "start-up" if trained_at is None else ("mid-save" if saving else "training")
+            break
         elif (mid_save and saving and time.monotonic() - t0 > 1.0) or \
-                (not mid_save and trained_at and time.monotonic() - trained_at > delay):
+                (not mid_save and not startup and trained_at
+                 and time.monotonic() - trained_at > delay):
             phase = "mid-save" if saving else "training"
             break
         if time.monotonic() - t0 > 600:
@@ -155,6 +162,8 @@ def main(argv=None):
     leftovers = sum(r["left"] for r in rows)
     summary = dict(kills=kills(), mid_save=sum(r["phase"] == "mid-save" for r in rows),
                    mid_training=sum(r["phase"] == "training" for r in rows),
+                   start_up=sum(r["phase"] == "start-up" for r in rows),
+                   sigterm_exit_codes=sorted({r["exit"] for r in rows if r["signal"] == "SIGTERM"}),
                    sigkill=sum(r["signal"] == "SIGKILL" for r in rows),
                    sigterm=sum(r["signal"] == "SIGTERM" for r in rows), rounds=len(rounds),
                    iterations_per_round=len(reference),

@@ -9,6 +9,7 @@ as soon as the trainer dies (``PR_SET_PDEATHSIG``); elsewhere it does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -55,3 +56,27 @@ class StopSignals:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class _StartupStop(SystemExit):
+    """SIGTERM before training started: leave through the ``finally`` blocks, exit 143."""
+
+
+def _stop_during_startup(signum, frame):
+    raise _StartupStop(128 + signum)
+
+
+@contextlib.contextmanager
+def clean_exit_on_sigterm():
+    """While a run sets up (process groups, data, model, checkpoint load), SIGTERM ends it
+    through its ``finally`` blocks (lock released, groups destroyed) with exit code 143 instead
+    of killing it where it stands; ``StopSignals`` takes over once training starts."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _stop_during_startup)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

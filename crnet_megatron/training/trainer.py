@@ -63,7 +63,11 @@ from crnet_megatron.training.data import (
     check_shared_dir,
     prepare_builtin,
 )
-from crnet_megatron.training.faults import StopSignals, children_die_with_parent
+from crnet_megatron.training.faults import (
+    StopSignals,
+    children_die_with_parent,
+    clean_exit_on_sigterm,
+)
 from crnet_megatron.training.metrics import (
     MetricsWriter,
     detect_peak_tflops,
@@ -496,7 +500,8 @@ class Trainer:
 def run(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     """Set up, train, and tear down the process groups."""
     try:
-        return Trainer(cfg).train()
+        with clean_exit_on_sigterm():
+            return Trainer(cfg).train()
     finally:
         if cfg["checkpoint"]["save"]:
             run_dir.release_lock(cfg["checkpoint"]["save"])  # only the holder's own lock
