@@ -272,3 +272,31 @@ def test_sigterm_during_start_up_exits_cleanly(tiny_dataset, tmp_path):
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err
     assert not (save / run_dir.LOCK).exists()
+
+
+@pytest.mark.parametrize("damage", ["repeated-chunks", "negative-offset"])
+def test_crafted_metadata_sizes_are_refused_quickly(tiny_dataset, tmp_path, damage):
+    """A ``.metadata`` of allowed classes only, but one chunk repeated 200,000 times (or a
+    negative storage offset): the checkpoint is broken (one line), in well under a second."""
+    import pickle
+    import time
+
+    from crnet_megatron.training import safe_checkpoint
+
+    save = tmp_path / "ck"
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
+    path = save / "iter_0000002" / ".metadata"
+    md = safe_checkpoint.load_metadata(str(path))
+    if damage == "repeated-chunks":
+        key = next(k for k, v in md.state_dict_metadata.items() if hasattr(v, "chunks"))
+        chunks = md.state_dict_metadata[key].chunks
+        md.state_dict_metadata[key].chunks = chunks * (200_000 // len(chunks))
+    else:
+        info = next(iter(md.storage_data.values()))
+        info.offset = -8
+    path.write_bytes(pickle.dumps(md))
+    start = time.monotonic()
+    with pytest.raises(safe_checkpoint.IncompleteCheckpointError,
+                       match="repeated or outside" if damage == "repeated-chunks" else "negative"):
+        safe_checkpoint.verify_checkpoint(str(save / "iter_0000002"))
+    assert time.monotonic() - start < 5.0

@@ -91,7 +91,39 @@ def load_metadata(path: str) -> dcp_md.Metadata:
                 f"checkpoint file {path} marks {key!r} as a pickled object; this project's "
                 "checkpoints hold tensors only, and a pickled item would be unpickled with "
                 "code execution, so the checkpoint is refused")
+    _check_bounds(metadata, path)
     return metadata
+
+
+MAX_CHUNKS = 1 << 20  # chunks of all tensors together (a 13B model at TP x PP = 64: ~10^5)
+
+
+def _check_bounds(metadata: dcp_md.Metadata, path: str) -> None:
+    """Chunk lists that a loader would walk (quadratically, in places) are bounded and
+    consistent: each chunk inside its tensor, no chunk twice, offsets and lengths >= 0."""
+    total = 0
+    for key, md in metadata.state_dict_metadata.items():
+        if not isinstance(md, dcp_md.TensorStorageMetadata):
+            continue
+        total += len(md.chunks)
+        if total > MAX_CHUNKS:
+            raise IncompleteCheckpointError(f"checkpoint file {path} lists more than "
+                                            f"{MAX_CHUNKS} tensor chunks")
+        seen = set()
+        for chunk in md.chunks:
+            where = (tuple(chunk.offsets), tuple(chunk.sizes))
+            if where in seen or len(where[0]) != len(md.size) or any(
+                    o < 0 or n < 0 or o + n > full
+                    for o, n, full in zip(where[0], where[1], md.size)):
+                raise IncompleteCheckpointError(
+                    f"checkpoint file {path}: tensor {key!r} has a chunk at {list(where[0])} "
+                    f"of {list(where[1])} that is repeated or outside its shape "
+                    f"{list(md.size)}")
+            seen.add(where)
+    for info in (metadata.storage_data or {}).values():
+        if getattr(info, "offset", 0) < 0 or getattr(info, "length", 0) < 0:
+            raise IncompleteCheckpointError(f"checkpoint file {path} has a storage range with "
+                                            "a negative offset or length")
 
 
 def verify_checkpoint(ckpt_dir: str) -> None:
