@@ -32,9 +32,10 @@ def straight(tiny_dataset, tmp_path_factory):
     return _train(tiny_dataset, tmp_path_factory.mktemp("straight"), "a", 2)
 
 
-@pytest.mark.parametrize("fmt", [[], FULL], ids=["dp_reshardable", "fully_reshardable"])
+@pytest.mark.parametrize("fmt", [[]], ids=["dp_reshardable"])
 def test_resume_is_exact(straight, tiny_dataset, tmp_path, fmt):
-    """8 steps at DP=2 == 4 steps, stop, resume for 4 (bitwise: same layout, fp32 CPU)."""
+    """8 steps at DP=2 == 4 steps, stop, resume for 4 (bitwise: same layout, fp32 CPU); the
+    fully reshardable format resumes in the TP-change test and the async test."""
     first = _train(tiny_dataset, tmp_path, "b", 2, *fmt, "schedule.exit_interval=4")
     assert read_latest(str(tmp_path / "b")) == 4
     keys = load_metadata(os.path.join(iteration_dir(str(tmp_path / "b"), 4), ".metadata"))
@@ -89,7 +90,7 @@ def test_overlap_param_gather_trains_and_resumes_the_same(straight, tiny_dataset
     assert resumed["evals"][-1]["loss"] == straight["evals"][-1]["loss"]
 
 
-@pytest.mark.parametrize("fmt", [[], FULL], ids=["dp_reshardable", "fully_reshardable"])
+@pytest.mark.parametrize("fmt", [FULL], ids=["fully_reshardable"])
 def test_async_save_resumes_exactly(straight, tiny_dataset, tmp_path, fmt):
     """checkpoint.async_save: the tensors are written by a forked process while training goes
     on; the checkpoint becomes the latest only once complete, and resuming from it is exact."""
