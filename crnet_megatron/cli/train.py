@@ -16,6 +16,13 @@ from crnet_megatron.cli.common import run_cli
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from crnet_megatron.training.faults import clean_exit_on_sigterm
+
+    with clean_exit_on_sigterm():  # from the first line: SIGTERM while importing exits 143
+        _main(argv)
+
+
+def _main(argv: Optional[List[str]]) -> None:
     parser = argparse.ArgumentParser(prog="crnet-train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config (see examples/configs/; every key and "
                                        "default: crnet_megatron/training/run_config.py)")
