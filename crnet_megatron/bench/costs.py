@@ -1,13 +1,14 @@
 """What one training step and one checkpoint save cost a rank, measured through the real driver
 on local processes (gloo on CPU, NCCL on GPU). Prints two tables, writes JSON.
 
-* per step at TP=2 x PP=2 + SP (4 processes, the tiny model, bf16, CR-Net recompute): host syncs (``item``, ``tolist``,
-  ``__bool__``, ``__float__``, ``__int__``, ``.cpu()`` of tensors), TP collectives by kind
-  (calls, and how many move fewer than 64 elements), and dataset samples read by each rank;
+* per step at TP=2 x PP=2 + SP (4 processes, the tiny model, bf16, CR-Net recompute): host
+  syncs (``item``, ``tolist``, ``__bool__``, ``__float__``, ``__int__``, ``.cpu()`` of
+  tensors), TP collectives by kind (calls, and how many move fewer than 64 elements; the
+  batch broadcasts are not counted), and dataset samples read by each rank;
 * per save at DP=2 with the distributed optimizer (14.0M parameters: 8 layers, h 512, r 128):
-  the stall (seconds the training loop waits) and the peak extra host RSS of the trainer process during it, for
-  ``dp_reshardable`` and ``fully_reshardable``, synchronous and async, interleaved over rounds
-  (for async also the time until the checkpoint is complete).
+  the stall (seconds the training loop waits) and the peak extra host RSS of the trainer
+  process during it, for ``dp_reshardable`` and ``fully_reshardable``, synchronous and async,
+  interleaved over rounds (for async also the time until the checkpoint is complete).
 
     crnet-bench costs --json bench_costs.json
 """
