@@ -4,23 +4,10 @@ blocking), whatever the number of layers, in every recompute mode, fp32 and bf16
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 
 from crnet_megatron import build_model
+from crnet_megatron.testing.profiling import HostSyncCounter
 from tests.helpers import SEQ, VOCAB, batch, randomize_betas, tiny_config
-
-SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu}
-
-
-class _CountSyncs(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in SYNCS:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _syncs_per_step(layers, dtype, mode):
@@ -33,7 +20,7 @@ def _syncs_per_step(layers, dtype, mode):
     ids, pos, labels = batch()
     counts = []
     for _ in range(3):
-        counter = _CountSyncs()
+        counter = HostSyncCounter()
         with counter:
             model(ids, pos, None, labels=labels).float().sum().backward()
         counts.append(counter.calls)

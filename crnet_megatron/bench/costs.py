@@ -48,41 +48,29 @@ def _setup(rank, world, port):
     torch.set_num_threads(1)
 
 
-def _sync_counter():
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    syncs = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
-             torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.cpu}
-
-    class Count(TorchFunctionMode):
-        calls = 0
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func in syncs:
-                self.calls += 1
-            return func(*args, **(kwargs or {}))
-
-    return Count()
-
-
 def _step_worker(rank, world, port, sets, out):
     _setup(rank, world, port)
     from megatron.core import parallel_state as ps
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     from crnet_megatron.testing.comm_counter import CommCounter
+    from crnet_megatron.testing.profiling import HostSyncCounter
     from crnet_megatron.training.run_config import load_run_config
     from crnet_megatron.training.trainer import Trainer
 
     reads = [0]
     getitem = GPTDataset.__getitem__
-    GPTDataset.__getitem__ = lambda self, i: (reads.__setitem__(0, reads[0] + 1), getitem(self, i))[1]
+
+    def counted(self, i):
+        reads[0] += 1
+        return getitem(self, i)
+
+    GPTDataset.__getitem__ = counted
     trainer = Trainer(load_run_config(None, sets))
     data = trainer._iterator(trainer.train_ds, 0)
     trainer.train_step(data)  # first step: allocations, conditioning statistics
     reads[0] = 0
-    syncs = _sync_counter()
+    syncs = HostSyncCounter()
     with CommCounter(ps.get_tensor_model_parallel_group()) as comm, syncs:
         trainer.train_step(data)
     row = dict(rank=rank, tp=ps.get_tensor_model_parallel_rank(),

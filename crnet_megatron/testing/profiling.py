@@ -43,3 +43,21 @@ def saved_activation_storage_bytes(fn: Callable[[], Any], exclude=()) -> Tuple[i
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(s.nbytes() for s in kept.values()), out
+
+
+HOST_SYNCS = (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__,
+              torch.Tensor.__float__, torch.Tensor.__int__, torch.Tensor.cpu)
+
+
+class HostSyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts, while entered, the tensor calls that make the host wait for the device
+    (``HOST_SYNCS``): the test of no per-layer sync and ``crnet-bench costs`` use it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_SYNCS:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
