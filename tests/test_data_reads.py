@@ -10,16 +10,9 @@ ITERS, GBS, EVAL_ITERS, EVAL_INTERVAL = 4, 4, 2, 4
 
 
 def _counting_worker(rank, world, cfg):
-    from megatron.core.datasets.gpt_dataset import GPTDataset
+    from crnet_megatron.testing.profiling import count_dataset_reads
 
-    reads = [0]
-    getitem = GPTDataset.__getitem__
-
-    def counted(self, idx):
-        reads[0] += 1
-        return getitem(self, idx)
-
-    GPTDataset.__getitem__ = counted
+    reads = count_dataset_reads()
     result = run_worker(rank, world, cfg)
     return dict(reads=reads[0], history=result["history"])
 

@@ -51,21 +51,13 @@ def _setup(rank, world, port):
 def _step_worker(rank, world, port, sets, out):
     _setup(rank, world, port)
     from megatron.core import parallel_state as ps
-    from megatron.core.datasets.gpt_dataset import GPTDataset
 
     from crnet_megatron.testing.comm_counter import CommCounter
-    from crnet_megatron.testing.profiling import HostSyncCounter
+    from crnet_megatron.testing.profiling import HostSyncCounter, count_dataset_reads
     from crnet_megatron.training.run_config import load_run_config
     from crnet_megatron.training.trainer import Trainer
 
-    reads = [0]
-    getitem = GPTDataset.__getitem__
-
-    def counted(self, i):
-        reads[0] += 1
-        return getitem(self, i)
-
-    GPTDataset.__getitem__ = counted
+    reads = count_dataset_reads()
     trainer = Trainer(load_run_config(None, sets))
     data = trainer._iterator(trainer.train_ds, 0)
     trainer.train_step(data)  # first step: allocations, conditioning statistics

@@ -61,3 +61,19 @@ class HostSyncCounter(torch.overrides.TorchFunctionMode):
         if func in HOST_SYNCS:
             self.calls += 1
         return func(*args, **(kwargs or {}))
+
+
+def count_dataset_reads() -> list:
+    """From now on in this process, every sample megatron-core's ``GPTDataset`` yields is
+    counted in the returned one-element list (reset it by assigning ``[0] = 0``)."""
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    reads = [0]
+    getitem = GPTDataset.__getitem__
+
+    def counted(self, idx):
+        reads[0] += 1
+        return getitem(self, idx)
+
+    GPTDataset.__getitem__ = counted
+    return reads
