@@ -21,6 +21,7 @@ CRNET = ["recompute.recompute_granularity=crnet", "recompute.crnet_checkpoint_ev
 TP2 = ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=false"]  # SP: + SP
 SP = ["parallel.sequence_parallel=true"]
 PP2 = ["parallel.pipeline_model_parallel_size=2"]
+VPP2 = ["parallel.virtual_pipeline_model_parallel_size=2"]
 
 LAYOUTS = {
     "tp2": (2, TP2), "tp2-sp": (2, TP2 + SP), "pp2": (2, PP2), "dp2": (2, []),
@@ -28,6 +29,8 @@ LAYOUTS = {
     "pp2-crnet": (2, PP2 + CRNET), "dp2-crnet": (2, CRNET),
     "tp2-pp2-sp-crnet": (4, TP2 + PP2 + SP + CRNET),
     "pp2-dp2-distopt-crnet": (4, PP2 + CRNET + ["parallel.use_distributed_optimizer=true"]),
+    "pp2-vpp2": (2, PP2 + VPP2),
+    "tp2-pp2-vpp2-sp-crnet": (4, TP2 + PP2 + VPP2 + SP + CRNET),
 }
 
 

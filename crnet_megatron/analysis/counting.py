@@ -140,12 +140,17 @@ def payload_width(shape: ModelShape, tp: int = 1, sequence_parallel: bool = Fals
                                    sequence_parallel, shape.chained)
 
 
-def checkpoint_set(dense: Sequence[bool], every: int) -> Set[int]:
-    """Algorithm 1's A: the indices (within a stage of ``len(dense)`` layers) whose chain
-    outputs Y are stored: the last layer, then every ``every``-th layer before it, never a
-    dense layer (|A| = ceil(n / every) when all are CR-Net)."""
+def checkpoint_set(dense: Sequence[bool], every: int, first: int = 0,
+                   num_layers: Optional[int] = None) -> Set[int]:
+    """Algorithm 1's A: the indices (within a stage or model chunk of ``len(dense)`` layers,
+    the first being global layer index ``first`` of ``num_layers``) whose chain outputs Y are
+    stored: the stage's last layer (its chains leave it), and every layer whose global index
+    is a multiple of ``every`` layers before the model's last, never a dense layer. So the set
+    follows the global layer order whatever the pipeline cut; one stage of all n layers gets
+    |A| = ceil(n / every) when all are CR-Net."""
     n = len(dense)
-    return {n - 1} | {i for i in range(n - 1 - every, -1, -every) if not dense[i]}
+    last = (first + n if num_layers is None else num_layers) - 1
+    return {n - 1} | {i for i in range(n) if not dense[i] and (last - first - i) % every == 0}
 
 
 def checkpoint_count(layers: int, dense_layers: int, every: int) -> int:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from crnet_megatron.model import positions
+from crnet_megatron.model.stages import chunk_layers
 from crnet_megatron.model.choices import (
     LOWRANK_INITS,
     RANK_SCHEDULES,
@@ -102,12 +103,24 @@ class CRNetConfig(TransformerConfig):
     # -- validation -----------------------------------------------------------------------
     def _validate_pipeline(self):
         pp = self.pipeline_model_parallel_size
-        if self.virtual_pipeline_model_parallel_size is not None:
-            raise _bad("virtual_pipeline_model_parallel_size",
-                       self.virtual_pipeline_model_parallel_size,
-                       "interleaved pipelining is not supported: Megatron's interleaved schedule "
-                       "sizes P2P buffers from hidden_size and takes no adjust_tensor_shapes_fn, "
-                       "but CR-Net stages must also carry the chain tensors; use None (1F1B)")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None and (vpp < 1 or pp < 2):
+            raise _bad("virtual_pipeline_model_parallel_size", vpp,
+                       "interleaving needs pipeline_model_parallel_size >= 2 and a size >= 1 "
+                       "(model chunks per pipeline rank); use None for 1F1B")
+        if vpp is not None:
+            # Megatron-LM's settings for interleaving: P2P overlapped, not batched. Batched,
+            # a PP=2 rank sends its activation and its gradient to the same peer in one batch,
+            # and the peer's receives can match them the other way round (same shapes).
+            self.overlap_p2p_comm, self.batch_p2p_comm = True, False
+        if vpp is not None and chunk_layers(self.num_layers, pp, vpp,
+                                            self.num_layers_in_first_pipeline_stage,
+                                            self.num_layers_in_last_pipeline_stage) is None:
+            raise _bad("virtual_pipeline_model_parallel_size", vpp,
+                       f"the layers of every pipeline stage (num_layers={self.num_layers}, "
+                       f"first stage {self.num_layers_in_first_pipeline_stage}, last stage "
+                       f"{self.num_layers_in_last_pipeline_stage}) must split into {vpp} equal "
+                       "model chunks")
         if pp > self.num_layers:
             raise _bad("pipeline_model_parallel_size", pp,
                        f"more stages than layers (num_layers={self.num_layers})")

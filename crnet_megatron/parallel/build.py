@@ -9,7 +9,7 @@ cross a stage boundary) and its layer runner (``recompute.layer_runner``: Algori
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -32,12 +32,14 @@ def parallelize(model: CRNetGPTModel, config: CRNetConfig) -> CRNetGPTModel:
 def build_model(config: CRNetConfig, vocab_size: int, max_sequence_length: int,
                 backend: Optional[str] = None, vp_stage: Optional[int] = None,
                 rotary_base: int = 10000, seed: Optional[int] = None) -> CRNetGPTModel:
-    """Build this rank's part of the model (its pipeline stage, its TP shards) on its device.
+    """Build this rank's part of the model (its pipeline stage, or with ``vp_stage`` that
+    stage's model chunk; its TP shards) on its device.
 
     With ``seed``, the weights are drawn layout-invariantly (``init.init_weights``): the same
     model at every TP x PP; without it, as Megatron draws them."""
-    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-    post = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    virtual = vp_stage is not None
+    pre = parallel_state.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
+    post = parallel_state.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     spec = get_crnet_decoder_block_spec(config, backend=backend, vp_stage=vp_stage)
     model = CRNetGPTModel(config, spec, vocab_size, max_sequence_length, pre_process=pre,
                           post_process=post, vp_stage=vp_stage, rotary_base=rotary_base)
@@ -49,3 +51,14 @@ def build_model(config: CRNetConfig, vocab_size: int, max_sequence_length: int,
     if config.bf16:
         model = model.to(torch.bfloat16)
     return model
+
+
+def build_model_chunks(config: CRNetConfig, vocab_size: int, max_sequence_length: int,
+                       **kwargs) -> List[CRNetGPTModel]:
+    """This rank's model chunks, in Megatron's order: one per virtual pipeline stage under
+    interleaving (chunk ``i`` holds the ``i``-th slice of the rank's layers in the global
+    order), else one."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages = range(vpp) if vpp is not None else [None]
+    return [build_model(config, vocab_size, max_sequence_length, vp_stage=v, **kwargs)
+            for v in stages]

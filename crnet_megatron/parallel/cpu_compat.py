@@ -23,6 +23,12 @@ Without CUDA it makes these adaptations (file:line are megatron-core 0.16.1):
    parameter), then copies over it a ``step`` that the fully reshardable state does not hold
    (``:938``, a KeyError) or that is the placeholder state's (``dp_reshardable``, ``:1652``).
    ``_torch_adam_distributed_optimizer()`` keeps each parameter's own, restored step.
+6. gloo's ``isend`` reads the tensor's storage when the transfer runs, but the interleaved
+   schedule swaps a sent output's storage for a one-element placeholder right after posting an
+   overlapped send (``deallocate_output_tensor``, ``pipeline_parallel/schedules.py:1497,1522``), so
+   the peer could receive the placeholder's neighbourhood. ``sent_outputs_kept(config)`` keeps
+   sent outputs whole during a schedule with overlapped P2P (CPU memory only; NCCL's sends are
+   ordered on the stream before the storage is reused).
 """
 
 from __future__ import annotations
@@ -120,3 +126,16 @@ def cuda_device_rewrite():
     if cuda_available():
         return contextlib.nullcontext()
     return _CudaToCpu()
+
+
+@contextlib.contextmanager
+def sent_outputs_kept(config):
+    """Item 6: without CUDA, a schedule with overlapped P2P does not deallocate sent outputs."""
+    if cuda_available() or not (config.overlap_p2p_comm and config.deallocate_pipeline_outputs):
+        yield
+        return
+    config.deallocate_pipeline_outputs = False
+    try:
+        yield
+    finally:
+        config.deallocate_pipeline_outputs = True

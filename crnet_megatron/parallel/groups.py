@@ -17,7 +17,8 @@ from crnet_megatron.parallel.launch import free_port, rank_env_from_slurm
 
 
 def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                     seed: int = 1234, timeout_minutes: int = 10) -> None:
+                     seed: int = 1234, timeout_minutes: int = 10,
+                     virtual_pipeline_model_parallel_size=None) -> None:
     """Initialise torch.distributed (env:// as set by torchrun) and Megatron's groups, their
     collectives timing out after ``timeout_minutes`` (``parallel.distributed_timeout_minutes``,
     Megatron's ``--distributed-timeout-minutes``)."""
@@ -44,6 +45,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         distributed_timeout_minutes=timeout_minutes)
     set_seed(seed)
 

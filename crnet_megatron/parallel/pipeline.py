@@ -1,4 +1,4 @@
-"""Pipeline parallelism that carries the CR-Net chains between stages.
+"""Pipeline parallelism that carries the CR-Net chains between stages and model chunks.
 
 Megatron-Core's schedules move one tensor per micro-batch between stages, sized
 ``(s', b, hidden)`` (``s' = s/t`` under sequence parallel), and backpropagate only the first
@@ -6,21 +6,27 @@ output tensor. So a stage packs the residual stream and its last layer's four ch
 tensor ``(s', b, payload_width)``; the next stage unpacks it, and autograd carries the chain
 gradients back through the same packed tensor. The o/down chains share the residual stream's
 layout; the qkv/fc1 chains are full-sequence and hidden-sharded, so under SP their ``s = t s'``
-rows are folded into the width (``[t, s', b, w] -> [s', b, t w]``). Only the last dimension of
-Megatron's P2P shape changes, through the schedule's own ``adjust_tensor_shapes_fn`` hook: users
-keep Megatron's 1F1B scheduling and micro-batching.
+rows are folded into the width (``[t, s', b, w] -> [s', b, t w]``).
 
-Megatron's interleaved (virtual) schedule asserts that hook is ``None``
-(``pipeline_parallel/schedules.py:919``), so interleaving is rejected by ``CRNetConfig``.
+Only the last dimension of Megatron's P2P shape changes, and it changes in the one object both
+schedules are given for their P2P traffic: ``PayloadP2PCommunicator``, Megatron's
+``P2PCommunicator`` with every receive buffer sized to the payload. So users keep Megatron's
+1F1B and interleaved (virtual pipeline) schedules unmodified, with their micro-batching; no
+shape exchange precedes a transfer (the payload's shape is known on both sides). Under
+interleaving each model chunk is a stage of the global layer order: its first chunk on a rank
+receives the chains of the previous rank's chunk (or, on the first rank, of the last rank's
+previous chunk), exactly as at a 1F1B stage boundary.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from crnet_megatron.model import positions
 from crnet_megatron.model.layer import Chains
@@ -97,25 +103,49 @@ class StagePayload:
         return unpack_stage_input(packed, self.config)
 
 
-def adjust_tensor_shapes_fn(config) -> Callable:
-    """Hook for Megatron's 1F1B schedule: widen the P2P shape to the packed payload."""
-    width = payload_width(config)
+class PayloadP2PCommunicator(P2PCommunicator):
+    """Megatron's P2P communicator whose receive buffers have the packed payload's width: the
+    schedule asks for ``(s', b, hidden)`` and gets ``(s', b, payload_width)``, in both
+    directions (activations forward, their gradients backward)."""
 
-    def adjust(recv_shapes: List[tuple], send_shapes: List[tuple]):
-        widen = lambda shapes: [(s, b, width) for (s, b, _) in shapes]  # noqa: E731
-        return widen(recv_shapes), widen(send_shapes)
+    def __init__(self, pp_group, config):
+        super().__init__(pp_group=pp_group, config=config)
+        self.payload_width = payload_width(config)
 
-    return adjust
+    def _communicate(self, *, tensor_shape, **kwargs):
+        if tensor_shape is not None:
+            tensor_shape = (*tuple(tensor_shape)[:-1], self.payload_width)
+        return super()._communicate(tensor_shape=tensor_shape, **kwargs)
+
+
+def _process_groups() -> ProcessGroupCollection:
+    """The groups Megatron's schedules use when given their communicator."""
+    pgs = ProcessGroupCollection()
+    pgs.tp = parallel_state.get_tensor_model_parallel_group()
+    pgs.cp = parallel_state.get_context_parallel_group()
+    pgs.pp = parallel_state.get_pipeline_model_parallel_group()
+    pgs.embd = parallel_state.get_embedding_group(check_initialized=False)
+    pgs.pos_embd = parallel_state.get_position_embedding_group(check_initialized=False)
+    pgs.dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True,
+                                                       partial_data_parallel=False)
+    return pgs
 
 
 def forward_backward(*, forward_step_func, data_iterator: Iterator, model, num_microbatches: int,
                      seq_length: int, micro_batch_size: int, forward_only: bool = False):
-    """Megatron's forward/backward schedule for this parallel layout, with the CR-Net payload."""
-    config = model.config
-    kwargs = dict(forward_step_func=forward_step_func, data_iterator=data_iterator,
-                  model=[model], num_microbatches=num_microbatches, seq_length=seq_length,
+    """Megatron's forward/backward schedule for this parallel layout (no pipeline, 1F1B, or
+    interleaved over ``model``'s chunks), with the CR-Net payload between stages. ``model``
+    is one module or this rank's list of model chunks; ``data_iterator`` is shared by them
+    (only the chunks that hold the embedding or the loss read from it)."""
+    chunks: Sequence[torch.nn.Module] = model if isinstance(model, (list, tuple)) else [model]
+    config = chunks[0].config
+    kwargs = dict(forward_step_func=forward_step_func,
+                  data_iterator=[data_iterator] * len(chunks) if len(chunks) > 1 else data_iterator,
+                  model=list(chunks), num_microbatches=num_microbatches, seq_length=seq_length,
                   micro_batch_size=micro_batch_size, forward_only=forward_only)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        kwargs["adjust_tensor_shapes_fn"] = adjust_tensor_shapes_fn(config)
-    with cpu_compat.cuda_device_rewrite():
+        kwargs["p2p_communicator"] = PayloadP2PCommunicator(
+            parallel_state.get_pipeline_model_parallel_group(), config)
+        kwargs["pg_collection"] = _process_groups()
+    with cpu_compat.cuda_device_rewrite(), cpu_compat.sent_outputs_kept(config):
         return get_forward_backward_func()(**kwargs)

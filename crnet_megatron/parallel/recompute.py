@@ -46,9 +46,12 @@ def is_crnet_layer(layer) -> bool:
     return is_crnet_linear(layer.self_attention.linear_qkv)
 
 
-def checkpoint_set(layers: Sequence, every: int) -> set:
-    """Stage-local indices whose Y is stored (``counting.checkpoint_set``: Algorithm 1's A)."""
-    return counting.checkpoint_set([not is_crnet_layer(layer) for layer in layers], every)
+def checkpoint_set(layers: Sequence, config) -> set:
+    """Stage-local indices whose Y is stored (``counting.checkpoint_set``: Algorithm 1's A, on
+    the global layer index: Megatron's ``layer_number`` is 1-based and global)."""
+    return counting.checkpoint_set([not is_crnet_layer(layer) for layer in layers],
+                                   config.crnet_checkpoint_every,
+                                   first=layers[0].layer_number - 1, num_layers=config.num_layers)
 
 
 class _Record:
@@ -108,7 +111,7 @@ class CRNetRecomputeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage, hidden, *chains_in):
         layers, rope, config = stage
-        store = checkpoint_set(layers, config.crnet_checkpoint_every)
+        store = checkpoint_set(layers, config)
         max_ratio = _max_ratio(config, hidden)
         small_now = small_scales(layers, chain_modules, is_crnet_layer,
                                  config.crnet_recompute_min_scale)

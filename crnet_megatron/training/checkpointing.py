@@ -76,6 +76,7 @@ def read_latest(root: str) -> Optional[int]:
 def layout() -> Dict[str, int]:
     return dict(tp=ps.get_tensor_model_parallel_world_size(),
                 pp=ps.get_pipeline_model_parallel_world_size(),
+                vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
                 dp=ps.get_data_parallel_world_size())
 
 
@@ -112,13 +113,27 @@ def optimizer_format(optimizer, fully_reshardable: bool) -> Optional[str]:
     return "fully_reshardable" if fully_reshardable else "dp_reshardable"
 
 
+def _modules(model) -> List[torch.nn.Module]:
+    """This rank's model chunks, unwrapped from DDP."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    return [getattr(chunk, "module", chunk) for chunk in chunks]
+
+
+def _model_keys(model) -> List[str]:
+    """Where each chunk's state sits in the checkpoint's state dict (Megatron-LM's names:
+    ``model``, or ``model0``, ``model1``, ... under interleaving). The tensors themselves are
+    keyed by global layer number, so a checkpoint loads at any PP x VPP layout."""
+    n = len(_modules(model))
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
 def _sharded_state(model, optimizer, is_loading: bool, with_rng: bool, fmt: Optional[str],
                    tensors_only: TensorsOnly):
-    model_sd = tensors_only(getattr(model, "module", model).sharded_state_dict())
-    state = {"model": model_sd}
+    state = {key: tensors_only(module.sharded_state_dict())
+             for key, module in zip(_model_keys(model), _modules(model))}
     if optimizer is not None:
         state["optimizer"] = tensors_only(optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading,
+            dict(state), is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": fmt or "fully_reshardable"}), ("optimizer",))
     if with_rng:
         state["rng_state"] = _rng_tensors()
@@ -456,14 +471,14 @@ def check_optimizer_layout(common: Dict[str, Any], optimizer) -> None:
         return
     saved, now = common.get("layout") or {}, layout()
     distributed = optimizer_format(optimizer, False) is not None
-    if distributed and all(saved.get(k) == now[k] for k in ("tp", "pp")):
+    if distributed and all(saved.get(k) == now[k] for k in ("tp", "pp", "vpp")):
         return
-    where = f"TP={saved.get('tp')} PP={saved.get('pp')}"
+    where = f"TP={saved.get('tp')} PP={saved.get('pp')} VPP={saved.get('vpp')}"
     raise ValueError(
         f"checkpoint {common['path']} holds the distributed optimizer's state as dp_reshardable, "
         f"which loads only with parallel.use_distributed_optimizer=true at the layout it was "
         f"saved at ({where}; any DP); this run is TP={now['tp']} PP={now['pp']}"
-        f"{'' if distributed else ' without it'}. Resume once at {where} with "
+        f" VPP={now['vpp']}{'' if distributed else ' without it'}. Resume once at {where} with "
         "checkpoint.optim_fully_reshardable=true to write a checkpoint that loads at any "
         "layout, or set checkpoint.no_load_optim=true to start the optimizer afresh")
 
@@ -473,11 +488,14 @@ def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
     check_optimizer_layout(common, optimizer)
     restore_rng = (common.get("layout") == layout() and common.get("rng_format") == "tensors"
                    and bool(common.get("rng_cuda")) == torch.cuda.is_available())
-    module = getattr(model, "module", model)
+    modules, model_keys = _modules(model), _model_keys(model)
     metadata = load_metadata(os.path.join(common["path"], ".metadata"))
     keys = set(metadata.state_dict_metadata)
     tensors_only = TensorsOnly(object_sizes(metadata))
-    with cpu_compat.cuda_device_rewrite(), _norm_keys_as_saved(module, keys):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(cpu_compat.cuda_device_rewrite())
+        for module in modules:
+            stack.enter_context(_norm_keys_as_saved(module, keys))
         if optimizer is not None:
             _ensure_optimizer_state(optimizer)
         state = _sharded_state(model, optimizer, is_loading=True, with_rng=restore_rng,
@@ -488,16 +506,17 @@ def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
         except UnsafeCheckpointError:
             raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001
-            if any(getattr(sh, "key", None) not in keys
-                   for sh in _sharded_values(state["model"])):
-                raise ValueError(_missing_keys_line(common["path"], state["model"], keys)) \
-                    from None
+            wanted = [state[k] for k in model_keys]
+            if any(getattr(sh, "key", None) not in keys for sh in _sharded_values(wanted)):
+                raise ValueError(_missing_keys_line(common["path"], wanted, keys)) from None
             raise ValueError(f"could not load checkpoint {common['path']}: "
                              f"{_failure_reason(e)}") from None
         loaded = tensors_only.restore(loaded)
-        result = module.load_state_dict(loaded["model"], strict=False)
-        bad = [k for k in list(result.missing_keys) + list(result.unexpected_keys)
-               if not k.endswith("_extra_state")]
+        bad = []
+        for key, module in zip(model_keys, modules):
+            result = module.load_state_dict(loaded[key], strict=False)
+            bad += [k for k in list(result.missing_keys) + list(result.unexpected_keys)
+                    if not k.endswith("_extra_state")]
         if bad:
             raise ValueError(f"checkpoint {common['path']} does not match the model: {bad[:5]}")
         if optimizer is not None:

@@ -28,8 +28,9 @@ def check_layout(cfg, world: Optional[int] = None) -> None:
         heads=m["num_attention_heads"], groups=m["num_query_groups"], ffn=m["ffn_hidden_size"],
         layers=m["num_layers"], seq=m["seq_length"], tp=p["tensor_model_parallel_size"],
         pp=p["pipeline_model_parallel_size"], sequence_parallel=bool(p["sequence_parallel"]),
-        uneven_pp=bool(p["num_layers_in_first_pipeline_stage"]
-                       or p["num_layers_in_last_pipeline_stage"]),
+        first=p["num_layers_in_first_pipeline_stage"],
+        last=p["num_layers_in_last_pipeline_stage"],
+        vpp=p["virtual_pipeline_model_parallel_size"],
         world=world, micro_batch=s["micro_batch_size"], global_batch=s["global_batch_size"])
     if problems:
         raise ValueError(problems[0])
@@ -71,7 +72,14 @@ def validate_batch(cfg, dp_size: int) -> int:
     if s["global_batch_size"] % per_step:
         raise ValueError(f"schedule.global_batch_size={s['global_batch_size']} is not divisible by "
                          f"micro_batch_size x data_parallel_size = {per_step}")
-    return s["global_batch_size"] // per_step
+    from crnet_megatron.parallel.rules import interleaving_problem
+
+    micro, p = s["global_batch_size"] // per_step, cfg["parallel"]
+    problem = interleaving_problem(micro, p["pipeline_model_parallel_size"],
+                                   p["virtual_pipeline_model_parallel_size"])
+    if problem:
+        raise ValueError(problem)
+    return micro
 
 
 def sequence_parallel_warning(cfg: Dict[str, Dict[str, Any]]) -> Optional[str]:

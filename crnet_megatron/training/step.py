@@ -5,20 +5,30 @@ training-time eval and ``crnet-eval`` share."""
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Iterator, List
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.utils import get_attr_wrapped_model
 
 from crnet_megatron.parallel.pipeline import forward_backward
 from crnet_megatron.training.data import get_batch
 
 
+def _reads_batch(model) -> bool:
+    """A model chunk that holds the embedding or the loss reads the micro-batch; the others
+    (a middle stage, or an inner virtual stage of the first/last rank) take the previous
+    stage's output."""
+    return bool(get_attr_wrapped_model(model, "pre_process")
+                or get_attr_wrapped_model(model, "post_process"))
+
+
 def _forward_step(data_iterator, model, micro_batch_size: int, seq_len: int):
     device = next(model.parameters()).device
-    batch = get_batch(data_iterator, micro_batch_size, seq_len, device)
-    if batch is None:  # a middle stage: its input is the previous stage's output
+    batch = (get_batch(data_iterator, micro_batch_size, seq_len, device)
+             if _reads_batch(model) else None)
+    if batch is None:  # its input is the previous stage's output
         return model(None, None, None), lambda out: (out, {})
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     mask = batch["loss_mask"].float()
@@ -30,14 +40,19 @@ def _forward_step(data_iterator, model, micro_batch_size: int, seq_len: int):
     return output, loss_func
 
 
+def _chunks(model) -> List[torch.nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
 def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs: int,
                  forward_only: bool) -> float:
-    """Megatron's schedule over the micro-batches; mean loss, broadcast from the last stage."""
+    """Megatron's schedule over the micro-batches (``model``: a module or this rank's model
+    chunks); mean loss, broadcast from the last stage."""
     step = functools.partial(_forward_step, micro_batch_size=mbs, seq_len=seq_len)
     out = forward_backward(forward_step_func=step, data_iterator=data_iterator,
                            model=model, num_microbatches=num_microbatches, seq_length=seq_len,
                            micro_batch_size=mbs, forward_only=forward_only)
-    device = next(model.parameters()).device
+    device = next(_chunks(model)[0].parameters()).device
     loss = torch.zeros((), dtype=torch.float32, device=device)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         loss += sum(o["lm loss"].float() for o in out) / len(out)
@@ -72,10 +87,13 @@ def mean_loss(model, batches: Iterator, num_batches: int, num_microbatches: int,
               micro_batch_size: int) -> float:
     """Forward-only loss over ``num_batches`` global batches (windows of equal length make the
     mean over batches the mean over tokens)."""
-    was_training = model.training
-    model.eval()
+    chunks = _chunks(model)
+    was_training = chunks[0].training
+    for chunk in chunks:
+        chunk.eval()
     with torch.no_grad():
         losses = [run_schedule(model, batches, num_microbatches, seq_len, micro_batch_size,
                                forward_only=True) for _ in range(num_batches)]
-    model.train(was_training)
+    for chunk in chunks:
+        chunk.train(was_training)
     return sum(losses) / len(losses)

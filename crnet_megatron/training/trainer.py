@@ -40,7 +40,7 @@ from crnet_megatron.analysis.counting import (
 from crnet_megatron.data.preprocess import HFTokenizer
 from crnet_megatron.data.safe_files import copy_file, write_text
 from crnet_megatron.parallel import cpu_compat
-from crnet_megatron.parallel.build import build_model
+from crnet_megatron.parallel.build import build_model_chunks
 from crnet_megatron.parallel.environment import banner, versions
 from crnet_megatron.parallel.groups import (
     destroy_distributed,
@@ -127,7 +127,9 @@ class Trainer:
         p = self.cfg["parallel"]
         init_distributed(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"],
                          seed=self.cfg["schedule"]["seed"],
-                         timeout_minutes=p["distributed_timeout_minutes"])
+                         timeout_minutes=p["distributed_timeout_minutes"],
+                         virtual_pipeline_model_parallel_size=p[
+                             "virtual_pipeline_model_parallel_size"])
         self.rank0 = dist.get_rank() == 0
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.num_microbatches = preflight.validate_batch(self.cfg, self.dp_size)
@@ -157,22 +159,28 @@ class Trainer:
                                              cfg["parallel"]["tensor_model_parallel_size"])
 
     def _build_model_and_optimizer(self):
-        """This rank's stage, wrapped in Megatron DDP, and Megatron's optimizer over it."""
+        """This rank's model chunks (its stage, or its virtual stages under interleaving), each
+        wrapped in Megatron DDP (bucketing for the first only, as Megatron-LM does), and
+        Megatron's optimizer over them."""
         cfg = self.cfg
         m, p = cfg["model"], cfg["parallel"]
-        model = build_model(self.config, vocab_size=self.vocab, max_sequence_length=m["seq_length"],
-                            rotary_base=m["rotary_base"], seed=cfg["schedule"]["seed"])
+        chunks = build_model_chunks(self.config, vocab_size=self.vocab,
+                                    max_sequence_length=m["seq_length"],
+                                    rotary_base=m["rotary_base"], seed=cfg["schedule"]["seed"])
         dist_opt = run_config.use_distributed_optimizer(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
             overlap_param_gather=p["overlap_param_gather"], use_distributed_optimizer=dist_opt)
         with cpu_compat.cuda_device_rewrite():
-            self.model = DistributedDataParallel(self.config, ddp_config, model)
+            self.model = [DistributedDataParallel(self.config, ddp_config, chunk,
+                                                  disable_bucketing=i > 0)
+                          for i, chunk in enumerate(chunks)]
             ocfg = run_config.to_optimizer_config(cfg, dist_opt)
             self.optimizer = get_megatron_optimizer(
-                ocfg, [self.model], config_overrides=get_standard_config_overrides(ocfg))
+                ocfg, self.model, config_overrides=get_standard_config_overrides(ocfg))
         self.config.finalize_model_grads_func = finalize_grads
-        self.config.no_sync_func = self.model.no_sync
+        syncs = [chunk.no_sync for chunk in self.model]
+        self.config.no_sync_func = syncs if len(syncs) > 1 else syncs[0]
 
     def _build_scheduler(self):
         o, s = self.cfg["optimizer"], self.cfg["schedule"]
@@ -267,7 +275,7 @@ class Trainer:
         """This rank's micro-batches; None where it reads none (``data.reads_data``)."""
         if dataset is None:
             return None
-        device = next(self.model.parameters()).device
+        device = next(self.model[0].parameters()).device
         return SampleIterator(dataset, self.cfg["schedule"]["micro_batch_size"], self.dp_rank,
                               self.dp_size, consumed, device, self.tokenizer.vocab_size,
                               self.prefixes)
@@ -277,15 +285,15 @@ class Trainer:
         """With ``overlap_param_gather`` the updated parameters are all-gathered in the next
         forward's pre-hooks; evaluation and checkpoints need them now (as Megatron-LM does:
         hooks off, which syncs the parameters, then on again)."""
-        hooked = getattr(self.model, "use_forward_hook", False)
-        if hooked:
-            with cpu_compat.cuda_device_rewrite():
-                self.model.disable_forward_pre_hook()
+        hooked = [c for c in self.model if getattr(c, "use_forward_hook", False)]
+        with cpu_compat.cuda_device_rewrite():
+            for chunk in hooked:
+                chunk.disable_forward_pre_hook()
         try:
             yield
         finally:
-            if hooked:
-                self.model.enable_forward_pre_hook()
+            for chunk in hooked:
+                chunk.enable_forward_pre_hook()
 
     def evaluate(self) -> float:
         """Loss on a fixed validation budget: eval_iters global batches from the split start."""
@@ -322,7 +330,8 @@ class Trainer:
 
     def train_step(self, data_iterator) -> Dict[str, float]:
         s = self.cfg["schedule"]
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = run_schedule(self.model, data_iterator, self.num_microbatches,
                             self.cfg["model"]["seq_length"], s["micro_batch_size"], False)
@@ -401,7 +410,7 @@ class Trainer:
         warning = preflight.sequence_parallel_warning(cfg)
         if warning:
             print(warning, flush=True)
-        params = sum(p.numel() for p in self.model.parameters())
+        params = sum(p.numel() for chunk in self.model for p in chunk.parameters())
         print(f"{self.config.crnet_variant}: {params / 1e6:.2f}M params on this rank; ranks "
               f"{self.config.crnet_layer_ranks}; {self.flops / 1e9:.3f} GFLOP/token (dense "
               f"equivalent {self.dense_flops / 1e9:.3f}); MFU peak {self.peak or 'n/a'} TFLOP/s",
