@@ -47,6 +47,35 @@ def test_checkpoint_loads_at_another_layout(tiny_dataset, tmp_path, layout):
     assert loaded["evals"][-1]["loss"] == pytest.approx(saved["evals"][-1]["loss"], rel=1e-5)
 
 
+DEEP = ["model.num_layers=8", "schedule.train_iters=8", "schedule.micro_batch_size=2",
+        "schedule.global_batch_size=8", "eval.eval_interval=100", "eval.eval_iters=1"]
+VPP = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]
+PP4 = ["parallel.pipeline_model_parallel_size=4"]
+UNEVEN_VPP = VPP + ["parallel.num_layers_in_first_pipeline_stage=2"]  # chunks of 1 and 3 layers
+
+
+def test_interleaved_checkpoints_resume_at_other_pipeline_layouts(tiny_dataset, tmp_path):
+    """A PP=2 x VPP=2 checkpoint resumes at PP=1 and at PP=4, and a PP=4 one at PP=2 x VPP=2
+    with an uneven first stage: each resumed run's losses equal the uninterrupted one-process
+    run's (rtol 2e-5, the whole-run equivalence tolerance: layouts differ in reduction order)."""
+    def run(world, save, load, *sets):
+        extra = [f"checkpoint.load={load}"] if load else []
+        cfg = driver_cfg(tiny_dataset, tmp_path / "c", save, *DEEP, *extra, *sets)
+        return (run_in_process(cfg) if world == 1
+                else run_distributed(run_worker, world, cfg, timeout=400)[0])
+
+    straight = _losses(run(1, None, None))
+    for saved_at, resumed_at in ((VPP, [[], PP4]), (PP4, [UNEVEN_VPP])):
+        save = tmp_path / f"ck{len(saved_at)}"
+        first = run(2 if saved_at is VPP else 4, save, None, "schedule.exit_interval=4", *saved_at)
+        assert first["iteration"] == 4 and read_latest(str(save)) == 4
+        for sets in resumed_at:
+            world = 1 if not sets else (4 if sets is PP4 else 2)
+            resumed = run(world, None, save, *sets)
+            assert [h["iteration"] for h in resumed["history"]] == [5, 6, 7, 8]
+            assert _losses(resumed) == pytest.approx(straight[4:], rel=2e-5), (saved_at, sets)
+
+
 def test_crash_during_save_keeps_previous_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     save = tmp_path / "ck"
     real_save = checkpointing.dist_checkpointing.save

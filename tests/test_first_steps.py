@@ -63,6 +63,12 @@ def test_yaml_errors_keep_line_and_column(tmp_path):
                                            "schedule.micro_batch_size x data-parallel size"),
     (["parallel.tensor_model_parallel_size=2", "model.seq_length=127"], 2,
      "model.seq_length = 127 is not divisible by parallel.tensor_model_parallel_size = 2"),
+    (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=4"],
+     2, "the layers of each pipeline stage ([2, 2]) do not split into "
+        "parallel.virtual_pipeline_model_parallel_size = 4 equal model chunks"),
+    (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2",
+      "schedule.micro_batch_size=4", "schedule.global_batch_size=12"], 2,
+     "(micro_batch_size x data-parallel size) = 3 must be a multiple of 2"),
 ])
 def test_dry_run_and_planner_name_the_broken_rule(sets, world, rule, capsys, monkeypatch):
     from crnet_megatron.cli.plan import main as plan_main

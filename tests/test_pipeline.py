@@ -135,9 +135,23 @@ def test_cut_chains_are_detected(megatron_single):
 @pytest.mark.parametrize("overrides,pattern", [
     (dict(num_layers=5, pipeline_model_parallel_size=2), r"num_layers=5 .*not divisible"),
     (dict(num_layers=3, pipeline_model_parallel_size=4), r"more stages than layers"),
-    (dict(num_layers=4, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
-     r"interleaved pipelining is not supported"),
+    (dict(num_layers=6, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
+     r"must split into 2 equal model chunks"),
+    (dict(num_layers=6, pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=1,
+          virtual_pipeline_model_parallel_size=5), r"must split into 5 equal model chunks"),
+    (dict(num_layers=4, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=2),
+     r"needs pipeline_model_parallel_size >= 2"),
 ])
 def test_invalid_pipeline_split(overrides, pattern):
     with pytest.raises(ValueError, match=pattern):
         tiny_config(**overrides)
+
+
+def test_interleaving_takes_megatron_lms_p2p_settings():
+    """Batched P2P swaps a PP=2 rank's activation and gradient (same peer, same shape), so an
+    interleaved config uses Megatron-LM's overlapped, unbatched P2P; 1F1B keeps the defaults."""
+    vpp = tiny_config(num_layers=4, pipeline_model_parallel_size=2,
+                      virtual_pipeline_model_parallel_size=2)
+    assert (vpp.overlap_p2p_comm, vpp.batch_p2p_comm) == (True, False)
+    plain = tiny_config(num_layers=4, pipeline_model_parallel_size=2)
+    assert (plain.overlap_p2p_comm, plain.batch_p2p_comm) == (False, True)

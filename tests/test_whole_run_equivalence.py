@@ -84,6 +84,8 @@ BASELINES = {  # the paper's baselines and ablation, each at a multi-process lay
     "lowrank-tp2-pp2-sp-full": (4, ["model.variant=lowrank"] + TP2 + PP2 + SP + FULL),
     "dense-tp2-sp": (2, ["model.variant=dense"] + TP2 + SP),
     "frozen-beta-pp2-dp2": (4, ["model.crnet_learn_beta=false"] + PP2),
+    "lowrank-pp2-vpp2": (2, ["model.variant=lowrank"] + PP2 + VPP2),
+    "dense-pp2-vpp2": (2, ["model.variant=dense"] + PP2 + VPP2),
 }
 
 
@@ -110,3 +112,19 @@ def _trains_like_one_process(tiny_dataset, tmp_path, world, sets):
     worst_norm = max(_relative(g["grad_norm"], r["grad_norm"]) for g, r in zip(got, ref))
     assert worst_loss < RTOL and worst_norm < RTOL, (worst_loss, worst_norm)
     assert got[-1]["loss"] < got[0]["loss"] - 0.05
+
+
+INTERLEAVED = {  # deeper models than the 4-layer reference: each against its own one process
+    # 8 layers in 8 chunks of one layer: rank r holds global layers r+1 and r+5
+    "pp4-vpp2": (4, ["model.num_layers=8", "parallel.pipeline_model_parallel_size=4"] + VPP2),
+    # 6 layers, the first stage lighter: chunks of 1+1 layers on rank 0, 2+2 on rank 1
+    "pp2-vpp2-uneven": (2, ["model.num_layers=6", "parallel.num_layers_in_first_pipeline_stage=2"]
+                        + PP2 + VPP2 + CRNET),
+}
+
+
+@pytest.mark.parametrize("name", list(INTERLEAVED))
+def test_interleaved_layouts_train_the_same_model(tiny_dataset, tmp_path, name):
+    """Interleaved pipelining at PP=4 and with an uneven first stage (CR-Net recompute in
+    every chunk) gives the one-process run's losses and grad norms."""
+    _trains_like_one_process(tiny_dataset, tmp_path, *INTERLEAVED[name])

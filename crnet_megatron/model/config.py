@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from crnet_megatron.model import positions
-from crnet_megatron.model.stages import chunk_layers
 from crnet_megatron.model.choices import (
     LOWRANK_INITS,
     RANK_SCHEDULES,
     RECOMPUTE_MODULES,
     VARIANTS,
 )
+from crnet_megatron.model.stages import chunk_layers
 
 
 def _bad(field: str, value, valid: str) -> ValueError:

@@ -20,7 +20,7 @@ previous chunk), exactly as at a 1F1B stage boundary.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
