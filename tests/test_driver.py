@@ -161,7 +161,7 @@ def test_schedule_and_weight_decay_follow_the_config(tiny_dataset, tmp_path):
                      "optimizer.min_lr=1e-3", "optimizer.weight_decay=0.1")
     try:
         t = Trainer(cfg)
-        names = {id(p): n for n, p in t.model.module.named_parameters()}
+        names = {id(p): n for n, p in t.model[0].module.named_parameters()}
         for group in t.optimizer.param_groups:
             for p in group["params"]:
                 exempt = p.ndim == 1  # RMSNorm weights and betas

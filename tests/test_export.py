@@ -32,7 +32,7 @@ def _train_and_score(rank, world, cfg, tokens):
     try:
         trainer = Trainer(cfg)
         trainer.train()
-        device = next(trainer.model.parameters()).device
+        device = next(trainer.model[0].parameters()).device
         it = SampleIterator(TokenWindows(tokens, SEQ, WINDOWS), 1, 0, 1, 0, device)
         return mean_loss(trainer.model, it, WINDOWS, 1, SEQ, 1)
     finally:

@@ -40,7 +40,7 @@ def test_trainer_step_prepares_once_and_matches_megatron_step(tiny_dataset, tmp_
         data = ours._iterator(ours.train_ds, 0)
         norms = [ours.train_step(data)["grad_norm"] for _ in range(2)]
         assert counts == {"prepare_grads": 2, "get_grad_norm": 2}  # and never step()
-        got = {n: p.detach().clone() for n, p in ours.model.named_parameters()}
+        got = {n: p.detach().clone() for n, p in ours.model[0].named_parameters()}
     finally:
         destroy_distributed()
     try:
@@ -49,7 +49,7 @@ def test_trainer_step_prepares_once_and_matches_megatron_step(tiny_dataset, tmp_
         s = cfg["schedule"]
         ref_norms = []
         for _ in range(2):
-            ref.model.zero_grad_buffer()
+            ref.model[0].zero_grad_buffer()
             ref.optimizer.zero_grad()
             run_schedule(ref.model, data, ref.num_microbatches, cfg["model"]["seq_length"],
                          s["micro_batch_size"], False)
@@ -58,7 +58,7 @@ def test_trainer_step_prepares_once_and_matches_megatron_step(tiny_dataset, tmp_
             ref.scheduler.step(increment=1)
             ref_norms.append(norm)
         assert norms == ref_norms and max(ref_norms) > 0.05  # clipping was active
-        for n, p in ref.model.named_parameters():
+        for n, p in ref.model[0].named_parameters():
             torch.testing.assert_close(got[n], p.detach(), rtol=0, atol=0)
     finally:
         destroy_distributed()

@@ -49,7 +49,10 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
                 sequence_parallel=p["sequence_parallel"], recompute=recompute,
                 recompute_method=cfg["recompute"]["recompute_method"] or "uniform",
                 recompute_num_layers=cfg["recompute"]["recompute_num_layers"] or 1,
-                distributed_optimizer=p["use_distributed_optimizer"], bf16=cfg["optimizer"]["bf16"])
+                distributed_optimizer=p["use_distributed_optimizer"], bf16=cfg["optimizer"]["bf16"],
+                vpp=p["virtual_pipeline_model_parallel_size"],
+                first_stage_layers=p["num_layers_in_first_pipeline_stage"],
+                last_stage_layers=p["num_layers_in_last_pipeline_stage"])
 
 
 def _vocab(cfg) -> int:
@@ -113,8 +116,14 @@ def _gain(plan, evaluated: Dict, best) -> Optional[Dict]:
     gain = best[0]["time"]["tokens_per_s"] / evaluated["time"]["tokens_per_s"] - 1
     if gain < 0.005:
         return dict(gain=0.0, sets=[])
+    pipe = [(f"parallel.{key}", getattr(b, field)) for key, field in (
+        ("virtual_pipeline_model_parallel_size", "vpp"),
+        ("num_layers_in_first_pipeline_stage", "first_stage_layers"),
+        ("num_layers_in_last_pipeline_stage", "last_stage_layers"))
+        if getattr(b, field) is not None or getattr(plan, field) is not None]
     sets = [f"parallel.tensor_model_parallel_size={b.tp}",
             f"parallel.pipeline_model_parallel_size={b.pp}",
+            *(f"{key}={'null' if value is None else value}" for key, value in pipe),
             f"schedule.micro_batch_size={b.micro_batch}",
             f"parallel.sequence_parallel={str(b.sp).lower()}",
             f"recompute.recompute_granularity={'null' if b.recompute == 'none' else b.recompute}"]
@@ -122,13 +131,18 @@ def _gain(plan, evaluated: Dict, best) -> Optional[Dict]:
 
 
 def _plan_dict(p) -> Dict:
-    return dict(tp=p.tp, pp=p.pp, dp=p.dp, micro_batch=p.micro_batch, global_batch=p.global_batch,
+    return dict(tp=p.tp, pp=p.pp, vpp=p.vpp, first_stage_layers=p.first_stage_layers,
+                last_stage_layers=p.last_stage_layers, dp=p.dp, micro_batch=p.micro_batch,
+                global_batch=p.global_batch,
                 sequence_parallel=p.sp, recompute=p.recompute,
                 distributed_optimizer=p.distributed_optimizer, gpus=p.gpus)
 
 
 def _layout(d: Dict) -> str:
-    return (f"TP={d['tp']} PP={d['pp']} DP={d['dp']} mbs={d['micro_batch']} "
+    pipe = f"x{d['vpp']}" if d.get("vpp") else ""
+    if d.get("first_stage_layers") or d.get("last_stage_layers"):
+        pipe += f" ({d.get('first_stage_layers') or '-'}/{d.get('last_stage_layers') or '-'})"
+    return (f"TP={d['tp']} PP={d['pp']}{pipe} DP={d['dp']} mbs={d['micro_batch']} "
             f"recompute={d['recompute']}{' SP' if d['sequence_parallel'] else ''}")
 
 

@@ -35,3 +35,17 @@ def chunk_layers(num_layers: int, pp: int, vpp: Optional[int], first: Optional[i
     if counts is None or any(n % v for n in counts):
         return None
     return [n // v for n in counts]
+
+
+def rank_chunks(num_layers: int, pp: int, vpp: Optional[int], rank: int,
+                first: Optional[int] = None, last: Optional[int] = None) -> List[List[int]]:
+    """The 0-based global layers of each model chunk of pipeline ``rank`` (Megatron's
+    ``get_transformer_layer_offset``): chunk ``c`` of every rank comes after chunk ``c`` of
+    the ranks before it and after all of chunk ``c - 1``."""
+    sizes = chunk_layers(num_layers, pp, vpp, first, last)
+    if sizes is None:
+        raise ValueError(f"{num_layers} layers do not split into {pp} stages of {vpp or 1} "
+                         f"chunks (first stage {first}, last stage {last})")
+    lap = sum(sizes)  # layers in one chunk of every rank
+    return [list(range(c * lap + sum(sizes[:rank]), c * lap + sum(sizes[:rank + 1])))
+            for c in range(vpp or 1)]

@@ -3,9 +3,10 @@
 * weights, gradients and optimizer states: bf16 weights (2 B), fp32 gradient buffer (4 B,
   Megatron DDP's ``grad_reduce_in_fp32``), fp32 master weights + Adam moments (12 B) divided
   over DP by the distributed optimizer; fp32 training: 4 + 4 + 8 B;
-* activations: per micro-batch (``model.stage_activation_elements``) times the micro-batches in
-  flight (1F1B: stage i holds min(PP - i, M)), plus the layer being recomputed in backward, plus
-  the logits on the last stage;
+* activations: per micro-batch (``per_rank.stage_activation_elements``) times the micro-batches
+  in flight (``in_flight``: 1F1B's stage i holds min(PP - i, M); the interleaved schedule holds
+  its warm-up's chunk-micro-batches, each 1/v of the stage), plus the layer being recomputed in
+  backward, plus the logits on the last stage;
 * pipeline buffers: the received stage inputs kept for backward (one per micro-batch in flight,
   on every stage but the first; a stage's sent outputs keep only their graph,
   ``deallocate_pipeline_outputs``) and a send and a receive buffer, each ``payload_width`` wide
@@ -48,14 +49,30 @@ def payload_elements_per_token(plan: Plan) -> float:
     return payload_width(plan.shape, plan.tp, plan.sp) / (plan.tp if plan.sp else 1)
 
 
+def in_flight_chunks(plan: Plan, stage: int) -> int:
+    """Chunk-micro-batches (a micro-batch's forward through one model chunk) whose activations
+    rank ``stage`` holds at its peak: Megatron's warm-up forwards plus the first steady one.
+    1F1B: min(PP - stage, M). Interleaved (v chunks, groups of PP micro-batches):
+    min(2 (PP - stage - 1) + (v - 1) PP + 1, v M)."""
+    m, v = plan.microbatches, plan.chunks_per_rank
+    if plan.pp == 1:
+        return min(1, m)
+    if v == 1:
+        return min(plan.pp - stage, m)
+    return min(2 * (plan.pp - stage - 1) + (v - 1) * plan.pp + 1, v * m)
+
+
 def pipeline_held_bytes(plan: Plan, stage: int) -> float:
     """Stage-boundary tensors a stage holds for backward at its peak: the received inputs of
-    its micro-batches in flight (none on the first stage; sent outputs are deallocated)."""
-    if plan.pp == 1 or stage == 0:
+    its chunk-micro-batches in flight (the schedule runs chunk ``(k // PP) % v`` k-th; rank 0's
+    first chunk receives none; sent outputs are deallocated)."""
+    if plan.pp == 1:
         return 0.0
+    held = in_flight_chunks(plan, stage)
+    if stage == 0:  # rank 0's first chunk receives nothing: count the warm-up's other chunks
+        held = sum(1 for k in range(held) if (k // plan.pp) % plan.chunks_per_rank)
     tokens = plan.seq * plan.micro_batch
-    in_flight = min(plan.pp - stage, plan.microbatches)
-    return payload_elements_per_token(plan) * tokens * (2 if plan.bf16 else 4) * in_flight
+    return payload_elements_per_token(plan) * tokens * (2 if plan.bf16 else 4) * held
 
 
 def stage_memory(plan: Plan, stage: int) -> Dict[str, float]:
@@ -64,7 +81,7 @@ def stage_memory(plan: Plan, stage: int) -> Dict[str, float]:
     tokens = plan.seq * plan.micro_batch
     params = stage_params(plan, stage)
     per = state_bytes_per_param(plan)
-    in_flight = min(plan.pp - stage, plan.microbatches)
+    in_flight = in_flight_chunks(plan, stage) / plan.chunks_per_rank  # in stage micro-batches
     act = stage_activation_elements(plan, stage) * tokens * dtype * in_flight
     act += working_layer_elements(plan, stage) * tokens * dtype
     logits = logits_bytes_per_token(plan) * tokens if stage == plan.pp - 1 else 0.0

@@ -33,10 +33,11 @@ from typing import List, Optional, Tuple
 from crnet_megatron.analysis.counting import (
     ModelShape,
     chain_width,
-    checkpoint_count,
+    checkpoint_set,
     layer_ranks,
 )
 from crnet_megatron.model import positions
+from crnet_megatron.model.stages import rank_chunks
 
 RECOMPUTE_MODES = ("none", "selective", "full", "crnet")
 
@@ -61,6 +62,9 @@ class Plan:
     bf16: bool = True
     every: int = 8
     backend: str = "te"  # "te": fused norms (2 tensors saved per norm); "local": 3 (CPU)
+    vpp: Optional[int] = None  # model chunks per pipeline rank (interleaved schedule)
+    first_stage_layers: Optional[int] = None  # uneven stages (Megatron's names, without them
+    last_stage_layers: Optional[int] = None   # the layers split evenly)
 
     @property
     def sp(self) -> bool:
@@ -78,9 +82,17 @@ class Plan:
     def ranks(self) -> List[Optional[int]]:
         return layer_ranks(self.shape, self.rank)
 
-    def stage_layers(self, stage: int) -> range:
-        per = self.shape.layers // self.pp
-        return range(stage * per, (stage + 1) * per)
+    @property
+    def chunks_per_rank(self) -> int:
+        return self.vpp or 1
+
+    def chunks(self, stage: int) -> List[List[int]]:
+        """The 0-based global layers of each model chunk of pipeline rank ``stage``."""
+        return rank_chunks(self.shape.layers, self.pp, self.vpp, stage, self.first_stage_layers,
+                           self.last_stage_layers)
+
+    def stage_layers(self, stage: int) -> List[int]:
+        return [i for chunk in self.chunks(stage) for i in chunk]
 
 
 def layer_params_per_rank(shape: ModelShape, rank: Optional[int], tp: int) -> int:
@@ -144,8 +156,14 @@ def chain_elements(plan: Plan) -> float:
 
 def stage_activation_elements(plan: Plan, stage: int) -> float:
     """Elements per token one rank keeps for the decoder layers of one micro-batch in its
-    stage, under the plan's recompute mode (without the backward's working layer)."""
-    layers = list(plan.stage_layers(stage))
+    stage (every model chunk of it), under the plan's recompute mode (without the backward's
+    working layer)."""
+    return sum(chunk_activation_elements(plan, chunk) for chunk in plan.chunks(stage))
+
+
+def chunk_activation_elements(plan: Plan, layers: List[int]) -> float:
+    """The same for one model chunk (a stage under 1F1B): recompute runs per chunk, whose
+    incoming and outgoing chains are a stage boundary's."""
     s, t = plan.shape, plan.tp
     H = s.hidden / t if plan.sp else s.hidden
     mode = plan.recompute
@@ -153,7 +171,7 @@ def stage_activation_elements(plan: Plan, stage: int) -> float:
     if mode in ("none", "selective"):
         return sum(layer_activation_elements(plan, i, mode) for i in layers)
     if mode == "full":
-        checkpoints, kept = full_recompute_chunks(plan, stage)
+        checkpoints, kept = _full_checkpoints(plan, layers)
         carried = sum(1 for c in checkpoints if c[0] > 0) if chains else 0
         n = len(checkpoints) * H + carried * chain_elements(plan)
         if kept and chains and kept[0] > 0:  # its qkv/fc1 chains: no kept layer below holds them
@@ -165,20 +183,25 @@ def stage_activation_elements(plan: Plan, stage: int) -> float:
         # codes are gathered again in backward)
         codes = sum(7 * (ranks[i] / t if plan.sp else ranks[i])
                     for i in layers if ranks[i] is not None)
-        stored = checkpoint_count(len(layers), sum(1 for i in layers if ranks[i] is None),
-                                  plan.every)
+        stored = len(checkpoint_set([ranks[i] is None for i in layers], plan.every,
+                                    first=layers[0], num_layers=s.layers))
         return len(layers) * H + codes + stored * chain_elements(plan)
     raise ValueError(f"recompute mode {mode!r}: one of {RECOMPUTE_MODES}")
 
 
-def full_recompute_chunks(plan: Plan, stage: int) -> Tuple[List[List[int]], List[int]]:
-    """(the layers of each checkpoint, the layers run without one) of a stage under Megatron
-    ``full`` recompute, as ``parallel.recompute.megatron_full_recompute`` runs them."""
-    layers = list(plan.stage_layers(stage))
+def _full_checkpoints(plan: Plan, layers: List[int]) -> Tuple[List[List[int]], List[int]]:
     k = max(1, plan.recompute_num_layers)
     if plan.recompute_method == "block":
         return [[i] for i in layers[:k]], layers[k:]
     return [layers[j:j + k] for j in range(0, len(layers), k)], []
+
+
+def full_recompute_chunks(plan: Plan, stage: int) -> Tuple[List[List[int]], List[int]]:
+    """(the layers of each checkpoint, the layers run without one) of a stage under Megatron
+    ``full`` recompute, as ``parallel.recompute.megatron_full_recompute`` runs them in each
+    model chunk."""
+    parts = [_full_checkpoints(plan, chunk) for chunk in plan.chunks(stage)]
+    return [c for p in parts for c in p[0]], [i for p in parts for i in p[1]]
 
 
 def recomputed_layers(plan: Plan, stage: int) -> List[int]:

@@ -20,14 +20,14 @@ def evaluate(plan: Plan, gpu: GPU) -> Dict:
 
 
 def valid(plan: Plan, gpus: int) -> bool:
-    """A layout a real run accepts (``parallel.rules``), on exactly ``gpus`` GPUs (the planner
-    plans even pipeline stages)."""
+    """A layout a real run accepts (``parallel.rules``), on exactly ``gpus`` GPUs."""
     s = plan.shape
     if plan.tp * plan.pp * plan.dp != gpus or (plan.recompute == "crnet" and not s.chained):
         return False
     return not layout_problems(heads=s.heads, groups=s.groups, ffn=s.ffn, layers=s.layers,
                                seq=plan.seq, tp=plan.tp, pp=plan.pp, sequence_parallel=plan.sp,
-                               world=gpus, micro_batch=plan.micro_batch,
+                               first=plan.first_stage_layers, last=plan.last_stage_layers,
+                               vpp=plan.vpp, world=gpus, micro_batch=plan.micro_batch,
                                global_batch=plan.global_batch)
 
 
@@ -37,24 +37,39 @@ def recompute_modes(plan: Plan) -> List[str]:
 
 def search(plan: Plan, gpu: GPU, gpus: int, top: int = 5,
            node: Optional[int] = None) -> List[Dict]:
-    """The fastest layouts that fit: TP within a node, PP dividing the layers, every micro-batch
-    size and recompute mode; the global batch is kept."""
+    """The fastest layouts that fit: TP within a node, PP dividing the layers (1F1B or
+    interleaved with 2 or 4 chunks per rank, even stages or first/last stages a layer
+    lighter), every micro-batch size and recompute mode; the global batch is kept."""
     node = node or gpu.gpus_per_node
     found = []
     for tp in (t for t in (1, 2, 4, 8) if t <= node and gpus % t == 0):
         for pp in (p for p in range(1, 65) if (gpus // tp) % p == 0):
             dp = gpus // (tp * pp)
-            for mbs in (1, 2, 4, 8):
-                for mode in recompute_modes(plan):
-                    cand = replace(plan, tp=tp, pp=pp, dp=dp, micro_batch=mbs, recompute=mode,
-                                   sequence_parallel=tp > 1)
-                    if not valid(cand, gpus):
-                        continue
-                    r = evaluate(cand, gpu)
-                    if r["fits"]:
-                        found.append(r)
+            for pipe in pipeline_options(plan.shape.layers, pp):
+                for mbs in (1, 2, 4, 8):
+                    for mode in recompute_modes(plan):
+                        cand = replace(plan, tp=tp, pp=pp, dp=dp, micro_batch=mbs,
+                                       recompute=mode, sequence_parallel=tp > 1, **pipe)
+                        if not valid(cand, gpus):
+                            continue
+                        r = evaluate(cand, gpu)
+                        if r["fits"]:
+                            found.append(r)
     found.sort(key=lambda r: -r["time"]["tokens_per_s"])
     return found[:top]
+
+
+def pipeline_options(layers: int, pp: int) -> List[Dict]:
+    """The pipeline schedules the search tries at ``pp`` stages: 1F1B and interleaved (2, 4
+    chunks per rank), each with even stages and with the first and last stages one layer
+    lighter (they also hold the embedding, and the output layer and loss); the layout rules
+    drop those that do not split."""
+    if pp == 1:
+        return [{}]
+    per = layers // pp
+    ends = [(None, None)] + ([(per - 1, per - 1), (None, per - 1)] if per > 1 else [])
+    return [dict(vpp=v, first_stage_layers=f, last_stage_layers=last)
+            for v in (None, 2, 4) for f, last in ends]
 
 
 def smallest_fix(plan: Plan, gpu: GPU) -> Optional[Dict]:
@@ -70,7 +85,8 @@ def smallest_fix(plan: Plan, gpu: GPU) -> Optional[Dict]:
             options.append(replace(plan, tp=tp, dp=gpus // (tp * plan.pp), sequence_parallel=True))
     for pp in (2, 4, 8, 16):
         if pp > plan.pp and gpus % (plan.tp * pp) == 0:
-            options.append(replace(plan, pp=pp, dp=gpus // (plan.tp * pp)))
+            options.append(replace(plan, pp=pp, dp=gpus // (plan.tp * pp), vpp=None,
+                                   first_stage_layers=None, last_stage_layers=None))
     fits = [evaluate(p, gpu) for p in options if valid(p, gpus)]
     fits = [r for r in fits if r["fits"]]
     return max(fits, key=lambda r: r["time"]["tokens_per_s"]) if fits else None

@@ -15,8 +15,13 @@
   ``tp_exposed`` of it is not hidden (1.0: this project does not overlap TP communication;
   Megatron's TE ``--tp-comm-overlap`` hides most of a dense model's).
 * PP: 1F1B, ``(M + PP - 1)`` micro-batch slots of the slowest stage (bubble
-  ``(PP - 1)/(M + PP - 1)``); each micro-batch sends its stage payload forward and its gradient
-  back, over NVLink inside a node and InfiniBand across nodes.
+  ``(PP - 1)/(M + PP - 1)``); interleaved with v model chunks per rank, ``(v M + PP - 1)``
+  chunk slots of 1/v of it (bubble ``(PP - 1)/(v M + PP - 1)``), at the price of v stage
+  boundaries per rank and micro-batch. Each boundary sends the stage payload forward and its
+  gradient back, over NVLink inside a node and InfiniBand across nodes (not hidden: an upper
+  bound where Megatron overlaps the interleaved schedule's P2P). The slowest rank sets the
+  pace: uneven first/last stages move layers off the ranks that also hold the embedding or
+  the output layer and loss.
 * DP: fp32 gradient all-reduce, or reduce-scatter + bf16 parameter all-gather with the
   distributed optimizer, over InfiniBand once the DP group leaves the node; with overlap the
   reduce hides behind the last micro-batch's backward and the gather behind the first forward
@@ -151,15 +156,16 @@ def step_time(plan: Plan, gpu: GPU, overlap: Overlap = Overlap()) -> Dict[str, f
             comp += 3 * head_gemm + 3 * loss_elem
             bwd += 2 * head_gemm
         stages.append(dict(compute=comp, forward=fwd, backward=bwd, tp_comm=tp))
-    p2p = 0.0
-    if plan.pp > 1:
+    p2p, v = 0.0, plan.chunks_per_rank
+    if plan.pp > 1:  # per micro-batch: v boundaries, each an activation and a gradient
         bw, lat = _link(plan, gpu, plan.tp * plan.pp)
-        p2p = 2 * (lat + payload_elements_per_token(plan) * T * dtype / bw)
+        p2p = v * 2 * (lat + payload_elements_per_token(plan) * T * dtype / bw)
     slowest = max(stages, key=lambda d: d["compute"] + d["tp_comm"])
     per_mb = slowest["compute"] + slowest["tp_comm"] + p2p
     m = plan.microbatches
-    pipeline = (m + plan.pp - 1) * per_mb
-    bubble = (plan.pp - 1) * per_mb
+    slots = m + (plan.pp - 1) / v  # in micro-batches of the slowest rank
+    pipeline = slots * per_mb
+    bubble = (plan.pp - 1) / v * per_mb
 
     params = max(stage_params(plan, i) for i in range(plan.pp))
     dp_time = 0.0
@@ -182,9 +188,9 @@ def step_time(plan: Plan, gpu: GPU, overlap: Overlap = Overlap()) -> Dict[str, f
     tokens = plan.global_batch * plan.seq
     model_flops = flops_per_token(s, plan.rank, plan.seq)["training"]
     tok_s = tokens / total
-    return dict(step_s=total, pipeline_s=pipeline, bubble_s=bubble, p2p_s=p2p * (m + plan.pp - 1),
+    return dict(step_s=total, pipeline_s=pipeline, bubble_s=bubble, p2p_s=p2p * slots,
                 tp_comm_s=slowest["tp_comm"] * m, dp_exposed_s=dp_time, optimizer_s=optim,
                 compute_s=slowest["compute"] * m, tokens_per_s=tok_s,
                 tokens_per_s_per_gpu=tok_s / plan.gpus,
                 mfu=model_flops * tok_s / (plan.gpus * gpu.peak_tflops * 1e12),
-                bubble_fraction=(plan.pp - 1) / (m + plan.pp - 1))
+                bubble_fraction=(plan.pp - 1) / (v * m + plan.pp - 1))
