@@ -1,4 +1,4 @@
-"""``crnet-bench {throughput,recompute,comm,parallel,weak-scaling,device,planner,costs} [...]``: the
+"""``crnet-bench {throughput,recompute,comm,parallel,bubble,weak-scaling,device,planner,costs}``: the
 benchmarks, each printing one table and writing JSON (``--json``); ``--reduced`` where offered
 runs tiny shapes for CI."""
 
@@ -14,6 +14,8 @@ BENCHMARKS = {
                   "saved activations and step time per recompute mode"),
     "comm": ("crnet_megatron.bench.comm", "TP collective bytes per layer, measured vs formula"),
     "parallel": ("crnet_megatron.bench.parallel", "tokens/s of the driver at TP/PP/DP layouts"),
+    "bubble": ("crnet_megatron.bench.bubble",
+               "per-stage busy/idle time at PP=4, 1F1B vs interleaved, vs the planner"),
     "weak-scaling": ("crnet_megatron.bench.weak_scaling", "tokens/s per process as DP grows"),
     "device": ("crnet_megatron.bench.device",
                "bf16 step time and peak memory of CR-Net, lowrank and dense (the device kit)"),
