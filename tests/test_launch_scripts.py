@@ -72,9 +72,9 @@ def _ranks(out):
     return rows
 
 
-@pytest.mark.parametrize("name,tp,pp", [("pretrain_llama2_7b.sbatch", 2, 1),
-                                        ("pretrain_llama2_7b_pp2.sbatch", 2, 2)])
-def test_sbatch_runs_from_the_spool_directory(tmp_path, name, tp, pp, tiny_dataset):
+@pytest.mark.parametrize("name,tp,pp,vpp", [("pretrain_llama2_7b.sbatch", 2, 1, 1),
+                                            ("pretrain_llama2_7b_interleaved.sbatch", 2, 4, 2)])
+def test_sbatch_runs_from_the_spool_directory(tmp_path, name, tp, pp, vpp, tiny_dataset):
     spool = tmp_path / "spool"
     spool.mkdir()
     shutil.copy(f"{ROOT}/examples/slurm/{name}", spool / "slurm_script")  # what slurmd runs
@@ -89,19 +89,20 @@ def test_sbatch_runs_from_the_spool_directory(tmp_path, name, tp, pp, tiny_datas
     assert [r["local_rank"] for r in rows] == ["0", str(per - 1)]
     for r in rows:
         assert r["world"] == str(nodes * per)
-        assert (int(r["tp"]), int(r["pp"])) == (tp, pp)
+        assert (int(r["tp"]), int(r["pp"]), int(r["vpp"])) == (tp, pp, vpp)
         assert int(r["tp"]) * int(r["pp"]) * int(r["dp"]) == nodes * per
         assert r["master"] == "gpu-node001:29500"
         assert r["config"] == "examples/configs/llama2_7b_c4_seq256.yaml"
         assert r["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
-    if pp == 2:
-        assert "checkpoint.save=runs/llama2_7b_pp2" in res.stdout
+    if vpp > 1:
+        assert "checkpoint.save=runs/llama2_7b_interleaved" in res.stdout
+        assert int(rows[0]["micro_batches"]) % pp == 0
 
 
 def test_sbatch_without_image_or_repository_says_what_to_set(tmp_path):
     env = dict(SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_NODELIST="n1", SLURM_NNODES="1",
                SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="8")
-    res = _run(f"{ROOT}/examples/slurm/pretrain_llama2_7b_pp2.sbatch", tmp_path, env)
+    res = _run(f"{ROOT}/examples/slurm/pretrain_llama2_7b_interleaved.sbatch", tmp_path, env)
     assert res.returncode == 2 and "submit from the repository root or set CRNET_ROOT" in res.stderr
     env.update(SLURM_SUBMIT_DIR=ROOT, DRY_RUN="")
     res = _run(f"{ROOT}/examples/slurm/pretrain_llama2_7b.sbatch", tmp_path, env)

@@ -68,7 +68,8 @@ def dry_run(cfg, args) -> None:
                    if k.startswith(("CUDA_DEVICE_MAX", "NCCL_", "OMP_NUM")))
     sets = " ".join(f"--set {s}" for s in args.set)
     print(f"dry-run rank={lay['rank']} local_rank={lay['local_rank']} world={lay['world']} "
-          f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} micro_batches={micro} "
+          f"tp={lay['tp']} pp={lay['pp']} vpp={p['virtual_pipeline_model_parallel_size'] or 1} "
+          f"dp={lay['dp']} micro_batches={micro} "
           f"master={lay['master']} config={args.config} {env} "
           f"cmd=python -m crnet_megatron.cli.train {args.config} {sets}".rstrip(), flush=True)
 
