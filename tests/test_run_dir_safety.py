@@ -300,3 +300,34 @@ def test_crafted_metadata_sizes_are_refused_quickly(tiny_dataset, tmp_path, dama
                        match="repeated or outside" if damage == "repeated-chunks" else "negative"):
         safe_checkpoint.verify_checkpoint(str(save / "iter_0000002"))
     assert time.monotonic() - start < 5.0
+
+
+@pytest.mark.parametrize("where", [0.3, 0.8], ids=["early-bytes", "late-bytes"])
+def test_a_checkpoint_with_flipped_bytes_is_moved_aside(tiny_dataset, tmp_path, capfd, where):
+    """Bytes flipped inside the newest checkpoint's tensor data (the shard holds the weights,
+    then the optimizer states) no longer match its checksums: the resume says so in one line,
+    moves it aside and continues from the previous checkpoint, which equals an uninterrupted
+    run; the exporter's reader refuses it with the same line."""
+    from crnet_megatron.training.checkpointing import read_checkpoint
+    from crnet_megatron.training.integrity import CHECKSUMS, CorruptCheckpointError
+
+    save = tmp_path / "s"
+    cfg = ("schedule.train_iters=4", "checkpoint.save_interval=2", "logging.log_interval=1")
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, *cfg))
+    newest = save / "iter_0000004"
+    assert (newest / CHECKSUMS).is_file()
+    shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    at = int(len(data) * where)
+    data[at:at + 8] = bytes(b ^ 0xFF for b in data[at:at + 8])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=f"{shard.name} does not match its checksum"):
+        read_checkpoint(str(newest))
+    capfd.readouterr()
+    resumed = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, *cfg))
+    err = capfd.readouterr().err
+    assert f"{shard.name} does not match its checksum" in err and "iter_0000002" in err
+    assert (save / "iter_0000004.broken").is_dir()
+    assert [h["iteration"] for h in resumed["history"]] == [3, 4]
+    straight = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", tmp_path / "u", *cfg))
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"][2:]]

@@ -6,14 +6,12 @@
   and monotone, document boundaries monotone, ``.bin`` exactly as long as the index implies,
   and token ids below the vocabulary on an evenly spread sample of the ``.bin`` (never the
   whole file; every batch is checked again in training).
-* ``check_index_cache``: megatron-core loads its dataset index caches with
-  ``numpy.load(allow_pickle=True)``; a cache whose header is not a plain numeric array (an
-  object array runs code when loaded) is refused before megatron-core reads it.
+
+The dataset index caches megatron-core builds from them are checked in ``index_cache``.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import struct
 
@@ -99,24 +97,6 @@ def check_batch_tokens(tokens, vocab_size: int, prefixes) -> None:
         raise ValueError(f"a batch from {list(prefixes)} holds token id {hi if hi >= vocab_size else lo}"
                          f", outside the tokenizer's vocabulary [0, {vocab_size}); the data "
                          "was made with another tokenizer")
-
-
-def check_index_cache(cache_dir: str) -> None:
-    """Refuse index-cache ``.npy`` files that are not plain numeric arrays."""
-    for path in sorted(glob.glob(os.path.join(cache_dir, "**", "*.npy"), recursive=True)):
-        try:
-            with open(path, "rb") as f:
-                major, _ = np.lib.format.read_magic(f)
-                read = (np.lib.format.read_array_header_1_0 if major == 1
-                        else np.lib.format.read_array_header_2_0)
-                _, _, dtype = read(f)
-        except Exception as e:  # noqa: BLE001 - any unreadable header is refused
-            raise ValueError(f"dataset index cache {path} is not a valid .npy file ({e}); "
-                             "delete it and it is rebuilt") from None
-        if dtype.hasobject or dtype.kind not in "iuf":
-            raise ValueError(f"dataset index cache {path} holds {dtype} data, not a numeric "
-                             "index; refusing to load it (object arrays run code when read). "
-                             "Delete it and it is rebuilt")
 
 
 def tokenizer_file(path: str) -> str:

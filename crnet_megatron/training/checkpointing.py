@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from crnet_megatron.data.safe_files import UnsafePathError, check_readable, write_text
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.training import run_config, run_dir
+from crnet_megatron.training.integrity import verify_checksums, write_checksums
 from crnet_megatron.training.preflight import TRACKER
 from crnet_megatron.training.safe_checkpoint import (
     IncompleteCheckpointError,
@@ -278,9 +279,11 @@ def _save_failed(root: str, final: str, exc: BaseException) -> CheckpointSaveErr
 
 
 def _publish(root: str, iteration: int, keep_last: int, run_id: str) -> None:
-    """Every rank has written ``iter_N.tmp``: rename it, then move ``latest``, then prune this
-    run's own older checkpoints (``run_dir``)."""
+    """Every rank has written ``iter_N.tmp``: checksum its files (``integrity``), rename it,
+    then move ``latest``, then prune this run's own older checkpoints (``run_dir``)."""
     final = iteration_dir(root, iteration)
+    _barrier()
+    write_checksums(final + ".tmp")  # every rank hashes its share of the files
     _barrier()
     if _rank0():
         if os.path.exists(final):  # re-saving an iteration: replace the old copy last
@@ -304,6 +307,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
             except UnsafePathError as e:
                 raise IncompleteCheckpointError(str(e)) from None
     verify_checkpoint(path)
+    verify_checksums(path)
     try:
         with safe_reads():
             common = dist_checkpointing.load_common_state_dict(path)

@@ -15,10 +15,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from crnet_megatron.data.corpus import EOS, builtin_corpus, load_or_train_tokenizer
+from crnet_megatron.data.index_cache import (
+    check_index_cache,
+    index_problem,
+    remove_cache_set,
+)
 from crnet_megatron.data.preprocess import HFTokenizer, output_paths, preprocess_jsonl
 from crnet_megatron.data.validate import (
     check_batch_tokens,
-    check_index_cache,
     validate_prefix,
 )
 
@@ -137,7 +141,7 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
         validate_prefix(p, tokenizer.vocab_size)
     check_splits(prefixes, cfg["data"]["split"])
     cache = os.path.join(os.path.expanduser(cfg["data"]["cache_dir"]), "index_cache")
-    check_index_cache(cache)
+    check_index_cache(cache, repair=not dist.is_initialized() or dist.get_rank() == 0)
     if dist.is_initialized():
         dist.barrier()  # every rank has checked the caches before rank 0 writes new ones
     config = GPTDatasetConfig(
@@ -154,12 +158,43 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
             raise ValueError(f"could not read datasets {prefixes}: {e}") from e
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return build()
+        return _built_and_checked(build, cache)
     if dist.get_rank() == 0:
         with _builder_sees_one_process():
-            build()
+            _built_and_checked(build, cache)
     cache_barrier(cfg["data"]["cache_build_timeout_minutes"])
     return build()
+
+
+def _gpt_datasets(datasets) -> list:
+    """The GPTDatasets inside what the builder returned (blends hold them in ``datasets``)."""
+    found, todo = [], [d for d in datasets if d is not None]
+    while todo:
+        d = todo.pop()
+        inner = getattr(d, "datasets", None)
+        todo.extend(inner) if inner is not None else found.append(d)
+    return found
+
+
+def _built_and_checked(build, cache: str):
+    """Build; a GPTDataset whose indices came from a cache that existed before is checked for
+    plausibility (``index_cache.index_problem``), and an implausible cache is removed and
+    built again (rank 0 or a single process: where the caches are written)."""
+    existed = set(os.listdir(cache)) if os.path.isdir(cache) else set()
+    datasets = build()
+    bad = 0
+    for ds in _gpt_datasets(datasets):
+        base = f"{ds.unique_description_hash}-{type(ds).__name__}-{ds.index_split.name}"
+        path = os.path.join(cache, f"{base}-document_index.npy")
+        if os.path.basename(path) not in existed:
+            continue  # built just now
+        problem = index_problem(ds.document_index, ds.sample_index, ds.shuffle_index,
+                                ds.indices, ds.dataset.sequence_lengths,
+                                ds.config.sequence_length)
+        if problem:
+            remove_cache_set(path, problem)
+            bad += 1
+    return build() if bad else datasets
 
 
 @contextlib.contextmanager
