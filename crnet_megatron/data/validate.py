@@ -12,8 +12,10 @@ The dataset index caches megatron-core builds from them are checked in ``index_c
 
 from __future__ import annotations
 
+import json
 import os
 import struct
+from typing import List, Optional
 
 import numpy as np
 
@@ -107,7 +109,86 @@ def tokenizer_file(path: str) -> str:
         if not os.path.isfile(inner):
             raise FileNotFoundError(f"tokenizer directory {path!r} has no tokenizer.json (only "
                                     "fast HF tokenizers are read)")
-        return inner
+        path = inner
     if not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+    check_tokenizer_regexes(path)
     return path
+
+
+MAX_TOKENIZER_BYTES = 1 << 28
+MAX_REGEX_CHARS = 2048
+
+
+def check_tokenizer_regexes(path: str) -> None:
+    """The regular expressions a ``tokenizer.json`` runs on every line of text (pre-tokenizer
+    and normalizer ``Regex`` patterns) are bounded: short, and with no group that repeats
+    something itself repeating without bound (``(a+)+``, ``(\\w*)*``), the shape whose matching
+    time explodes on a crafted line. Real tokenizers' patterns (GPT-2, LLaMA-3) pass."""
+    from crnet_megatron.data.safe_files import check_readable
+
+    check_readable(path, "tokenizer file")
+    if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
+        raise ValueError(f"tokenizer file {path!r} is {os.path.getsize(path)} bytes, more than "
+                         f"{MAX_TOKENIZER_BYTES}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            todo = [json.load(f)]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"tokenizer file {path!r} is not valid JSON ({e})") from None
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            pattern = node.get("Regex")
+            if isinstance(pattern, str):
+                problem = regex_problem(pattern)
+                if problem:
+                    raise ValueError(f"tokenizer file {path!r}: the pattern {pattern[:80]!r} "
+                                     f"{problem}; refusing a tokenizer whose matching time can "
+                                     "explode on crafted text")
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+
+
+def regex_problem(pattern: str) -> Optional[str]:
+    """Why ``pattern`` could take exponential time (None: it cannot, by this check)."""
+    if len(pattern) > MAX_REGEX_CHARS:
+        return f"is longer than {MAX_REGEX_CHARS} characters"
+    groups: List[bool] = []  # per open group: does it hold an unbounded repeat?
+    i, n, inner = 0, len(pattern), False  # inner: the group that just closed repeats
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "[":  # a character class is one atom
+            i = pattern.find("]", i + 2 if pattern[i + 1:i + 2] == "]" else i + 1)
+            i = n if i < 0 else i + 1
+            inner = False
+            continue
+        if c == "(":
+            groups.append(False)
+        elif c == ")" and groups:
+            inner = groups.pop()
+            if groups:
+                groups[-1] = groups[-1] or inner
+            i += 1
+            if _unbounded_at(pattern, i) and inner:
+                return "repeats a group that itself repeats without bound"
+            continue
+        elif _unbounded_at(pattern, i) and groups:
+            groups[-1] = True
+        i += 1
+    return None
+
+
+def _unbounded_at(pattern: str, i: int) -> bool:
+    if i >= len(pattern):
+        return False
+    if pattern[i] in "*+":
+        return True
+    if pattern[i] == "{":
+        close = pattern.find("}", i)
+        return close > 0 and pattern[i + 1:close].endswith(",")
+    return False

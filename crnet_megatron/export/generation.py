@@ -9,7 +9,6 @@ text and tokens/s.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional
 
@@ -71,7 +70,10 @@ def load_for_generation(path: str, tokenizer: Optional[str] = None):
     """(CRNetForCausalLM, tokenizers.Tokenizer, eos id) from an export or a checkpoint."""
     from tokenizers import Tokenizer
 
-    from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
+    from crnet_megatron.export.modeling_crnet import (
+        CRNetForCausalLM,
+        read_export_config,
+    )
     from crnet_megatron.parallel.environment import announce
 
     announce()
@@ -79,9 +81,8 @@ def load_for_generation(path: str, tokenizer: Optional[str] = None):
         tok_path = tokenizer or os.path.join(path, "tokenizer.json")
         if not os.path.exists(tok_path):
             raise FileNotFoundError(f"export {path} has no tokenizer.json; pass --tokenizer")
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-        return CRNetForCausalLM.from_export(path).eval(), Tokenizer.from_file(tok_path), eos
+        model = CRNetForCausalLM.from_export(path).eval()  # config.json checked first
+        return model, Tokenizer.from_file(tok_path), read_export_config(path).get("eos_token_id")
     from crnet_megatron.export.hf import to_hf_model
     from crnet_megatron.export.loader import load_megatron_model, single_process
 

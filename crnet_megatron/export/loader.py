@@ -115,6 +115,7 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
     single = copy.deepcopy(cfg)
     single["parallel"].update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                               sequence_parallel=False, num_layers_in_first_pipeline_stage=None,
+                              virtual_pipeline_model_parallel_size=None,
                               num_layers_in_last_pipeline_stage=None)
     single["recompute"]["recompute_granularity"] = None
     config = run_config.to_crnet_config(single)

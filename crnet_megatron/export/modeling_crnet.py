@@ -250,15 +250,16 @@ class CRNetForCausalLM(PreTrainedModel, GenerationMixin):
         from safetensors.torch import load_file
 
         config_path = os.path.join(path, "config.json")
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-        known = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                 "rope_theta", "max_position_embeddings", "crnet_projection",
-                 "crnet_layer_ranks", "crnet_eps", "eos_token_id", "bos_token_id")
-        config = CRNetLlamaConfig(**{k: raw[k] for k in known if k in raw})
+        raw = read_export_config(path)
+        weights = os.path.join(path, "model.safetensors")
+        tensors = safetensors_header(weights)
+        if raw["num_hidden_layers"] > len(tensors):  # each layer holds at least one tensor
+            raise ValueError(f"{config_path}: num_hidden_layers={raw['num_hidden_layers']} is "
+                             f"more than the {len(tensors)} tensors of {weights} can hold")
+        config = CRNetLlamaConfig(**{k: raw[k] for k in _KNOWN if k in raw})
+        _check_tensors(cls, config, tensors, weights, config_path)
         model = cls(config)
-        state = load_file(os.path.join(path, "model.safetensors"), device=device)
+        state = load_file(weights, device=device)
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # a tensor of another shape
@@ -272,3 +273,99 @@ class CRNetForCausalLM(PreTrainedModel, GenerationMixin):
         model = model.to(device)
         return model.to(dtype) if dtype is not None else model
 
+
+
+# -- export files are untrusted: sizes are checked before anything is allocated ----------------
+_KNOWN = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+          "max_position_embeddings", "crnet_projection", "crnet_layer_ranks", "crnet_eps",
+          "eos_token_id", "bos_token_id")
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads")
+_MAX_JSON = 1 << 20
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U8": 1, "BOOL": 1}
+
+
+def _regular_file(path: str, limit: int) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing or not a regular file")
+    if os.path.getsize(path) > limit:
+        raise ValueError(f"{path} is {os.path.getsize(path)} bytes, more than {limit}")
+
+
+def read_export_config(path: str) -> dict:
+    """An export's ``config.json``: at most 1 MiB of JSON with the model's sizes as positive
+    ints (an empty one would otherwise build the default 7B shape)."""
+    config_path = os.path.join(path, "config.json")
+    _regular_file(config_path, _MAX_JSON)
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path} holds {type(raw).__name__}, not a JSON object")
+    for key in _SIZES + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+        value = raw.get(key)
+        if (key in _SIZES or value is not None) and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{config_path}: {key}={value!r} must be a positive int")
+    ranks = raw.get("crnet_layer_ranks")
+    if ranks is not None and (not isinstance(ranks, list) or len(ranks) != raw[
+            "num_hidden_layers"] or not all(r is None or (isinstance(r, int) and r > 0)
+                                             for r in ranks)):
+        raise ValueError(f"{config_path}: crnet_layer_ranks must list a positive int or null "
+                         f"for each of the {raw['num_hidden_layers']} layers")
+    if raw.get("crnet_projection", "dense") not in ("dense", "lowrank", "crnet"):
+        raise ValueError(f"{config_path}: crnet_projection={raw['crnet_projection']!r} is not "
+                         "'dense', 'lowrank' or 'crnet'")
+    return raw
+
+
+def safetensors_header(path: str) -> dict:
+    """{name: (dtype, shape)} from a safetensors file's header, every entry checked against the
+    file's size (a crafted header fails here with one line, not inside the reader)."""
+    _regular_file(path, 1 << 50)
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > min(size - 8, _MAX_HEADER):
+                raise ValueError(f"header length {n} does not fit the file")
+            header = json.loads(f.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if dtype not in _ITEMSIZE or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"{name}: dtype {dtype!r} or shape {shape!r} is not valid")
+            count = 1
+            for d in shape:
+                count *= d
+            if not 0 <= start <= end <= size - 8 - n or end - start != count * _ITEMSIZE[dtype]:
+                raise ValueError(f"{name}: data offsets {[start, end]} do not hold {shape} "
+                                 f"{dtype} within the file")
+            tensors[name] = (dtype, tuple(shape))
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
+    return tensors
+
+
+def _check_tensors(cls, config, tensors: dict, weights: str, config_path: str) -> None:
+    """The tensors ``config`` asks for (built on the meta device: nothing allocated) are those
+    the file holds, with their shapes."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    wrong = sorted(k for k in expected if k in tensors and tensors[k][1] != expected[k])
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if wrong or missing or extra:
+        detail = (f"shape of {wrong[0]}: file {tensors[wrong[0]][1]}, config {expected[wrong[0]]}"
+                  if wrong else f"missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ValueError(f"{weights} does not match {config_path} "
+                         f"(crnet_projection={config.crnet_projection!r}): {detail}")

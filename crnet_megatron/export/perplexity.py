@@ -39,7 +39,6 @@ def evaluate(checkpoint: str, data: str, tokens: int = 65536, json_key: str = "t
 
 def _evaluate_export(path, data, tokens, json_key, seq_length, tokenizer) -> dict:
     """The same windows and token-mean loss, on the export's ``CRNetForCausalLM``."""
-    import json
 
     import torch
     import torch.nn.functional as F
@@ -47,10 +46,10 @@ def _evaluate_export(path, data, tokens, json_key, seq_length, tokenizer) -> dic
     from crnet_megatron.data.preprocess import HFTokenizer
     from crnet_megatron.data.token_windows import TokenWindows, token_stream
     from crnet_megatron.export.generation import load_for_generation
+    from crnet_megatron.export.modeling_crnet import read_export_config
 
     model, tok, eos = load_for_generation(path, tokenizer)
-    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_export_config(path)
     hf_tok = HFTokenizer(tokenizer or os.path.join(path, "tokenizer.json"), tok.id_to_token(eos))
     seq = _seq(seq_length, config["max_position_embeddings"])
     stream = token_stream(data, hf_tok, json_key, limit=tokens + 1)

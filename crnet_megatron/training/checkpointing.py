@@ -315,7 +315,30 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
         raise IncompleteCheckpointError(f"checkpoint {path} is unreadable: {e}") from None
     if not isinstance(common, dict) or not isinstance(common.get("common"), dict):
         raise IncompleteCheckpointError(f"checkpoint {path} has no training state in common.pt")
+    _check_common(common["common"], path)
     return dict(common["common"], path=path)
+
+
+# what a checkpoint's common.pt holds: key -> (types, required)
+_COMMON = {"iteration": (int, True), "consumed_samples": (int, True), "scheduler": (dict, True),
+           "config": (dict, False), "vocab_size": (int, False), "run_id": (str, False),
+           "layout": (dict, False), "model_shape": (dict, False), "tokenizer": (dict, False),
+           "skipped_iterations": (int, False), "optimizer_format": ((str, type(None)), False)}
+
+
+def _check_common(common: Dict[str, Any], path: str) -> None:
+    """Keys the resume reads have the types it expects: one line naming the key otherwise."""
+    for key, (types, required) in _COMMON.items():
+        if key not in common:
+            if required:
+                raise IncompleteCheckpointError(f"checkpoint {path}: common.pt lacks {key!r}")
+            continue
+        value = common[key]
+        if not isinstance(value, types) or isinstance(value, bool) or \
+                (isinstance(value, int) and value < 0):
+            raise IncompleteCheckpointError(
+                f"checkpoint {path}: common.pt holds {key}={value!r:.60}, expected "
+                f"{getattr(types, '__name__', types)}{' >= 0' if types is int else ''}")
 
 
 def _candidates(root: str) -> Tuple[List[int], List[str]]:

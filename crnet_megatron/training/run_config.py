@@ -465,6 +465,11 @@ def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
             raise ValueError
     except ValueError:
         return items, None
+    for w, prefix in zip(weights, prefixes):
+        if not math.isfinite(w) or w <= 0:
+            raise ValueError(f"data.data_path: the weight {w!r} of {prefix!r} must be a finite "
+                             "number > 0 (Megatron's [w1, p1, w2, p2] blend; leave a prefix "
+                             "out instead of giving it weight 0)")
     return prefixes, weights
 
 

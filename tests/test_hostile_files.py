@@ -1,0 +1,151 @@
+"""Small hostile files get one line naming the file or key, before anything is allocated or
+run: export ``config.json`` sizes and types, crafted safetensors headers, a tokenizer whose
+regular expression can take exponential time, a checkpoint's ``common.pt`` with missing keys or
+wrong types, and blend weights that are not positive. The export cases run in a child with a
+3 GiB address-space limit and a time limit, so a regression fails instead of swapping or
+hanging CI."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.driver_utils import driver_cfg, run_in_process
+
+CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40,
+              crnet_projection="crnet", crnet_layer_ranks=[None, 8, 12, 8], eos_token_id=0)
+
+_CHILD = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
+out = {}
+for d in sys.argv[1:]:
+    try:
+        CRNetForCausalLM.from_export(d)
+        out[d] = "loaded"
+    except ValueError as e:
+        out[d] = str(e)
+print(json.dumps(out))
+"""
+
+
+def _export(root, name, config=None, weights=None):
+    """An export directory: a real model's tensors, with ``config`` or ``weights`` replaced."""
+    from safetensors.torch import save_file
+
+    from crnet_megatron.export.modeling_crnet import CRNetForCausalLM, CRNetLlamaConfig
+
+    out = root / name
+    out.mkdir()
+    text = config if isinstance(config, str) else json.dumps(CONFIG if config is None else config)
+    (out / "config.json").write_text(text)
+    torch.manual_seed(0)
+    model = CRNetForCausalLM(CRNetLlamaConfig(**CONFIG))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(out / "model.safetensors"))
+    if weights is not None:
+        weights(out / "model.safetensors")
+    return str(out)
+
+
+def _header_length(path, n):
+    data = path.read_bytes()
+    path.write_bytes(n.to_bytes(8, "little") + data[8:])
+
+
+def _offsets_outside(path):
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 1 << 40]
+    text = json.dumps(header).encode()
+    text += b" " * (n - len(text)) if len(text) <= n else b""
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
+CASES = {
+    "empty-config": ({}, None, "vocab_size=None must be a positive int"),
+    "huge-vocab": (dict(CONFIG, vocab_size=10 ** 9), None,
+                   "shape of lm_head.weight: file (97, 64), config (1000000000, 64)"),
+    "huge-hidden": (dict(CONFIG, hidden_size=1 << 22, num_attention_heads=1 << 12), None,
+                    "does not match"),
+    "many-layers": (dict(CONFIG, num_hidden_layers=10 ** 9, crnet_layer_ranks=None), None,
+                    "num_hidden_layers=1000000000 is more than"),
+    "string-size": (dict(CONFIG, hidden_size="64"), None, "hidden_size='64' must be a positive int"),
+    "malformed-json": ('{"vocab_size": 97,', None, "config.json is not valid JSON"),
+    "not-an-object": ("[1, 2]", None, "holds list, not a JSON object"),
+    "header-too-long": (None, lambda p: _header_length(p, 1 << 40),
+                        "is not a valid safetensors file (header length"),
+    "offsets-outside": (None, _offsets_outside, "do not hold"),
+}
+
+
+def test_hostile_export_files_are_refused_before_building(tmp_path):
+    dirs = {name: _export(tmp_path, name, config, weights)
+            for name, (config, weights, _) in CASES.items()}
+    dirs["intact"] = _export(tmp_path, "intact")
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, *dirs.values()], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got[dirs["intact"]] == "loaded"
+    for name, (_, _, message) in CASES.items():
+        assert message in got[dirs[name]], (name, got[dirs[name]])
+        assert "\n" not in got[dirs[name]]
+
+
+def test_a_tokenizer_with_an_exploding_regex_is_refused(tiny_dataset, tmp_path):
+    """A pre-tokenizer ``Split`` on ``(a+)+$`` would take exponential time on a crafted line:
+    refused when the tokenizer is opened, before any text is matched."""
+    from crnet_megatron.data.preprocess import HFTokenizer
+
+    tok = json.loads(open(tiny_dataset[1]).read())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated",
+         "invert": False}, tok["pre_tokenizer"]]}
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match=r"the pattern '\(a\+\)\+\$' repeats a group that "
+                                         r"itself repeats without bound"):
+        HFTokenizer(str(path))
+    assert HFTokenizer(tiny_dataset[1]).vocab_size == 512  # the real one passes
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"iteration": None}, "common.pt lacks 'iteration'"),
+    ({"iteration": "2"}, "common.pt holds iteration='2', expected int >= 0"),
+    ({"consumed_samples": -8}, "common.pt holds consumed_samples=-8, expected int >= 0"),
+    ({"scheduler": [1]}, "common.pt holds scheduler=[1], expected dict"),
+])
+def test_common_state_with_missing_keys_or_wrong_types(tiny_dataset, tmp_path, change, message):
+    from crnet_megatron.training.checkpointing import read_checkpoint
+    from crnet_megatron.training.safe_checkpoint import IncompleteCheckpointError
+
+    save = tmp_path / "ck"
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
+    path = save / "iter_0000002"
+    state = torch.load(path / "common.pt", weights_only=True)
+    for key, value in change.items():
+        state["common"].pop(key) if value is None else state["common"].update({key: value})
+    torch.save(state, path / "common.pt")
+    (path / "checksums.json").unlink()  # what a hand edit leaves; the checksums would say so
+    with pytest.raises(IncompleteCheckpointError, match=re.escape(message)):
+        read_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("weight", ["0", "-1", ".nan", ".inf"])
+def test_blend_weights_must_be_positive_and_finite(weight):
+    from crnet_megatron.training.run_config import load_run_config, parse_blend
+
+    cfg = load_run_config(None, [f"data.data_path=[0.5, a, {weight}, b]"])
+    with pytest.raises(ValueError, match=r"data.data_path: the weight .* of 'b' must be a "
+                                         r"finite number > 0"):
+        parse_blend(cfg["data"]["data_path"])
