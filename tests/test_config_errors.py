@@ -17,6 +17,7 @@ CASES = [
     (dict(crnet_dense_layers=0), r"crnet_dense_layers=0 .*\[1, num_layers=3\]"),
     (dict(crnet_rank_schedule="ends-high"), r"crnet_rank_schedule='ends-high'"),
     (dict(crnet_lowrank_init="xavier"), r"crnet_lowrank_init='xavier'"),
+    (dict(num_query_groups=3), r"num_query_groups=3 .*num_attention_heads=4 must be a multiple"),
     (dict(tensor_model_parallel_size=4, num_query_groups=2),
      r"num_query_groups=2 .*divisible by tensor_model_parallel_size=4"),
     (dict(tensor_model_parallel_size=3, num_attention_heads=4),

@@ -183,6 +183,10 @@ class CRNetConfig(TransformerConfig):
         if not self.gated_linear_unit:
             raise _bad("gated_linear_unit", False, "the LLaMA MLP is SwiGLU; set True")
         groups = self.num_query_groups
+        if self.num_attention_heads % groups:
+            raise _bad("num_query_groups", groups,
+                       f"num_attention_heads={self.num_attention_heads} must be a multiple of it "
+                       "(each query group shares one key/value head)")
         if self.num_attention_heads % tp:
             raise _bad("num_attention_heads", self.num_attention_heads,
                        f"must be divisible by tensor_model_parallel_size={tp}")
