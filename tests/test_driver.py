@@ -55,9 +55,10 @@ UNEVEN_VPP = VPP + ["parallel.num_layers_in_first_pipeline_stage=2"]  # chunks o
 
 
 def test_interleaved_checkpoints_resume_at_other_pipeline_layouts(tiny_dataset, tmp_path):
-    """A PP=2 x VPP=2 checkpoint resumes at PP=1 and at PP=4, and a PP=4 one at PP=2 x VPP=2
-    with an uneven first stage: each resumed run's losses equal the uninterrupted one-process
-    run's (rtol 2e-5, the whole-run equivalence tolerance: layouts differ in reduction order)."""
+    """A PP=2 x VPP=2 checkpoint (iteration 4) resumes at PP=1 and at PP=4; the PP=4 run's own
+    checkpoint (iteration 6) resumes at PP=2 x VPP=2 with an uneven first stage. Every resumed
+    run's losses equal the uninterrupted one-process run's (rtol 2e-5, the whole-run
+    equivalence tolerance: layouts differ in reduction order)."""
     def run(world, save, load, *sets):
         extra = [f"checkpoint.load={load}"] if load else []
         cfg = driver_cfg(tiny_dataset, tmp_path / "c", save, *DEEP, *extra, *sets)
@@ -65,15 +66,17 @@ def test_interleaved_checkpoints_resume_at_other_pipeline_layouts(tiny_dataset, 
                 else run_distributed(run_worker, world, cfg, timeout=400)[0])
 
     straight = _losses(run(1, None, None))
-    for saved_at, resumed_at in ((VPP, [[], PP4]), (PP4, [UNEVEN_VPP])):
-        save = tmp_path / f"ck{len(saved_at)}"
-        first = run(2 if saved_at is VPP else 4, save, None, "schedule.exit_interval=4", *saved_at)
-        assert first["iteration"] == 4 and read_latest(str(save)) == 4
-        for sets in resumed_at:
-            world = 1 if not sets else (4 if sets is PP4 else 2)
-            resumed = run(world, None, save, *sets)
-            assert [h["iteration"] for h in resumed["history"]] == [5, 6, 7, 8]
-            assert _losses(resumed) == pytest.approx(straight[4:], rel=2e-5), (saved_at, sets)
+    a, b = tmp_path / "vpp", tmp_path / "pp4"
+    first = run(2, a, None, "schedule.exit_interval=4", *VPP)
+    assert first["iteration"] == 4 and read_latest(str(a)) == 4
+    for world, save, sets, until in ((1, None, [], 8), (4, b, PP4 + ["schedule.exit_interval=6"], 6)):
+        resumed = run(world, save, a, *sets)
+        assert [h["iteration"] for h in resumed["history"]] == list(range(5, until + 1))
+        assert _losses(resumed) == pytest.approx(straight[4:until], rel=2e-5), sets
+    assert read_latest(str(b)) == 6
+    resumed = run(2, None, b, *UNEVEN_VPP)
+    assert [h["iteration"] for h in resumed["history"]] == [7, 8]
+    assert _losses(resumed) == pytest.approx(straight[6:], rel=2e-5)
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tiny_dataset, tmp_path, monkeypatch):

@@ -119,26 +119,32 @@ def test_a_tokenizer_with_an_exploding_regex_is_refused(tiny_dataset, tmp_path):
     assert HFTokenizer(tiny_dataset[1]).vocab_size == 512  # the real one passes
 
 
-@pytest.mark.parametrize("change,message", [
+COMMON_DAMAGE = [
     ({"iteration": None}, "common.pt lacks 'iteration'"),
     ({"iteration": "2"}, "common.pt holds iteration='2', expected int >= 0"),
     ({"consumed_samples": -8}, "common.pt holds consumed_samples=-8, expected int >= 0"),
     ({"scheduler": [1]}, "common.pt holds scheduler=[1], expected dict"),
-])
-def test_common_state_with_missing_keys_or_wrong_types(tiny_dataset, tmp_path, change, message):
+]
+
+
+def test_common_state_with_missing_keys_or_wrong_types(tiny_dataset, tmp_path):
     from crnet_megatron.training.checkpointing import read_checkpoint
     from crnet_megatron.training.safe_checkpoint import IncompleteCheckpointError
 
     save = tmp_path / "ck"
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
     path = save / "iter_0000002"
-    state = torch.load(path / "common.pt", weights_only=True)
-    for key, value in change.items():
-        state["common"].pop(key) if value is None else state["common"].update({key: value})
-    torch.save(state, path / "common.pt")
     (path / "checksums.json").unlink()  # what a hand edit leaves; the checksums would say so
-    with pytest.raises(IncompleteCheckpointError, match=re.escape(message)):
-        read_checkpoint(str(path))
+    intact = torch.load(path / "common.pt", weights_only=True)
+    assert read_checkpoint(str(path))["iteration"] == 2
+    for change, message in COMMON_DAMAGE:
+        state = {"common": dict(intact["common"])}
+        state.update({k: v for k, v in intact.items() if k != "common"})
+        for key, value in change.items():
+            state["common"].pop(key) if value is None else state["common"].update({key: value})
+        torch.save(state, path / "common.pt")
+        with pytest.raises(IncompleteCheckpointError, match=re.escape(message)):
+            read_checkpoint(str(path))
 
 
 @pytest.mark.parametrize("weight", ["0", "-1", ".nan", ".inf"])

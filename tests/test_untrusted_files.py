@@ -99,28 +99,36 @@ def test_crafted_index_cache_is_refused(tiny_dataset, tmp_path, kind):
     assert victim.exists() and len(result["history"]) == 2
 
 
-@pytest.mark.parametrize("affix,damage,why", [
+CACHE_DAMAGE = [
     ("shuffle_index", "zeros", "shuffle index that is not a permutation of its samples"),
     ("document_index", "zeros", "does not hold every document of its split equally often"),
     ("sample_index", "zeros", "sample boundaries that are not 32 tokens apart"),
     ("sample_index", "cut", "is cut short"),
     ("document_index", "cut", "is cut short"),
-])
-def test_implausible_or_cut_short_index_caches_are_rebuilt(tiny_dataset, tmp_path, capfd, affix,
-                                                           damage, why):
+]
+
+
+def test_implausible_or_cut_short_index_caches_are_rebuilt(tiny_dataset, tmp_path, capfd):
     """A numerically valid but all-zero cache (which would train on one repeated sample) or one
     cut short by a kill: removed with a line naming it and why, built again, and the run trains
     on the same samples as with the intact cache."""
+    import shutil
+
     first = _train(tiny_dataset, tmp_path, None)
-    victim = sorted((tmp_path / "c" / "index_cache").glob(f"*-train-{affix}.npy"))[0]
-    if damage == "zeros":
-        array = np.load(victim)
-        np.save(victim, np.zeros_like(array))
-    else:
-        victim.write_bytes(victim.read_bytes()[:-16])
-    capfd.readouterr()
-    again = _train(tiny_dataset, tmp_path, None)
-    out = capfd.readouterr().out
-    assert f"dataset index cache {victim.parent}" in out and why in out, out[-2000:]
-    assert victim.exists()
-    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]
+    cache = tmp_path / "c" / "index_cache"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(cache, pristine)
+    for affix, damage, why in CACHE_DAMAGE:
+        shutil.rmtree(cache)
+        shutil.copytree(pristine, cache)
+        victim = sorted(cache.glob(f"*-train-{affix}.npy"))[0]
+        if damage == "zeros":
+            np.save(victim, np.zeros_like(np.load(victim)))
+        else:
+            victim.write_bytes(victim.read_bytes()[:-16])
+        capfd.readouterr()
+        again = _train(tiny_dataset, tmp_path, None)
+        out = capfd.readouterr().out
+        assert f"dataset index cache {victim.parent}" in out and why in out, (affix, damage)
+        assert victim.exists()
+        assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]
