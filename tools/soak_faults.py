@@ -3,14 +3,16 @@
     python tools/soak_faults.py --kills 20 --out runs/soak
 
 One uninterrupted reference run, then the same run started, killed (SIGKILL or SIGTERM) and
-resumed, until it has been killed ``--kills`` times and has finished. About half the kills
-wait for a checkpoint being written ("mid-save"), most others for the attempt's first logged
-training step and then a random 0-3 s of training ("training"), and one in ten comes 0.5-5 s
-after launch ("start-up"; a SIGTERM then must end the process cleanly, exit 143). ``--set`` passes
-config overrides to every run (e.g. ``--set checkpoint.async_save=true``). At the end the per-iteration losses of the killed
-run (from its ``metrics.jsonl``) must equal the reference's exactly, and no process of any
-attempt and no temporary checkpoint directory may be left. Local processes only; bounded by
-``--max-minutes``. Prints a Markdown table and writes ``soak.json``.
+resumed, until it has been killed ``--kills`` times, at least ``--min-training`` kills landed
+in training and ``--min-save`` while a checkpoint was being written, and it has finished. About
+a third of the kills wait for a checkpoint being written ("mid-save"), most others for the
+attempt's first logged training step and then a random 0-3 s of training ("training"), and
+about one in twelve comes 0.5-5 s after launch ("start-up"; a SIGTERM then must end the
+process cleanly, exit 143); each kill is counted in the phase it landed in. ``--set`` passes
+config overrides to every run (e.g. ``--set checkpoint.async_save=true``). At the end the
+per-iteration losses of the killed run (from its ``metrics.jsonl``) must equal the reference's
+exactly, and no process of any attempt and no temporary checkpoint directory may be left.
+Local processes only; bounded by ``--max-minutes``. Prints a Markdown table and writes ``soak.json``.
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
     proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=log, stderr=log,
                             start_new_session=True)
     draw = rng.random()
-    mid_save, startup = draw < 0.45, draw >= 0.9
+    mid_save, startup = draw < 0.35, draw >= 0.92
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
     delay = rng.uniform(0.0, 3.0)
     startup_at = rng.uniform(0.5, 5.0)
@@ -123,6 +125,8 @@ def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--min-training", type=int, default=10)
+    ap.add_argument("--min-save", type=int, default=5)
     ap.add_argument("--iters", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=30.0)
@@ -145,12 +149,17 @@ def main(argv=None):
     def kills():
         return sum(r["phase"] != "finished" for r in rows)
 
-    while time.monotonic() < deadline and not (kills() >= args.kills and rows
+    def enough():
+        landed = [r["phase"] for r in rows]
+        return (kills() >= args.kills and landed.count("training") >= args.min_training
+                and landed.count("mid-save") >= args.min_save)
+
+    while time.monotonic() < deadline and not (enough() and rows
                                                and rows[-1]["phase"] == "finished"):
         if run_dir.exists() and rows and rows[-1]["phase"] == "finished":
             shutil.rmtree(run_dir)  # a finished round; start the job again from scratch
         cmd = _command(run_dir, cache, args.iters, args.set)
-        row, finished = _attempt(cmd, run_dir, rng, log, kill=kills() < args.kills)
+        row, finished = _attempt(cmd, run_dir, rng, log, kill=not enough())
         rows.append(dict(attempt=len(rows) + 1, **row))
         if finished:  # every completed round must match the reference exactly
             got = _losses(run_dir)
@@ -172,7 +181,7 @@ def main(argv=None):
                    processes_left=leftovers,
                    tmp_dirs_left=sum(len(r["tmp_dirs"]) for r in rounds), passed=False)
     summary["passed"] = (summary["losses_equal"] and not leftovers
-                         and not summary["tmp_dirs_left"] and kills() >= args.kills)
+                         and not summary["tmp_dirs_left"] and enough())
     print("\n| attempt | signal | phase | exit | processes left |\n|---|---|---|---|---|")
     for r in rows:
         print("| {attempt} | {signal} | {phase} | {exit} | {left} |".format(**r))
