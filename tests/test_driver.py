@@ -6,7 +6,7 @@ import os
 import pytest
 
 from crnet_megatron.training import checkpointing
-from crnet_megatron.training.checkpointing import read_latest
+from crnet_megatron.training.resume import read_latest
 from tests.driver_utils import driver_cfg, run_in_process, run_worker
 from tests.helpers import run_distributed
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from crnet_megatron.training import checkpointing
-from crnet_megatron.training.checkpointing import read_latest
+from crnet_megatron.training.resume import find_resumable, read_latest
 from tests.driver_utils import driver_cfg, run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +51,7 @@ def test_unreadable_newest_checkpoint_falls_back(tiny_dataset, tmp_path, capfd, 
                               "checkpoint.keep_last=3"))
     (save / "iter_0000006.tmp").mkdir()  # a save cut short by a kill
     (save / "iter_0000006.tmp" / "__0_0.distcp").write_bytes(b"partial")
-    assert checkpointing.find_resumable(str(save))["iteration"] == 4
+    assert find_resumable(str(save))["iteration"] == 4
     assert not (save / "iter_0000006.tmp").exists()  # cleared at start-up, nothing else touched
     newest = save / "iter_0000004"
     if damage == "truncated-shard":

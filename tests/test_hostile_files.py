@@ -128,7 +128,7 @@ COMMON_DAMAGE = [
 
 
 def test_common_state_with_missing_keys_or_wrong_types(tiny_dataset, tmp_path):
-    from crnet_megatron.training.checkpointing import read_checkpoint
+    from crnet_megatron.training.resume import read_checkpoint
     from crnet_megatron.training.safe_checkpoint import IncompleteCheckpointError
 
     save = tmp_path / "ck"

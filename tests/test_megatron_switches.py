@@ -84,7 +84,7 @@ def test_runs_record_their_versions(tiny_dataset, tmp_path):
     import importlib.metadata
 
     from crnet_megatron.parallel.environment import banner
-    from crnet_megatron.training.checkpointing import iteration_dir, read_checkpoint
+    from crnet_megatron.training.resume import iteration_dir, read_checkpoint
     from tests.driver_utils import driver_cfg, run_in_process
 
     line = banner()

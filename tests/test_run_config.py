@@ -66,7 +66,7 @@ def test_renamed_variant_key_is_refused_and_old_checkpoints_still_read(tmp_path)
     """``model.projection`` became ``model.variant``: a config naming the old key gets one line
     naming the new one; a checkpoint's stored config and shape keys are read under the new name."""
     from crnet_megatron.training import run_config
-    from crnet_megatron.training.checkpointing import check_compatible
+    from crnet_megatron.training.resume import check_compatible
 
     path = tmp_path / "old.yaml"
     path.write_text("model:\n  projection: lowrank\n")

@@ -181,7 +181,7 @@ def test_fifos_where_files_are_read_never_block(tiny_dataset, tmp_path):
     with a warning), as a config file or a dataset ``.bin`` one line naming it; nothing blocks
     (the helper's timeout turns a hang into a failure)."""
     from crnet_megatron.data.validate import read_index
-    from crnet_megatron.training import checkpointing
+    from crnet_megatron.training import resume as checkpointing
     from crnet_megatron.training.run_config import load_run_config
     from tests.helpers import run_distributed
 
@@ -210,7 +210,7 @@ def test_fifos_where_files_are_read_never_block(tiny_dataset, tmp_path):
 
 
 def _find_resumable(rank, world, save, writable):
-    from crnet_megatron.training import checkpointing
+    from crnet_megatron.training import resume as checkpointing
 
     return checkpointing.find_resumable(save, writable)["iteration"]
 
@@ -307,8 +307,8 @@ def test_a_checkpoint_with_flipped_bytes_is_moved_aside(tiny_dataset, tmp_path, 
     then the optimizer states: flips at 30% and at 80% of it) no longer match its checksums:
     the reader refuses it with one line; a resume says so, moves it aside and continues from
     the previous checkpoint, which equals an uninterrupted run."""
-    from crnet_megatron.training.checkpointing import read_checkpoint
     from crnet_megatron.training.integrity import CHECKSUMS, CorruptCheckpointError
+    from crnet_megatron.training.resume import read_checkpoint
 
     save = tmp_path / "s"
     cfg = ("schedule.train_iters=4", "checkpoint.save_interval=2", "logging.log_interval=1")

@@ -53,7 +53,7 @@ class Loaded:
 def resolve_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint's common state, from a run directory or an iter_N directory (read-only:
     nothing is moved or repaired here)."""
-    from crnet_megatron.training.checkpointing import (
+    from crnet_megatron.training.resume import (
         TRACKER,
         iteration_dir,
         read_checkpoint,

@@ -6,8 +6,8 @@ rename. A crash or a full disk during a save therefore leaves ``latest`` at the 
 complete checkpoint. The model's ``sharded_state_dict`` makes checkpoints loadable at another
 TP/PP layout; the per-rank RNG state (plain tensors) is restored only when the layout is
 unchanged. Nothing in a checkpoint is pickled, and reading one never unpickles code
-(``safe_checkpoint``). On resume, a newest checkpoint that is missing or unreadable is moved
-aside (``iter_N.broken``) and the newest complete one is used, with a loud message.
+(``safe_checkpoint``); each save is checksummed (``integrity``). Which checkpoint a run
+resumes from, and its checks, are ``resume``'s.
 """
 
 from __future__ import annotations
@@ -18,60 +18,39 @@ import errno
 import glob
 import os
 import queue
-import re
 import shutil
-import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 
-from crnet_megatron.data.safe_files import UnsafePathError, check_readable, write_text
+from crnet_megatron.data.safe_files import write_text
 from crnet_megatron.parallel import cpu_compat
-from crnet_megatron.training import run_config, run_dir
-from crnet_megatron.training.integrity import verify_checksums, write_checksums
+from crnet_megatron.training import run_dir
+from crnet_megatron.training.integrity import write_checksums
 from crnet_megatron.training.preflight import TRACKER
+from crnet_megatron.training.resume import (
+    _barrier,
+    _rank0,
+    _remove_partial_saves,
+    iteration_dir,
+    read_latest,
+)
 from crnet_megatron.training.safe_checkpoint import (
-    IncompleteCheckpointError,
     TensorsOnly,
     UnsafeCheckpointError,
     load_metadata,
     object_sizes,
     safe_reads,
-    verify_checkpoint,
 )
-
-_ITER_DIR = run_dir.ITER_DIR
-_PARTIAL = re.compile(r"^iter_\d{7}\.tmp$")
 
 
 class CheckpointSaveError(RuntimeError):
     """A save failed; the previous checkpoint is still the latest."""
-
-
-def iteration_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_latest(root: str) -> Optional[int]:
-    path = os.path.join(root, TRACKER)
-    if not os.path.exists(path):
-        return None
-    try:
-        check_readable(path, "checkpoint tracker")
-    except UnsafePathError as e:
-        raise IncompleteCheckpointError(str(e)) from None
-    with open(path, "rb") as f:
-        text = f.read(64).decode("ascii", "replace").strip()
-    if not text.isdigit():
-        raise IncompleteCheckpointError(f"corrupt checkpoint tracker {path}: {text!r} is not an "
-                                        "iteration")
-    return int(text)
 
 
 def layout() -> Dict[str, int]:
@@ -139,15 +118,6 @@ def _sharded_state(model, optimizer, is_loading: bool, with_rng: bool, fmt: Opti
     if with_rng:
         state["rng_state"] = _rng_tensors()
     return state
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 class _WriteResults:
@@ -293,156 +263,6 @@ def _publish(root: str, iteration: int, keep_last: int, run_id: str) -> None:
         run_dir.record_saved(root, iteration, run_id)
         run_dir.prune(root, keep_last, run_id, iteration)
     _barrier()
-
-
-def read_checkpoint(path: str) -> Dict[str, Any]:
-    """The non-sharded state of one checkpoint, after checking it is complete and safe."""
-    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "metadata.json")):
-        raise IncompleteCheckpointError(f"checkpoint {path} is missing or incomplete (no "
-                                        "metadata.json)")
-    for name in ("metadata.json", "common.pt", ".metadata"):  # a FIFO would block open()
-        if os.path.exists(os.path.join(path, name)):
-            try:
-                check_readable(os.path.join(path, name), "checkpoint file")
-            except UnsafePathError as e:
-                raise IncompleteCheckpointError(str(e)) from None
-    verify_checkpoint(path)
-    verify_checksums(path)
-    try:
-        with safe_reads():
-            common = dist_checkpointing.load_common_state_dict(path)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable common state
-        raise IncompleteCheckpointError(f"checkpoint {path} is unreadable: {e}") from None
-    if not isinstance(common, dict) or not isinstance(common.get("common"), dict):
-        raise IncompleteCheckpointError(f"checkpoint {path} has no training state in common.pt")
-    _check_common(common["common"], path)
-    return dict(common["common"], path=path)
-
-
-# what a checkpoint's common.pt holds: key -> (types, required)
-_COMMON = {"iteration": (int, True), "consumed_samples": (int, True), "scheduler": (dict, True),
-           "config": (dict, False), "vocab_size": (int, False), "run_id": (str, False),
-           "layout": (dict, False), "model_shape": (dict, False), "tokenizer": (dict, False),
-           "skipped_iterations": (int, False), "optimizer_format": ((str, type(None)), False)}
-
-
-def _check_common(common: Dict[str, Any], path: str) -> None:
-    """Keys the resume reads have the types it expects: one line naming the key otherwise."""
-    for key, (types, required) in _COMMON.items():
-        if key not in common:
-            if required:
-                raise IncompleteCheckpointError(f"checkpoint {path}: common.pt lacks {key!r}")
-            continue
-        value = common[key]
-        if not isinstance(value, types) or isinstance(value, bool) or \
-                (isinstance(value, int) and value < 0):
-            raise IncompleteCheckpointError(
-                f"checkpoint {path}: common.pt holds {key}={value!r:.60}, expected "
-                f"{getattr(types, '__name__', types)}{' >= 0' if types is int else ''}")
-
-
-def _candidates(root: str) -> Tuple[List[int], List[str]]:
-    """Iterations to try, newest first (the tracker's and every iter_N directory)."""
-    notes, iters = [], set()
-    try:
-        latest = read_latest(root)
-        if latest is not None:
-            iters.add(latest)
-    except IncompleteCheckpointError as e:
-        notes.append(str(e))
-    for name in os.listdir(root):
-        m = _ITER_DIR.match(name)
-        if m and os.path.isdir(os.path.join(root, name)):
-            iters.add(int(m.group(1)))
-    return sorted(iters, reverse=True), notes
-
-
-def _remove_partial_saves(root: str) -> None:
-    """``iter_NNNNNNN.tmp`` directories of a killed save of this run (the lock makes them ours;
-    the previous checkpoint is intact)."""
-    for name in os.listdir(root):
-        if _PARTIAL.match(name) and os.path.isdir(os.path.join(root, name)) \
-                and not os.path.islink(os.path.join(root, name)):
-            shutil.rmtree(os.path.join(root, name))
-
-
-def find_resumable(root: str, writable: bool = True) -> Optional[Dict[str, Any]]:
-    """The newest complete checkpoint under ``root`` (None when there is none at all).
-
-    Newer ones that are missing or unreadable are skipped; in the run's own save directory
-    (``writable``) they are moved aside to ``iter_N.broken`` and the tracker is pointed at the
-    one used, so a requeued job resumes instead of dying. A ``checkpoint.load`` directory that is
-    not the save directory is only read. A checkpoint that would execute code is never skipped
-    quietly: it stops the run.
-    """
-    if not os.path.isdir(root):
-        return None
-    _barrier()
-    if _rank0() and writable:
-        _remove_partial_saves(root)
-    _barrier()
-    iterations, problems = _candidates(root)
-    broken: List[int] = []
-    chosen = None
-    for it in iterations:
-        try:
-            chosen = read_checkpoint(iteration_dir(root, it))
-            break
-        except UnsafeCheckpointError:
-            raise
-        except IncompleteCheckpointError as e:
-            problems.append(str(e))
-            broken.append(it)
-    if chosen is None:
-        if problems:
-            raise IncompleteCheckpointError(f"no readable checkpoint in {root}: "
-                                            + "; ".join(problems))
-        return None
-    if problems and not writable:
-        if _rank0():
-            print("WARNING: " + "; ".join(problems) + f". Resuming from {chosen['path']} "
-                  f"({root} is only read).", file=sys.stderr, flush=True)
-    elif problems:
-        _barrier()  # every rank has read the directory before rank 0 changes it
-        if _rank0():
-            for it in broken:
-                path = iteration_dir(root, it)
-                if os.path.isdir(path):
-                    aside = path + ".broken"
-                    shutil.rmtree(aside, ignore_errors=True)
-                    os.replace(path, aside)
-            write_text(os.path.join(root, TRACKER), str(chosen["iteration"]),
-                       "checkpoint tracker")
-            print("WARNING: " + "; ".join(problems) + f". Unreadable checkpoints moved aside "
-                  f"(iter_N.broken); resuming from {chosen['path']}.", file=sys.stderr,
-                  flush=True)
-        _barrier()
-    return chosen
-
-
-def load_common(root: str, iteration: Optional[int] = None,
-                writable: bool = True) -> Optional[Dict[str, Any]]:
-    """The non-sharded state of the given iteration, or of the newest complete checkpoint."""
-    if iteration is not None:
-        return read_checkpoint(iteration_dir(root, iteration))
-    return find_resumable(root, writable)
-
-
-def check_compatible(common: Dict[str, Any], shape: Dict[str, Any],
-                     tokenizer: Optional[Dict[str, Any]] = None) -> None:
-    """A checkpoint of another model shape or tokenizer is refused before anything is loaded."""
-    saved = run_config.stored_shape_keys(common.get("model_shape", {}))
-    diff = {k: (saved[k], v) for k, v in shape.items() if k in saved and saved[k] != v}
-    if diff:
-        detail = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"checkpoint {common['path']} is for another model shape ({detail})")
-    saved_tok = common.get("tokenizer")
-    if tokenizer is not None and saved_tok is not None and saved_tok != tokenizer:
-        raise ValueError(
-            f"checkpoint {common['path']} was trained with another tokenizer (checkpoint: "
-            f"vocabulary {saved_tok.get('vocab_size')}, sha256 {saved_tok.get('sha256', '')[:12]}"
-            f"; data.tokenizer: vocabulary {tokenizer['vocab_size']}, sha256 "
-            f"{tokenizer['sha256'][:12]}); its embedding rows would mean other tokens")
 
 
 def _ensure_optimizer_state(optimizer) -> None:

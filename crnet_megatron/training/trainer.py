@@ -49,11 +49,8 @@ from crnet_megatron.parallel.groups import (
 )
 from crnet_megatron.training import preflight, run_config, run_dir
 from crnet_megatron.training.checkpointing import (
-    check_compatible,
     finish_saves,
-    iteration_dir,
     load_checkpoint,
-    load_common,
     save_checkpoint,
 )
 from crnet_megatron.training.console import Console, IntervalWindow, wants_bar
@@ -76,6 +73,7 @@ from crnet_megatron.training.metrics import (
     truncate_metrics,
 )
 from crnet_megatron.training.plot import plot_metrics
+from crnet_megatron.training.resume import check_compatible, iteration_dir, load_common
 from crnet_megatron.training.step import mean_loss, run_schedule, step_with_norm
 
 log = logging.getLogger(__name__)
