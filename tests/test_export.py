@@ -13,7 +13,7 @@ from tests.driver_utils import driver_cfg
 from tests.helpers import run_distributed
 
 SEQ = 32  # driver_utils.TINY's model.seq_length
-WINDOWS = 3
+WINDOWS = 4  # even: two per step (interleaved schedules run micro-batches in groups of PP)
 
 
 def _windows(vocab: int) -> np.ndarray:
@@ -34,7 +34,8 @@ def _train_and_score(rank, world, cfg, tokens):
         trainer.train()
         device = next(trainer.model[0].parameters()).device
         it = SampleIterator(TokenWindows(tokens, SEQ, WINDOWS), 1, 0, 1, 0, device)
-        return mean_loss(trainer.model, it, WINDOWS, 1, SEQ, 1)
+        # two windows per step: an interleaved schedule runs micro-batches in groups of PP
+        return mean_loss(trainer.model, it, WINDOWS // 2, 2, SEQ, 1)
     finally:
         destroy_distributed()
 
@@ -50,11 +51,14 @@ def _hf_loss(model, tokens) -> float:
 
 
 LAYOUTS = {"tp2": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"],
-           "pp2": ["parallel.pipeline_model_parallel_size=2"]}
+           "pp2": ["parallel.pipeline_model_parallel_size=2"],
+           "pp2-vpp2": ["parallel.pipeline_model_parallel_size=2",  # 4 chunks of one layer
+                        "parallel.virtual_pipeline_model_parallel_size=2",
+                        "schedule.micro_batch_size=2"]}
 
 
 @pytest.mark.parametrize("projection,layout", [
-    ("crnet", "tp2"), ("crnet", "pp2"), ("lowrank", "tp2"), ("lowrank", "pp2"),
+    ("crnet", "tp2"), ("crnet", "pp2-vpp2"), ("lowrank", "tp2"), ("lowrank", "pp2"),
     ("dense", "tp2"), ("dense", "pp2")])
 def test_export_matches_megatron(tiny_dataset, tmp_path, projection, layout):
     from crnet_megatron.cli.export import main as export_main
