@@ -6,11 +6,13 @@ Busy is the time a rank spends in Megatron's ``forward_step`` and ``backward_ste
 model chunk); idle is the rest of the step (waiting on P2P: the bubble and the transfers). The
 two schedules run in the same processes, one step of each in turn after warm-up (the virtual
 pipeline size is switched between them), and each stage's median over the repeats is reported.
-On a CPU machine with fewer cores than ranks, ranks that compute at the same time share cores,
-which lengthens the steady state more than the warm-up: read the idle shares there as a lower
-bound of the bubble's saving, not as the GPU's.
+Each rank needs a core (or a GPU) of its own: with fewer cores than ranks, ranks that compute
+at the same time share cores and the measured idle time is the scheduler's, not the
+pipeline's (the table says so). The P2P transfers count as idle, so a model whose boundary is
+large against its compute (``--hidden`` small) shows the interleaved schedule's extra
+transfers more than its smaller bubble.
 
-    crnet-bench bubble --pp 4 --microbatches 8 --repeats 5 --json bench_bubble.json
+    crnet-bench bubble --pp 4 --microbatches 8 --hidden 512 --repeats 5 --json bench_bubble.json
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ from typing import Dict, List
 
 from crnet_megatron.bench import runner
 
-SHAPE = dict(num_layers=8, hidden_size=256, ffn_hidden_size=688, num_attention_heads=8,
-             crnet_rank=64)
 SEQ, MBS, VOCAB = 128, 2, 512
 
 
-def _config(pp: int, vpp):
+def _shape(hidden: int) -> dict:
+    """8 layers of LLaMA proportions (the rank a quarter of the hidden size)."""
+    return dict(num_layers=8, hidden_size=hidden, ffn_hidden_size=hidden * 8 // 3 // 8 * 8,
+                num_attention_heads=hidden // 32, crnet_rank=hidden // 4)
+
+
+def _config(pp: int, vpp, hidden: int):
     from crnet_megatron import CRNetConfig
 
-    return CRNetConfig(**SHAPE, pipeline_model_parallel_size=pp,
+    return CRNetConfig(**_shape(hidden), pipeline_model_parallel_size=pp,
                        virtual_pipeline_model_parallel_size=vpp, use_cpu_initialization=True)
 
 
@@ -70,7 +76,8 @@ def _step_fn():
     return step
 
 
-def worker(pp: int, vpp: int, microbatches: int, warmup: int, repeats: int, out: str) -> None:
+def worker(pp: int, vpp: int, microbatches: int, warmup: int, repeats: int, out: str,
+           hidden: int) -> None:
     """One rank: both schedules' models, then timed steps in turn; writes its JSON."""
     import torch
     import torch.distributed as dist
@@ -82,9 +89,9 @@ def worker(pp: int, vpp: int, microbatches: int, warmup: int, repeats: int, out:
 
     torch.set_num_threads(1)
     init_distributed(1, pp, seed=1, virtual_pipeline_model_parallel_size=vpp)
-    models = {"interleaved": build_model_chunks(_config(pp, vpp), VOCAB, SEQ, seed=1)}
+    models = {"interleaved": build_model_chunks(_config(pp, vpp, hidden), VOCAB, SEQ, seed=1)}
     ps.set_virtual_pipeline_model_parallel_world_size(None)
-    models["1F1B"] = build_model_chunks(_config(pp, None), VOCAB, SEQ, seed=1)
+    models["1F1B"] = build_model_chunks(_config(pp, None, hidden), VOCAB, SEQ, seed=1)
     busy, step = [0.0], _step_fn()
     _timed_schedules(busy)
     times: Dict[str, List[List[float]]] = {name: [] for name in models}
@@ -108,7 +115,8 @@ def _launch(args, out: str) -> List[Dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.pp}", "-m", "crnet_megatron.bench.bubble", "--worker", out,
            "--pp", str(args.pp), "--vpp", str(args.vpp), "--microbatches", str(args.microbatches),
-           "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+           "--repeats", str(args.repeats), "--warmup", str(args.warmup),
+           "--hidden", str(args.hidden)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, timeout=1800)
     ranks = []
@@ -124,7 +132,7 @@ def _rows(args, ranks: List[Dict]) -> List[Dict]:
     from crnet_megatron.planner.per_rank import Plan
     from crnet_megatron.planner.step_time import step_time
 
-    config = _config(1, None)
+    config = _config(1, None, args.hidden)
     rows = []
     for name, vpp in (("1F1B", None), ("interleaved", args.vpp)):
         plan = Plan(ModelShape.from_config(config, VOCAB), config.crnet_layer_ranks, SEQ,
@@ -145,21 +153,26 @@ def main(argv=None):
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--vpp", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--worker", help=argparse_hidden())
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.pp, args.vpp, args.microbatches, args.warmup, args.repeats,
-                      args.worker)
+                      args.worker, args.hidden)
     with tempfile.TemporaryDirectory() as d:
         rows = _rows(args, _launch(args, os.path.join(d, "times.json")))
     columns = [("schedule", "schedule", ""), ("chunks/rank", "vpp", ""), ("stage", "stage", ""),
                ("step ms", "step_ms", ".1f"), ("busy ms", "busy_ms", ".1f"),
                ("idle ms", "idle_ms", ".1f"), ("idle share", "idle_share", ".1%"),
                ("planner bubble", "planner_bubble", ".1%")]
-    title = (f"PP={args.pp}, {args.microbatches} micro-batches of {MBS}x{SEQ}, "
-             f"{SHAPE['num_layers']}-layer CR-Net (hidden {SHAPE['hidden_size']}); median of "
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    title = ("" if (cores or 0) >= args.pp else
+             f"ONLY {cores} CORES FOR {args.pp} RANKS: idle time is mostly core sharing. ")
+    title += (f"PP={args.pp}, {args.microbatches} micro-batches of {MBS}x{SEQ}, "
+             f"8-layer CR-Net (hidden {args.hidden}); median of "
              f"{args.repeats} steps per schedule, run in turn after {args.warmup} warm-up")
-    runner.finish(args, [runner.table(rows, columns, title)], rows=rows, shape=SHAPE)
+    runner.finish(args, [runner.table(rows, columns, title)], rows=rows,
+                  shape=_shape(args.hidden))
 
 
 def argparse_hidden():
