@@ -210,3 +210,18 @@ def check_compatible(common: Dict[str, Any], shape: Dict[str, Any],
             f"vocabulary {saved_tok.get('vocab_size')}, sha256 {saved_tok.get('sha256', '')[:12]}"
             f"; data.tokenizer: vocabulary {tokenizer['vocab_size']}, sha256 "
             f"{tokenizer['sha256'][:12]}); its embedding rows would mean other tokens")
+
+
+def check_schedule(common: Dict[str, Any], cfg) -> Dict[str, tuple]:
+    """The schedule keys a resume changes ({key: (checkpoint's, config's)}): refused unless
+    asked for (Megatron's ``--override-opt_param-scheduler``); with the override the config's
+    schedule applies from the resumed iteration."""
+    stored = common.get("config") if isinstance(common.get("config"), dict) else {}
+    changes = run_config.schedule_changes(stored, cfg)
+    if changes and not cfg["checkpoint"]["override_opt_param_scheduler"]:
+        diff = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changes.items())
+        raise ValueError(f"checkpoint {common['path']} was trained on another schedule ({diff}); "
+                         "resuming would keep the checkpoint's schedule. Set "
+                         "checkpoint.override_opt_param_scheduler: true to apply the config's "
+                         "from the resumed iteration, or restore those keys")
+    return changes

@@ -20,7 +20,12 @@ import time
 import uuid
 from typing import Dict, List, Optional
 
-from crnet_megatron.data.safe_files import check_target, is_regular, write_text
+from crnet_megatron.data.safe_files import (
+    check_target,
+    copy_file,
+    is_regular,
+    write_text,
+)
 
 LOCK = ".crnet-train.lock"
 MANIFEST = ".crnet-checkpoints.json"
@@ -144,3 +149,34 @@ def foreign_checkpoints(root: str, run_id: str, after: int) -> List[int]:
         if m and int(m.group(1)) > after and data.get(name) != run_id:
             out.append(int(m.group(1)))
     return sorted(out)
+
+
+def refuse_foreign(save: str, run_id: str, iteration: int) -> None:
+    """Checkpoints of another run past ``iteration`` in ``save`` would be overwritten (and
+    ``latest`` would move between the runs): refused at start."""
+    foreign = foreign_checkpoints(save, run_id, iteration)
+    if foreign:
+        raise ValueError(
+            f"checkpoint.save={save!r} holds checkpoints this run did not write at "
+            f"iterations {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, past the one it "
+            f"starts from ({iteration}): saving there would overwrite them. Choose "
+            "another checkpoint.save, or move them away")
+
+
+def write_run_files(save: str, config_text: str, tokenizer_path: str, iteration: int,
+                    schedule_changes: Dict[str, tuple]) -> None:
+    """The run's ``config.yaml`` (its history first: earlier starts kept from the previous
+    file, and this one with any schedule change it applied) and its tokenizer, which travels
+    with the run (export, eval and generation read it)."""
+    os.makedirs(save, exist_ok=True)
+    path = os.path.join(save, "config.yaml")
+    lines = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [ln for ln in f if ln.startswith("# history: ")]
+    what = "started" if iteration == 0 else "resumed"
+    change = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in schedule_changes.items())
+    lines.append(f"# history: iteration {iteration}: {what}"
+                 + (f"; schedule applied: {change}\n" if change else "\n"))
+    write_text(path, "".join(lines) + config_text, "run config")
+    copy_file(tokenizer_path, os.path.join(save, "tokenizer.json"), "tokenizer")

@@ -38,7 +38,6 @@ from crnet_megatron.analysis.counting import (
     pipeline_boundary,
 )
 from crnet_megatron.data.preprocess import HFTokenizer
-from crnet_megatron.data.safe_files import copy_file, write_text
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model_chunks
 from crnet_megatron.parallel.environment import banner, versions
@@ -73,7 +72,12 @@ from crnet_megatron.training.metrics import (
     truncate_metrics,
 )
 from crnet_megatron.training.plot import plot_metrics
-from crnet_megatron.training.resume import check_compatible, iteration_dir, load_common
+from crnet_megatron.training.resume import (
+    check_compatible,
+    check_schedule,
+    iteration_dir,
+    load_common,
+)
 from crnet_megatron.training.step import mean_loss, run_schedule, step_with_norm
 
 log = logging.getLogger(__name__)
@@ -116,7 +120,8 @@ class Trainer:
 
             self.async_saves = AsyncCallsQueue()
         self._resume()
-        self._check_save_dir_is_ours()
+        if cfg["checkpoint"]["save"]:  # another run's newer checkpoints would be overwritten
+            run_dir.refuse_foreign(cfg["checkpoint"]["save"], self.run_id, self.iteration)
         self.writer = MetricsWriter(self.metrics_path, cfg["logging"]["tensorboard_dir"],
                                     self.rank0)
 
@@ -223,7 +228,7 @@ class Trainer:
                                         "(no latest_checkpointed_iteration.txt)")
             return
         check_compatible(common, run_config.shape_keys(self.cfg), self.tokenizer.fingerprint())
-        self.schedule_changes = self._check_schedule(common)
+        self.schedule_changes = check_schedule(common, self.cfg)
         optimizer = None if ck["no_load_optim"] else self.optimizer
         self.rng_restored = load_checkpoint(common, self.model, optimizer)
         if optimizer is not None:
@@ -241,32 +246,6 @@ class Trainer:
             if self.metrics_path:  # rows a crashed run logged past this checkpoint are dropped
                 truncate_metrics(self.metrics_path, self.iteration)
             print(f"resumed from {common['path']} at iteration {self.iteration}", flush=True)
-
-    def _check_save_dir_is_ours(self) -> None:
-        """Checkpoints of another run past this run's iteration in ``checkpoint.save`` would be
-        overwritten (and ``latest`` would move between the runs): refused at start."""
-        save = self.cfg["checkpoint"]["save"]
-        foreign = run_dir.foreign_checkpoints(save, self.run_id, self.iteration) if save else []
-        if foreign:
-            raise ValueError(
-                f"checkpoint.save={save!r} holds checkpoints this run did not write at "
-                f"iterations {foreign[:5]}{' ...' if len(foreign) > 5 else ''}, past the one it "
-                f"starts from ({self.iteration}): saving there would overwrite them. Choose "
-                "another checkpoint.save, or move them away")
-
-    def _check_schedule(self, common) -> Dict[str, tuple]:
-        """A resume that changes the schedule is refused unless asked for (Megatron's
-        ``--override-opt_param-scheduler``); with the override the config's schedule applies
-        from the resumed iteration."""
-        stored = common.get("config") if isinstance(common.get("config"), dict) else {}
-        changes = run_config.schedule_changes(stored, self.cfg)
-        if changes and not self.cfg["checkpoint"]["override_opt_param_scheduler"]:
-            diff = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in changes.items())
-            raise ValueError(f"checkpoint {common['path']} was trained on another schedule ({diff}); "
-                             "resuming would keep the checkpoint's schedule. Set "
-                             "checkpoint.override_opt_param_scheduler: true to apply the config's "
-                             "from the resumed iteration, or restore those keys")
-        return changes
 
     # -- pieces ------------------------------------------------------------------------------
     def _iterator(self, dataset, consumed: int):
@@ -398,13 +377,8 @@ class Trainer:
         print(self.banner, flush=True)
         print("resolved config:\n" + run_config.dump(cfg), flush=True)
         if save:
-            os.makedirs(save, exist_ok=True)
-            path = os.path.join(save, "config.yaml")
-            history = self._history(path)  # read before the file is rewritten
-            write_text(path, history + f"# {self.banner}\n" + run_config.dump(cfg),
-                       "run config")
-            # the tokenizer travels with the run (export, eval and generation read it)
-            copy_file(self.tokenizer.path, os.path.join(save, "tokenizer.json"), "tokenizer")
+            run_dir.write_run_files(save, f"# {self.banner}\n" + run_config.dump(cfg),
+                                    self.tokenizer.path, self.iteration, self.schedule_changes)
         warning = preflight.sequence_parallel_warning(cfg)
         if warning:
             print(warning, flush=True)
@@ -418,19 +392,6 @@ class Trainer:
             print(f"pipeline boundary per micro-batch per rank: {b['crnet_bytes'] / 2**20:.2f}"
                   f" MiB ({b['ratio']:.2f}x the dense model's {b['dense_bytes'] / 2**20:.2f} "
                   "MiB)", flush=True)
-
-    def _history(self, path: str) -> str:
-        """The run's history as comment lines: earlier starts (kept from the previous
-        config.yaml) and this one, with any schedule change it applied."""
-        lines = []
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines = [ln for ln in f if ln.startswith("# history: ")]
-        what = "started" if self.iteration == 0 else "resumed"
-        change = "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.schedule_changes.items())
-        lines.append(f"# history: iteration {self.iteration}: {what}"
-                     + (f"; schedule applied: {change}\n" if change else "\n"))
-        return "".join(lines)
 
     def _log_step(self, out: Dict[str, float]) -> None:
         """The bar every step; every ``log_interval`` (and at the last step) a metrics row with
