@@ -135,7 +135,8 @@ def check_tokenizer_regexes(path: str) -> None:
         with open(path, encoding="utf-8") as f:
             todo = [json.load(f)]
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"tokenizer file {path!r} is not valid JSON ({e})") from None
+        raise ValueError(f"tokenizer file {path!r} is not a valid HF tokenizers JSON ({e})") \
+            from None
     while todo:
         node = todo.pop()
         if isinstance(node, dict):
