@@ -101,7 +101,7 @@ def test_tool_on_a_checkpoint(tiny_dataset, tmp_path, capsys):
     cfg = load_run_config(None, [f"model.{k}={v}" for k, v in suggestion.items()]
                           + ["model.num_layers=4", "model.hidden_size=64",
                              "model.ffn_hidden_size=172"])
-    from crnet_megatron.training.run_config import to_crnet_config
+    from crnet_megatron.training.megatron_configs import to_crnet_config
 
     assert to_crnet_config(cfg).crnet_layer_ranks == suggestion["crnet_rank"]
     assert "model.crnet_rank:" in text

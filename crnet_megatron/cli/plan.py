@@ -27,6 +27,7 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
     from crnet_megatron.analysis.counting import ModelShape
     from crnet_megatron.planner.per_rank import Plan
     from crnet_megatron.training import preflight, run_config
+    from crnet_megatron.training.megatron_configs import to_crnet_config
 
     m, p, s = cfg["model"], cfg["parallel"], cfg["schedule"]
     tp, pp = p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"]
@@ -39,7 +40,7 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
                               sequence_parallel=False)
     single["model"]["variant"] = "crnet"
     single["recompute"]["recompute_granularity"] = None
-    config = run_config.to_crnet_config(single)
+    config = to_crnet_config(single)
     vocab = vocab or _vocab(cfg)
     shape = ModelShape.from_config(config, run_config.padded_vocab(vocab, tp))
     dp = gpus // (tp * pp)

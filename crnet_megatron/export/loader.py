@@ -100,6 +100,7 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
     from crnet_megatron.parallel.build import build_model
     from crnet_megatron.training import run_config
     from crnet_megatron.training.checkpointing import load_checkpoint
+    from crnet_megatron.training.megatron_configs import to_crnet_config
 
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
     common = resolve_checkpoint(path)
@@ -118,7 +119,7 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
                               virtual_pipeline_model_parallel_size=None,
                               num_layers_in_last_pipeline_stage=None)
     single["recompute"]["recompute_granularity"] = None
-    config = run_config.to_crnet_config(single)
+    config = to_crnet_config(single)
     m = cfg["model"]
     model = build_model(config, vocab_size=vocab, max_sequence_length=m["seq_length"],
                         backend="local", rotary_base=m["rotary_base"])

@@ -59,7 +59,8 @@ def check_te_vs_local(workdir):
 
     from crnet_megatron import build_model
     from crnet_megatron.parallel.groups import init_distributed
-    from crnet_megatron.training.run_config import load_run_config, to_crnet_config
+    from crnet_megatron.training.megatron_configs import to_crnet_config
+    from crnet_megatron.training.run_config import load_run_config
 
     init_distributed(1, 1)
     try:
@@ -86,7 +87,7 @@ def check_bf16_vs_fp32(workdir):
 
 
 def check_dist_optimizer_resume(workdir):
-    from crnet_megatron.training.run_config import distributed_optimizer_problem
+    from crnet_megatron.training.megatron_configs import distributed_optimizer_problem
 
     problem = distributed_optimizer_problem()
     if problem:
@@ -130,7 +131,8 @@ def check_planner_memory(workdir):
         stage_activation_elements,
     )
     from crnet_megatron.testing.profiling import saved_activation_storage_bytes
-    from crnet_megatron.training.run_config import load_run_config, to_crnet_config
+    from crnet_megatron.training.megatron_configs import to_crnet_config
+    from crnet_megatron.training.run_config import load_run_config
 
     if _world() > 1:
         raise Skip("single-process check")
@@ -208,9 +210,9 @@ def check_crnet_recompute_bf16(workdir):
 
 def check_dist_optimizer_overlap(workdir):
     """The distributed optimizer with overlap_grad_reduce trains like the plain optimizer."""
-    from crnet_megatron.training import run_config
+    from crnet_megatron.training import megatron_configs
 
-    problem = run_config.distributed_optimizer_problem()
+    problem = megatron_configs.distributed_optimizer_problem()
     if problem:
         raise Skip(problem)
     plain = _losses(_train([], workdir))

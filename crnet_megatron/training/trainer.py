@@ -46,7 +46,7 @@ from crnet_megatron.parallel.groups import (
     finalize_grads,
     init_distributed,
 )
-from crnet_megatron.training import preflight, run_config, run_dir
+from crnet_megatron.training import megatron_configs, preflight, run_config, run_dir
 from crnet_megatron.training.checkpointing import (
     finish_saves,
     load_checkpoint,
@@ -136,7 +136,7 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
         self.dp_size, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         self.num_microbatches = preflight.validate_batch(self.cfg, self.dp_size)
-        self.config = run_config.to_crnet_config(self.cfg)
+        self.config = megatron_configs.to_crnet_config(self.cfg)
 
     def _build_data(self):
         """The tokenizer and the train/valid datasets (the built-in corpus, or indexed prefixes)."""
@@ -170,7 +170,7 @@ class Trainer:
         chunks = build_model_chunks(self.config, vocab_size=self.vocab,
                                     max_sequence_length=m["seq_length"],
                                     rotary_base=m["rotary_base"], seed=cfg["schedule"]["seed"])
-        dist_opt = run_config.use_distributed_optimizer(cfg)
+        dist_opt = megatron_configs.use_distributed_optimizer(cfg)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
             overlap_param_gather=p["overlap_param_gather"], use_distributed_optimizer=dist_opt)
@@ -178,7 +178,7 @@ class Trainer:
             self.model = [DistributedDataParallel(self.config, ddp_config, chunk,
                                                   disable_bucketing=i > 0)
                           for i, chunk in enumerate(chunks)]
-            ocfg = run_config.to_optimizer_config(cfg, dist_opt)
+            ocfg = megatron_configs.to_optimizer_config(cfg, dist_opt)
             self.optimizer = get_megatron_optimizer(
                 ocfg, self.model, config_overrides=get_standard_config_overrides(ocfg))
         self.config.finalize_model_grads_func = finalize_grads
