@@ -9,7 +9,7 @@ Checks (``testing/selfchecks.py``), each timed, as a pass/fail/skip table (``--j
 spec logits; CUDA + TE), ``bf16_vs_fp32``, ``crnet_recompute_bf16`` (Algorithm 1 in bf16 = no
 recompute), ``dist_optimizer_overlap`` (distributed optimizer + ``overlap_grad_reduce`` = plain
 optimizer), ``dist_optimizer_resume`` (Apex/TE), ``tp2_sp_vs_tp1`` and ``resume_other_layout``
-(TP=1 checkpoint resumed at TP=2; 2+ processes), ``pp_chains_p2p`` (PP=2 = PP=1; 2+
+(TP=1 checkpoint resumed at TP=2; 2+ processes), ``pp_chains_p2p`` (PP=2 with 1F1B and interleaved = PP=1; 2+
 processes), ``export_round_trip`` (a checkpoint trained here exports with equal logits),
 ``planner_memory`` (the planner's activation model against this device) and
 ``gemm_nccl_sniff`` (GEMM TFLOP/s against the nominal peak; all-reduce bandwidth).

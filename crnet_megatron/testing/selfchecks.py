@@ -107,14 +107,20 @@ def check_dist_optimizer_resume(workdir):
 def check_pp_chains_p2p(workdir):
     if _world() < 2 or _world() % 2:
         raise Skip("needs an even number (2+) of processes: torchrun --nproc-per-node 2 ...")
-    pp1 = _losses(_train([], workdir))
-    pp2 = _losses(_train(["parallel.pipeline_model_parallel_size=2"], workdir))
-    rel = _max_rel(pp2, pp1)
     import torch
 
     tol = 1e-4 if torch.cuda.is_available() else 2e-5  # fp32; GPU reductions reorder more
+    pp1 = _losses(_train([], workdir))
+    pp2 = ["parallel.pipeline_model_parallel_size=2"]
+    rel = _max_rel(_losses(_train(pp2, workdir)), pp1)
     assert rel < tol, f"PP=2 losses differ from PP=1 by {rel:.2e}"
-    return f"max relative loss difference {rel:.1e} over {len(pp1)} steps"
+    # interleaved: 2 chunks of one layer per rank, the micro-batches in groups of PP
+    vpp = pp2 + ["parallel.virtual_pipeline_model_parallel_size=2",
+                 "schedule.micro_batch_size=1"]
+    rel_vpp = _max_rel(_losses(_train(vpp, workdir)), pp1)
+    assert rel_vpp < tol, f"PP=2 x VPP=2 (interleaved) losses differ from PP=1 by {rel_vpp:.2e}"
+    return (f"max relative loss difference {rel:.1e} (1F1B), {rel_vpp:.1e} (interleaved) over "
+            f"{len(pp1)} steps")
 
 
 def check_planner_memory(workdir):
