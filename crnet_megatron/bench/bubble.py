@@ -12,11 +12,12 @@ pipeline's (the table says so). The P2P transfers count as idle, so a model whos
 large against its compute (``--hidden`` small) shows the interleaved schedule's extra
 transfers more than its smaller bubble.
 
-    crnet-bench bubble --pp 4 --microbatches 8 --hidden 512 --repeats 5 --json bench_bubble.json
+    crnet-bench bubble --pp 4 --microbatches 8 --repeats 5 --json bench_bubble.json
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -153,8 +154,8 @@ def main(argv=None):
     p.add_argument("--pp", type=int, default=4)
     p.add_argument("--vpp", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--worker", help=argparse_hidden())
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # one rank, launched by main
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.pp, args.vpp, args.microbatches, args.warmup, args.repeats,
@@ -173,12 +174,6 @@ def main(argv=None):
              f"{args.repeats} steps per schedule, run in turn after {args.warmup} warm-up")
     runner.finish(args, [runner.table(rows, columns, title)], rows=rows,
                   shape=_shape(args.hidden))
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":
