@@ -115,8 +115,10 @@ def _trains_like_one_process(tiny_dataset, tmp_path, world, sets):
 
 
 INTERLEAVED = {  # deeper models than the 4-layer reference: each against its own one process
-    # 8 layers in 8 chunks of one layer: rank r holds global layers r+1 and r+5
-    "pp4-vpp2": (4, ["model.num_layers=8", "parallel.pipeline_model_parallel_size=4"] + VPP2),
+    # 8 layers in 8 chunks of one layer: rank r holds global layers r+1 and r+5, each with its
+    # own rank of the middle-high schedule (ranks keep their global positions)
+    "pp4-vpp2": (4, ["model.num_layers=8", "model.crnet_rank_schedule=middle-high",
+                     "parallel.pipeline_model_parallel_size=4"] + VPP2),
     # 6 layers, the first stage lighter: chunks of 1+1 layers on rank 0, 2+2 on rank 1
     "pp2-vpp2-uneven": (2, ["model.num_layers=6", "parallel.num_layers_in_first_pipeline_stage=2"]
                         + PP2 + VPP2 + CRNET),
