@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,6 +26,7 @@ from crnet_megatron.data.validate import (
     check_batch_tokens,
     validate_prefix,
 )
+from crnet_megatron.training.run_config import parse_blend
 
 
 def cache_barrier(timeout_minutes: int) -> None:
@@ -273,3 +275,33 @@ def get_batch(data_iterator, micro_batch_size: int, seq_len: int,
     dist.broadcast(ints, src, group=group)
     dist.broadcast(mask, src, group=group)
     return dict(zip(_INT_KEYS, ints), loss_mask=mask)
+
+
+@dataclass
+class RunData:
+    tokenizer: HFTokenizer
+    prefixes: List[str]
+    train: object  # megatron-core datasets; None where this rank reads no data
+    valid: object
+
+
+def build_run_data(cfg) -> RunData:
+    """A run's tokenizer and train/valid datasets: the built-in corpus (prepared once into
+    ``data.cache_dir``), or indexed prefixes with their blend weights; sized for the whole
+    schedule (every evaluation reads from the split's start)."""
+    s, d, e = cfg["schedule"], cfg["data"], cfg["eval"]
+    check_shared_dir(d["cache_dir"], "data.cache_dir")
+    if d["data_path"]:
+        prefixes, weights = parse_blend(d["data_path"])
+        if not d["tokenizer"]:
+            raise ValueError("data.tokenizer (a tokenizer.json) is required with data.data_path")
+        tok_path = d["tokenizer"]
+    else:
+        (prefixes, tok_path), weights = prepare_builtin(d["cache_dir"], d["builtin_vocab_size"],
+                                                       d["cache_build_timeout_minutes"]), None
+    tokenizer = HFTokenizer(tok_path, d["eod_token"])
+    evals = s["train_iters"] // e["eval_interval"] + 1
+    gbs = s["global_batch_size"]
+    sizes = [s["train_iters"] * gbs, evals * e["eval_iters"] * gbs, e["eval_iters"] * gbs]
+    train, valid, _ = build_datasets(cfg, tokenizer, prefixes, weights, sizes)
+    return RunData(tokenizer, prefixes, train, valid)

@@ -37,7 +37,6 @@ from crnet_megatron.analysis.counting import (
     flops_per_token,
     pipeline_boundary,
 )
-from crnet_megatron.data.preprocess import HFTokenizer
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model_chunks
 from crnet_megatron.parallel.environment import banner, versions
@@ -53,12 +52,7 @@ from crnet_megatron.training.checkpointing import (
     save_checkpoint,
 )
 from crnet_megatron.training.console import Console, IntervalWindow, wants_bar
-from crnet_megatron.training.data import (
-    SampleIterator,
-    build_datasets,
-    check_shared_dir,
-    prepare_builtin,
-)
+from crnet_megatron.training.data import SampleIterator, build_run_data
 from crnet_megatron.training.faults import (
     StopSignals,
     children_die_with_parent,
@@ -139,27 +133,12 @@ class Trainer:
         self.config = megatron_configs.to_crnet_config(self.cfg)
 
     def _build_data(self):
-        """The tokenizer and the train/valid datasets (the built-in corpus, or indexed prefixes)."""
-        cfg = self.cfg
-        s, d, e = cfg["schedule"], cfg["data"], cfg["eval"]
-        check_shared_dir(d["cache_dir"], "data.cache_dir")
-        if d["data_path"]:
-            prefixes, weights = run_config.parse_blend(d["data_path"])
-            if not d["tokenizer"]:
-                raise ValueError("data.tokenizer (a tokenizer.json) is required with data.data_path")
-            tok_path = d["tokenizer"]
-        else:
-            (prefixes, tok_path), weights = prepare_builtin(d["cache_dir"], d["builtin_vocab_size"],
-                                                           d["cache_build_timeout_minutes"]), None
-        self.prefixes = prefixes
-        self.tokenizer = HFTokenizer(tok_path, d["eod_token"])
-        evals = s["train_iters"] // e["eval_interval"] + 1
-        gbs = s["global_batch_size"]
-        sizes = [s["train_iters"] * gbs, evals * e["eval_iters"] * gbs, e["eval_iters"] * gbs]
-        self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer, prefixes, weights,
-                                                         sizes)
+        """The tokenizer and the train/valid datasets (``data.build_run_data``)."""
+        run_data = build_run_data(self.cfg)
+        self.tokenizer, self.prefixes = run_data.tokenizer, run_data.prefixes
+        self.train_ds, self.valid_ds = run_data.train, run_data.valid
         self.vocab = run_config.padded_vocab(self.tokenizer.vocab_size,
-                                             cfg["parallel"]["tensor_model_parallel_size"])
+                                             self.cfg["parallel"]["tensor_model_parallel_size"])
 
     def _build_model_and_optimizer(self):
         """This rank's model chunks (its stage, or its virtual stages under interleaving), each
