@@ -155,3 +155,36 @@ def test_blend_weights_must_be_positive_and_finite(weight):
     with pytest.raises(ValueError, match=r"data.data_path: the weight .* of 'b' must be a "
                                          r"finite number > 0"):
         parse_blend(cfg["data"]["data_path"])
+
+
+STORED_CONFIG_DAMAGE = [
+    ({"hidden_size": 1 << 20}, "its config asks for an embedding of (512, 1048576)"),
+    ({"num_layers": 10 ** 9}, "model.num_layers=1000000000, its tensors hold 4 layers"),
+    ({"kv_channels": 1 << 20}, "its tensors hold"),
+    ({"ffn_hidden_size": 1 << 24}, "its tensors hold"),
+]
+
+
+def test_a_stored_config_is_checked_against_the_tensors_before_building(tiny_dataset,
+                                                                        tmp_path):
+    """The exporter, eval and generation build a model from the config stored in common.pt: a
+    crafted one asking for terabytes is refused with one line (its layers, embedding and
+    parameter count against the checkpoint's tensors), quickly and without allocating."""
+    import time
+
+    from crnet_megatron.export.loader import load_megatron_model, single_process
+
+    save = tmp_path / "ck"
+    run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
+    path = save / "iter_0000002"
+    (path / "checksums.json").unlink()  # what a hand edit leaves
+    intact = torch.load(path / "common.pt", weights_only=True)
+    for change, message in STORED_CONFIG_DAMAGE:
+        state = dict(intact, common=dict(intact["common"]))
+        state["common"]["config"] = dict(state["common"]["config"])
+        state["common"]["config"]["model"] = dict(state["common"]["config"]["model"], **change)
+        torch.save(state, path / "common.pt")
+        start = time.monotonic()
+        with single_process(), pytest.raises(ValueError, match=re.escape(message)):
+            load_megatron_model(str(save))
+        assert time.monotonic() - start < 30, change

@@ -119,7 +119,10 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
                               virtual_pipeline_model_parallel_size=None,
                               num_layers_in_last_pipeline_stage=None)
     single["recompute"]["recompute_granularity"] = None
-    config = to_crnet_config(single)
+    stored = _stored_model_tensors(common["path"])
+    _check_layers_and_embedding(common["path"], cfg["model"], vocab, stored)
+    config = to_crnet_config(single)  # its rank list is now bounded by the stored layers
+    _check_parameter_count(common["path"], config, vocab, stored)
     m = cfg["model"]
     model = build_model(config, vocab_size=vocab, max_sequence_length=m["seq_length"],
                         backend="local", rotary_base=m["rotary_base"])
@@ -129,6 +132,48 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
         model = model.to(dtype)
     return model, Loaded(cfg=cfg, common=common, tokenizer=tok, vocab_size=vocab,
                          run_dir=run_dir)
+
+
+def _stored_model_tensors(path: str) -> Dict[str, tuple]:
+    """{key: global shape} of the model tensors a checkpoint's (checked) ``.metadata`` holds."""
+    from crnet_megatron.training.safe_checkpoint import load_metadata
+
+    md = load_metadata(os.path.join(path, ".metadata"))
+    return {k: tuple(v.size) for k, v in md.state_dict_metadata.items()
+            if hasattr(v, "size") and k.startswith(("embedding.", "decoder.", "output_layer."))}
+
+
+def _check_layers_and_embedding(path: str, m: Dict[str, Any], vocab: int,
+                                stored: Dict[str, tuple]) -> None:
+    """The stored config's layer count, vocabulary and hidden size are those of the stored
+    tensors, before a model is built from them (a crafted config could ask for terabytes)."""
+    layers = {int(k.split(".")[2]) for k in stored if k.startswith("decoder.layers.")}
+    if m["num_layers"] != len(layers):
+        raise ValueError(f"checkpoint {path}: its config has model.num_layers="
+                         f"{m['num_layers']}, its tensors hold {len(layers)} layers")
+    embedding = stored.get("embedding.word_embeddings.weight")
+    if embedding != (vocab, m["hidden_size"]):
+        raise ValueError(f"checkpoint {path}: its config asks for an embedding of "
+                         f"{(vocab, m['hidden_size'])} (vocabulary, model.hidden_size), its "
+                         f"tensors hold {embedding}")
+
+
+def _check_parameter_count(path: str, config, vocab: int, stored: Dict[str, tuple]) -> None:
+    """Every other size (FFN, heads, kv channels, ranks) shows in the parameter count."""
+    from crnet_megatron.analysis.counting import ModelShape, count_params
+
+    expected = count_params(ModelShape.from_config(config, vocab),
+                            config.crnet_layer_ranks)["total"]
+    held = 0
+    for shape in stored.values():
+        n = 1
+        for d in shape:
+            n *= d
+        held += n
+    if expected != held:
+        raise ValueError(f"checkpoint {path}: its config describes {expected:,} parameters, its "
+                         f"tensors hold {held:,}; the config stored in common.pt does not "
+                         "match the checkpoint")
 
 
 @torch.no_grad()
