@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -164,12 +165,7 @@ def _check_parameter_count(path: str, config, vocab: int, stored: Dict[str, tupl
 
     expected = count_params(ModelShape.from_config(config, vocab),
                             config.crnet_layer_ranks)["total"]
-    held = 0
-    for shape in stored.values():
-        n = 1
-        for d in shape:
-            n *= d
-        held += n
+    held = sum(math.prod(shape) for shape in stored.values())
     if expected != held:
         raise ValueError(f"checkpoint {path}: its config describes {expected:,} parameters, its "
                          f"tensors hold {held:,}; the config stored in common.pt does not "

@@ -13,6 +13,7 @@ previous-layer projection outputs. ``config.crnet_projection``: "crnet", "lowran
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import List, Optional, Tuple
 
@@ -344,10 +345,8 @@ def safetensors_header(path: str) -> dict:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
             if dtype not in _ITEMSIZE or not all(isinstance(d, int) and d >= 0 for d in shape):
                 raise ValueError(f"{name}: dtype {dtype!r} or shape {shape!r} is not valid")
-            count = 1
-            for d in shape:
-                count *= d
-            if not 0 <= start <= end <= size - 8 - n or end - start != count * _ITEMSIZE[dtype]:
+            if not 0 <= start <= end <= size - 8 - n or \
+                    end - start != math.prod(shape) * _ITEMSIZE[dtype]:
                 raise ValueError(f"{name}: data offsets {[start, end]} do not hold {shape} "
                                  f"{dtype} within the file")
             tensors[name] = (dtype, tuple(shape))

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from crnet_megatron.data.safe_files import write_text
 from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.parallel.pipeline import model_chunks
 from crnet_megatron.training import run_dir
 from crnet_megatron.training.integrity import write_checksums
 from crnet_megatron.training.preflight import TRACKER
@@ -95,8 +96,7 @@ def optimizer_format(optimizer, fully_reshardable: bool) -> Optional[str]:
 
 def _modules(model) -> List[torch.nn.Module]:
     """This rank's model chunks, unwrapped from DDP."""
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    return [getattr(chunk, "module", chunk) for chunk in chunks]
+    return [getattr(chunk, "module", chunk) for chunk in model_chunks(model)]
 
 
 def _model_keys(model) -> List[str]:

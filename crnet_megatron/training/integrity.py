@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from crnet_megatron.data.safe_files import write_text
+from crnet_megatron.data.safe_files import UnsafePathError, check_readable, write_text
 from crnet_megatron.training.safe_checkpoint import IncompleteCheckpointError
 
 CHECKSUMS = "checksums.json"
@@ -73,9 +73,13 @@ def _read_manifest(path: str) -> Optional[Dict[str, str]]:
     manifest = os.path.join(path, CHECKSUMS)
     if not os.path.lexists(manifest):
         return None
-    if not os.path.isfile(manifest) or os.path.getsize(manifest) > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(f"checkpoint {path}: {CHECKSUMS} is not a plain file "
-                                     f"of at most {MAX_MANIFEST_BYTES} bytes")
+    try:
+        check_readable(manifest, "checkpoint checksums")
+    except (UnsafePathError, OSError) as e:
+        raise CorruptCheckpointError(f"checkpoint {path}: {e}") from None
+    if os.path.getsize(manifest) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"checkpoint {path}: {CHECKSUMS} is larger than "
+                                     f"{MAX_MANIFEST_BYTES} bytes")
     try:
         with open(manifest, encoding="utf-8") as f:
             data = json.load(f)

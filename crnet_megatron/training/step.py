@@ -5,14 +5,14 @@ training-time eval and ``crnet-eval`` share."""
 from __future__ import annotations
 
 import functools
-from typing import Iterator, List
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.utils import get_attr_wrapped_model
 
-from crnet_megatron.parallel.pipeline import forward_backward
+from crnet_megatron.parallel.pipeline import forward_backward, model_chunks
 from crnet_megatron.training.data import get_batch
 
 
@@ -40,10 +40,6 @@ def _forward_step(data_iterator, model, micro_batch_size: int, seq_len: int):
     return output, loss_func
 
 
-def _chunks(model) -> List[torch.nn.Module]:
-    return list(model) if isinstance(model, (list, tuple)) else [model]
-
-
 def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs: int,
                  forward_only: bool) -> float:
     """Megatron's schedule over the micro-batches (``model``: a module or this rank's model
@@ -52,7 +48,7 @@ def run_schedule(model, data_iterator, num_microbatches: int, seq_len: int, mbs:
     out = forward_backward(forward_step_func=step, data_iterator=data_iterator,
                            model=model, num_microbatches=num_microbatches, seq_length=seq_len,
                            micro_batch_size=mbs, forward_only=forward_only)
-    device = next(_chunks(model)[0].parameters()).device
+    device = next(model_chunks(model)[0].parameters()).device
     loss = torch.zeros((), dtype=torch.float32, device=device)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         loss += sum(o["lm loss"].float() for o in out) / len(out)
@@ -87,7 +83,7 @@ def mean_loss(model, batches: Iterator, num_batches: int, num_microbatches: int,
               micro_batch_size: int) -> float:
     """Forward-only loss over ``num_batches`` global batches (windows of equal length make the
     mean over batches the mean over tokens)."""
-    chunks = _chunks(model)
+    chunks = model_chunks(model)
     was_training = chunks[0].training
     for chunk in chunks:
         chunk.eval()
