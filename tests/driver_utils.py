@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crnet_megatron.training.run_config import load_run_config
+from crnet_megatron.config.run_config import load_run_config
 
 TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=172",
         "model.crnet_rank=16", "model.seq_length=32", "schedule.train_iters=8",

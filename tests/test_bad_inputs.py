@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from crnet_megatron.config.run_config import load_run_config
 from crnet_megatron.data.validate import _HEADER, read_index, validate_prefix
-from crnet_megatron.training.run_config import load_run_config
 from tests.driver_utils import driver_cfg, run_in_process
 
 

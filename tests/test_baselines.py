@@ -69,7 +69,7 @@ def test_variant_flops_and_paper_shapes():
     (["model.variant=cola"], "model.variant = 'cola' is not one of"),
 ])
 def test_variant_config_errors(sets, needle):
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
 
     with pytest.raises(ValueError, match=needle):
         load_run_config(None, sets)

@@ -12,8 +12,8 @@ SHAPE = dict(hidden=64, ffn=96, heads=4, groups=2, rank=16, seq=16, batch=2)
 
 
 def _worker(rank, world, sp):
+    from crnet_megatron.diagnostics.comm_probe import measure_layer_comm
     from crnet_megatron.parallel.groups import init_distributed
-    from crnet_megatron.testing.comm_probe import measure_layer_comm
 
     init_distributed(tensor_model_parallel_size=world)
     return measure_layer_comm(**SHAPE, tp=world, sequence_parallel=sp)

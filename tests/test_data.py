@@ -34,8 +34,8 @@ def test_gpt_dataset_batches_are_windows_of_the_document_stream(megatron_single,
                                                                tmp_path):
     """Every training sample (seq+1 tokens) is the window at k*seq of the documents joined in
     the dataset's document order, and the samples tile that stream."""
+    from crnet_megatron.config.run_config import load_run_config
     from crnet_megatron.training.data import build_datasets
-    from crnet_megatron.training.run_config import load_run_config
 
     prefix, tok_path, _ = tiny_dataset
     seq = 32

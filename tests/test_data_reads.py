@@ -10,7 +10,7 @@ ITERS, GBS, EVAL_ITERS, EVAL_INTERVAL = 4, 4, 2, 4
 
 
 def _counting_worker(rank, world, cfg):
-    from crnet_megatron.testing.profiling import count_dataset_reads
+    from crnet_megatron.diagnostics.profiling import count_dataset_reads
 
     reads = count_dataset_reads()
     result = run_worker(rank, world, cfg)

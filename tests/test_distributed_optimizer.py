@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from crnet_megatron.training.resume import iteration_dir, read_latest
-from crnet_megatron.training.safe_checkpoint import load_metadata
+from crnet_megatron.checkpoint.resume import iteration_dir, read_latest
+from crnet_megatron.checkpoint.safe_checkpoint import load_metadata
 from tests.driver_utils import driver_cfg, run_worker
 from tests.helpers import run_distributed
 

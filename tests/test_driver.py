@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from crnet_megatron.training import checkpointing
-from crnet_megatron.training.resume import read_latest
+from crnet_megatron.checkpoint import checkpointing
+from crnet_megatron.checkpoint.resume import read_latest
 from tests.driver_utils import driver_cfg, run_in_process, run_worker
 from tests.helpers import run_distributed
 
@@ -106,7 +106,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_dataset, tmp_path, mon
 
 
 def test_nonfinite_steps_are_skipped_then_training_stops(tiny_dataset, tmp_path, monkeypatch):
-    from crnet_megatron.training import step as loop
+    from crnet_megatron.parallel import schedule as loop
 
     real = loop._forward_step
     bad_iters = {3, 6, 7}
@@ -136,7 +136,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(tiny_dataset, tmp_path,
 def test_sigterm_saves_a_final_checkpoint(tiny_dataset, tmp_path, monkeypatch):
     import signal
 
-    from crnet_megatron.training import step as loop
+    from crnet_megatron.parallel import schedule as loop
 
     real, state = loop._forward_step, {"calls": 0}
 
@@ -201,7 +201,7 @@ def test_blend_of_two_prefixes_trains(tiny_dataset, tmp_path):
 def test_builtin_corpus_run_learns_and_writes_artifacts(tmp_path):
     """The README job's path: built-in corpus preprocessed into the cache, training, eval,
     checkpoint, metrics JSONL and loss plot."""
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
 
     save = tmp_path / "run"
     cfg = load_run_config("examples/configs/tiny_cpu.yaml", [

@@ -7,8 +7,8 @@ import re
 import pytest
 
 from crnet_megatron.analysis.counting import ModelShape, count_params
-from crnet_megatron.training.megatron_configs import to_crnet_config
-from crnet_megatron.training.run_config import load_run_config
+from crnet_megatron.config.megatron_configs import to_crnet_config
+from crnet_megatron.config.run_config import load_run_config
 
 CONFIGS = sorted(glob.glob("examples/configs/*.yaml"))
 

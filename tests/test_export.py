@@ -23,10 +23,10 @@ def _windows(vocab: int) -> np.ndarray:
 def _train_and_score(rank, world, cfg, tokens):
     """Train through the real driver, then the Megatron model's loss on fixed windows, computed
     in the run's own TP/PP layout (the schedule used by training-time eval)."""
+    from crnet_megatron.data.batches import SampleIterator
     from crnet_megatron.data.token_windows import TokenWindows
     from crnet_megatron.parallel.groups import destroy_distributed
-    from crnet_megatron.training.data import SampleIterator
-    from crnet_megatron.training.step import mean_loss
+    from crnet_megatron.parallel.schedule import mean_loss
     from crnet_megatron.training.trainer import Trainer
 
     try:

@@ -15,8 +15,8 @@ import time
 import psutil
 import pytest
 
-from crnet_megatron.training import checkpointing
-from crnet_megatron.training.resume import find_resumable, read_latest
+from crnet_megatron.checkpoint import checkpointing
+from crnet_megatron.checkpoint.resume import find_resumable, read_latest
 from tests.driver_utils import driver_cfg, run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from crnet_megatron.training.run_config import load_run_config
+from crnet_megatron.config.run_config import load_run_config
 
 pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check
 

@@ -128,8 +128,8 @@ COMMON_DAMAGE = [
 
 
 def test_common_state_with_missing_keys_or_wrong_types(tiny_dataset, tmp_path):
-    from crnet_megatron.training.resume import read_checkpoint
-    from crnet_megatron.training.safe_checkpoint import IncompleteCheckpointError
+    from crnet_megatron.checkpoint.resume import read_checkpoint
+    from crnet_megatron.checkpoint.safe_checkpoint import IncompleteCheckpointError
 
     save = tmp_path / "ck"
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
@@ -149,7 +149,7 @@ def test_common_state_with_missing_keys_or_wrong_types(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("weight", ["0", "-1", ".nan", ".inf"])
 def test_blend_weights_must_be_positive_and_finite(weight):
-    from crnet_megatron.training.run_config import load_run_config, parse_blend
+    from crnet_megatron.config.run_config import load_run_config, parse_blend
 
     cfg = load_run_config(None, [f"data.data_path=[0.5, a, {weight}, b]"])
     with pytest.raises(ValueError, match=r"data.data_path: the weight .* of 'b' must be a "

@@ -100,8 +100,8 @@ def _loaded_after(code: str):
     ("import crnet_megatron", {"torch", "megatron.core"}),
     ("import crnet_megatron.planner.search, crnet_megatron.planner.published, "
      "crnet_megatron.model.positions, crnet_megatron.cli.plan", {"torch", "megatron.core"}),
-    ("import crnet_megatron.training.run_config; "
-     "crnet_megatron.training.run_config.load_run_config(None)", {"torch", "megatron.core"}),
+    ("import crnet_megatron.config.run_config; "
+     "crnet_megatron.config.run_config.load_run_config(None)", {"torch", "megatron.core"}),
     ("import crnet_megatron.export.modeling_crnet", {"megatron.core"}),
 ])
 def test_light_entry_points_load_nothing_heavy(code, absent):
@@ -116,7 +116,7 @@ def test_a_planted_heavy_import_is_seen():
 def test_restated_positions_agree_with_the_table():
     from crnet_megatron.export import modeling_crnet
     from crnet_megatron.model import positions
-    from crnet_megatron.testing import reference
+    from tests import reference
 
     assert reference.POSITIONS == positions.NAMES
     assert modeling_crnet.PROJECTIONS == tuple(p.hf_name for p in positions.POSITIONS)

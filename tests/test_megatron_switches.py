@@ -4,8 +4,8 @@ default where CR-Net needs it; every run records the versions it ran with."""
 import pytest
 import torch
 
+from crnet_megatron.config.run_config import load_run_config
 from crnet_megatron.training.preflight import sequence_parallel_warning
-from crnet_megatron.training.run_config import load_run_config
 from tests.helpers import SEQ, VOCAB, batch, tiny_config
 
 pytestmark = pytest.mark.quick  # python -m pytest -m quick: a first check
@@ -39,7 +39,7 @@ def test_selective_mlp_and_layernorm_save_memory_and_keep_gradients(megatron_sin
     """Honoured, not ignored: each module recomputed saves measured bytes, and the gradients
     (betas of both signs) equal those without recompute."""
     from crnet_megatron import build_model
-    from crnet_megatron.testing.profiling import saved_activation_storage_bytes
+    from crnet_megatron.diagnostics.profiling import saved_activation_storage_bytes
     from tests.helpers import randomize_betas
 
     ids, pos, labels = batch()
@@ -83,8 +83,8 @@ def test_turning_sequence_parallel_off_warns_with_its_flop_cost():
 def test_runs_record_their_versions(tiny_dataset, tmp_path):
     import importlib.metadata
 
+    from crnet_megatron.checkpoint.resume import iteration_dir, read_checkpoint
     from crnet_megatron.parallel.environment import banner
-    from crnet_megatron.training.resume import iteration_dir, read_checkpoint
     from tests.driver_utils import driver_cfg, run_in_process
 
     line = banner()

@@ -29,7 +29,7 @@ def _counted(obj, name, counts):
 def test_trainer_step_prepares_once_and_matches_megatron_step(tiny_dataset, tmp_path):
     from crnet_megatron.parallel import cpu_compat
     from crnet_megatron.parallel.groups import destroy_distributed
-    from crnet_megatron.training.step import run_schedule
+    from crnet_megatron.parallel.schedule import run_schedule
 
     cfg = driver_cfg(tiny_dataset, tmp_path / "c", None, "optimizer.clip_grad=0.05")
     try:

@@ -31,7 +31,7 @@ def _measure(config, seq, batch, vocab=256):
     from megatron.core import parallel_state as ps
 
     from crnet_megatron import build_model
-    from crnet_megatron.testing.profiling import saved_activation_storage_bytes
+    from crnet_megatron.diagnostics.profiling import saved_activation_storage_bytes
 
     model = build_model(config, vocab_size=vocab, max_sequence_length=seq, seed=1)
     tp = ps.get_tensor_model_parallel_world_size()
@@ -113,8 +113,8 @@ def test_tp2_rank_params_and_activations(projection, mode, sp):
 def _dp_worker(rank, world, cfg):
     from megatron.core import parallel_state as ps
 
+    from crnet_megatron.diagnostics.comm_counter import CommCounter
     from crnet_megatron.parallel.groups import destroy_distributed
-    from crnet_megatron.testing.comm_counter import CommCounter
     from crnet_megatron.training.trainer import Trainer
 
     try:
@@ -214,7 +214,7 @@ def test_crnet_plan_cli(tmp_path, capsys):
     best = crnet["best"][0]
     assert gain["gain"] == pytest.approx(best["tokens_per_s"] / crnet["time"]["tokens_per_s"] - 1)
     assert f"crnet: the fastest fitting layout is {gain['gain']:.0%} faster" in text
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
 
     cfg = load_run_config("examples/configs/llama2_7b_seq4096.yaml", gain["sets"])
     assert cfg["parallel"]["tensor_model_parallel_size"] == best["plan"]["tp"]

@@ -79,7 +79,7 @@ def test_suggest_ranks_budget_and_shape():
 
 def test_tool_on_a_checkpoint(tiny_dataset, tmp_path, capsys):
     from crnet_megatron.cli.analyze import main
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
     from tests.driver_utils import driver_cfg, run_in_process
 
     save, out = str(tmp_path / "run"), str(tmp_path / "analysis")
@@ -101,7 +101,7 @@ def test_tool_on_a_checkpoint(tiny_dataset, tmp_path, capsys):
     cfg = load_run_config(None, [f"model.{k}={v}" for k, v in suggestion.items()]
                           + ["model.num_layers=4", "model.hidden_size=64",
                              "model.ffn_hidden_size=172"])
-    from crnet_megatron.training.megatron_configs import to_crnet_config
+    from crnet_megatron.config.megatron_configs import to_crnet_config
 
     assert to_crnet_config(cfg).crnet_layer_ranks == suggestion["crnet_rank"]
     assert "model.crnet_rank:" in text

@@ -14,8 +14,8 @@ import torch
 
 from crnet_megatron import build_model
 from crnet_megatron.analysis.counting import ModelShape, recompute_saved_elements
+from crnet_megatron.diagnostics.profiling import saved_activation_bytes
 from crnet_megatron.parallel.recompute import crnet_recompute, megatron_full_recompute
-from crnet_megatron.testing.profiling import saved_activation_bytes
 from tests.helpers import (
     BATCH,
     SEQ,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crnet_megatron import build_model
-from crnet_megatron.testing.profiling import HostSyncCounter
+from crnet_megatron.diagnostics.profiling import HostSyncCounter
 from tests.helpers import SEQ, VOCAB, batch, randomize_betas, tiny_config
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from crnet_megatron.training.run_config import load_run_config
+from crnet_megatron.config.run_config import load_run_config
 from tests.driver_utils import driver_cfg, run_in_process
 
 
@@ -65,8 +65,8 @@ def test_corrupt_tracker_is_a_clear_error(tiny_dataset, tmp_path):
 def test_renamed_variant_key_is_refused_and_old_checkpoints_still_read(tmp_path):
     """``model.projection`` became ``model.variant``: a config naming the old key gets one line
     naming the new one; a checkpoint's stored config and shape keys are read under the new name."""
-    from crnet_megatron.training import run_config
-    from crnet_megatron.training.resume import check_compatible
+    from crnet_megatron.checkpoint.resume import check_compatible
+    from crnet_megatron.config import run_config
 
     path = tmp_path / "old.yaml"
     path.write_text("model:\n  projection: lowrank\n")

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
+from crnet_megatron.checkpoint.run_dir import RUN_FILES, TRACKER
 from crnet_megatron.data import safe_files
-from crnet_megatron.training.preflight import RUN_FILES, TRACKER
 from tests.driver_utils import TINY, driver_cfg, run_in_process
 
 
@@ -109,7 +109,7 @@ def test_a_second_run_into_one_save_directory_is_refused(tmp_path):
     import subprocess
     import sys
 
-    from crnet_megatron.training import run_dir
+    from crnet_megatron.checkpoint import run_dir
 
     save = tmp_path / "ck"
     save.mkdir()
@@ -163,7 +163,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     with the file named."""
     import time
 
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
 
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for prev, cur in zip("abcdefgh", "bcdefghi"):
@@ -180,9 +180,9 @@ def test_fifos_where_files_are_read_never_block(tiny_dataset, tmp_path):
     """A FIFO as the tracker or a checkpoint's ``.metadata`` is a broken checkpoint (fall back,
     with a warning), as a config file or a dataset ``.bin`` one line naming it; nothing blocks
     (the helper's timeout turns a hang into a failure)."""
+    from crnet_megatron.checkpoint import resume as checkpointing
+    from crnet_megatron.config.run_config import load_run_config
     from crnet_megatron.data.validate import read_index
-    from crnet_megatron.training import resume as checkpointing
-    from crnet_megatron.training.run_config import load_run_config
     from tests.helpers import run_distributed
 
     save = tmp_path / "ck"
@@ -210,7 +210,7 @@ def test_fifos_where_files_are_read_never_block(tiny_dataset, tmp_path):
 
 
 def _find_resumable(rank, world, save, writable):
-    from crnet_megatron.training import resume as checkpointing
+    from crnet_megatron.checkpoint import resume as checkpointing
 
     return checkpointing.find_resumable(save, writable)["iteration"]
 
@@ -222,7 +222,7 @@ def _find_resumable(rank, world, save, writable):
     ("model.seq_length=1000000000", r"model.seq_length = 1000000000 is out of range"),
 ])
 def test_non_finite_and_huge_values_are_refused(item, message):
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
 
     with pytest.raises(ValueError, match=message):
         load_run_config(None, [item])
@@ -249,7 +249,7 @@ def test_sigterm_during_start_up_exits_cleanly(tiny_dataset, tmp_path):
     import sys
     import time
 
-    from crnet_megatron.training import run_dir
+    from crnet_megatron.checkpoint import run_dir
 
     prefix, tok, _ = tiny_dataset
     save = tmp_path / "ck"
@@ -281,7 +281,7 @@ def test_crafted_metadata_sizes_are_refused_quickly(tiny_dataset, tmp_path, dama
     import pickle
     import time
 
-    from crnet_megatron.training import safe_checkpoint
+    from crnet_megatron.checkpoint import safe_checkpoint
 
     save = tmp_path / "ck"
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
@@ -307,8 +307,8 @@ def test_a_checkpoint_with_flipped_bytes_is_moved_aside(tiny_dataset, tmp_path, 
     then the optimizer states: flips at 30% and at 80% of it) no longer match its checksums:
     the reader refuses it with one line; a resume says so, moves it aside and continues from
     the previous checkpoint, which equals an uninterrupted run."""
-    from crnet_megatron.training.integrity import CHECKSUMS, CorruptCheckpointError
-    from crnet_megatron.training.resume import read_checkpoint
+    from crnet_megatron.checkpoint.integrity import CHECKSUMS, CorruptCheckpointError
+    from crnet_megatron.checkpoint.resume import read_checkpoint
 
     save = tmp_path / "s"
     cfg = ("schedule.train_iters=4", "checkpoint.save_interval=2", "logging.log_interval=1")

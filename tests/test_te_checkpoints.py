@@ -18,7 +18,7 @@ NORM_KEYS = ("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight",
 def te_names(monkeypatch):
     """Build every model with the TE backend's parameter names (as on a GPU image)."""
     from crnet_megatron.model import specs
-    from crnet_megatron.testing.te_standin import te_backend_modules
+    from tests.te_standin import te_backend_modules
 
     local = specs._backend_modules
     monkeypatch.setattr(specs, "te_available", lambda: True)
@@ -51,10 +51,10 @@ def _logits(path, backend):
 
 def test_te_named_checkpoint_exports_evaluates_generates_and_resumes(tiny_dataset, tmp_path,
                                                                      te_names, capsys):
+    from crnet_megatron.checkpoint.checkpointing import _checkpoint_keys, iteration_dir
     from crnet_megatron.cli.evaluate import main as eval_main
     from crnet_megatron.cli.export import main as export_main
     from crnet_megatron.cli.generate import main as gen_main
-    from crnet_megatron.training.checkpointing import _checkpoint_keys, iteration_dir
 
     save = str(tmp_path / "run")
     cfg = driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4",
@@ -101,7 +101,7 @@ def test_local_checkpoint_resumes_under_te_names(tiny_dataset, tmp_path, te_name
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=3"))
     local_logits, _ = _logits(save, "local")
     from crnet_megatron.model import specs
-    from crnet_megatron.testing.te_standin import te_backend_modules
+    from tests.te_standin import te_backend_modules
 
     local = specs._backend_modules
     te_names.setattr(specs, "te_available", lambda: True)
@@ -135,8 +135,8 @@ def test_a_checkpoint_that_lacks_keys_names_them(tiny_dataset, tmp_path, te_name
 def test_checkpoints_from_before_the_key_map_still_load(tiny_dataset, tmp_path, te_names):
     """Local checkpoints written before the dense norms took TE's keys (``input_layernorm``)
     load and resume as they are."""
+    from crnet_megatron.checkpoint.checkpointing import _checkpoint_keys, iteration_dir
     from crnet_megatron.model import specs
-    from crnet_megatron.training.checkpointing import _checkpoint_keys, iteration_dir
 
     save = str(tmp_path / "run")
     te_names.undo()

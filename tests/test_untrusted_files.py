@@ -46,7 +46,7 @@ def test_checkpoint_item_marked_as_pickled_bytes_is_refused(tiny_dataset, tmp_pa
     ``torch.load(weights_only=False)`` it, so the checkpoint is refused before any read."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from crnet_megatron.training.safe_checkpoint import load_metadata
+    from crnet_megatron.checkpoint.safe_checkpoint import load_metadata
 
     save = tmp_path / "ck"
     _train(tiny_dataset, tmp_path, save)
@@ -65,7 +65,7 @@ def test_checkpoints_hold_tensors_only(tiny_dataset, tmp_path):
     import torch
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from crnet_megatron.training.safe_checkpoint import load_metadata
+    from crnet_megatron.checkpoint.safe_checkpoint import load_metadata
 
     save = tmp_path / "ck"
     _train(tiny_dataset, tmp_path, save)

@@ -32,8 +32,8 @@ def _worker(rank, world, port, shapes, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    from crnet_megatron.diagnostics.comm_probe import measure_layer_comm
     from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
-    from crnet_megatron.testing.comm_probe import measure_layer_comm
 
     init_distributed(tensor_model_parallel_size=world)
     results = []

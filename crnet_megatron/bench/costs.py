@@ -52,9 +52,12 @@ def _step_worker(rank, world, port, sets, out):
     _setup(rank, world, port)
     from megatron.core import parallel_state as ps
 
-    from crnet_megatron.testing.comm_counter import CommCounter
-    from crnet_megatron.testing.profiling import HostSyncCounter, count_dataset_reads
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
+    from crnet_megatron.diagnostics.comm_counter import CommCounter
+    from crnet_megatron.diagnostics.profiling import (
+        HostSyncCounter,
+        count_dataset_reads,
+    )
     from crnet_megatron.training.trainer import Trainer
 
     reads = count_dataset_reads()
@@ -100,7 +103,7 @@ def _save_worker(rank, world, port, sets, rounds, out):
     _setup(rank, world, port)
     from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
     from crnet_megatron.training.trainer import Trainer
 
     trainer = Trainer(load_run_config(None, sets))

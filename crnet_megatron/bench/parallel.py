@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--microbatches", type=int, default=4)
     p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     args = p.parse_args(argv)
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
 
     seq = load_run_config(args.config)["model"]["seq_length"]
     rows = []

@@ -35,13 +35,13 @@ def measured_rows():
 
     from crnet_megatron import CRNetConfig, build_model
     from crnet_megatron.analysis.counting import ModelShape
+    from crnet_megatron.diagnostics.profiling import saved_activation_storage_bytes
     from crnet_megatron.parallel.groups import destroy_distributed, init_distributed
     from crnet_megatron.planner.per_rank import (
         Plan,
         norm_elements,
         stage_activation_elements,
     )
-    from crnet_megatron.testing.profiling import saved_activation_storage_bytes
 
     logging.disable(logging.WARNING)
     os.environ.setdefault("MASTER_PORT", "29541")

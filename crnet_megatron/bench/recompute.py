@@ -68,7 +68,7 @@ def _measure(args, modes):
 
     from crnet_megatron import CRNetConfig, build_model
     from crnet_megatron.analysis.counting import ModelShape, recompute_flops
-    from crnet_megatron.testing.profiling import saved_activation_bytes
+    from crnet_megatron.diagnostics.profiling import saved_activation_bytes
 
     vocab = 2048
     g = torch.Generator().manual_seed(0)

@@ -14,7 +14,7 @@ def _user_errors() -> Tuple[type, ...]:
     """Errors that mean bad input. A failed checkpoint save is one too; its class is looked up
     only if checkpointing was imported (a command that never saved cannot have raised it, and
     this keeps the light commands free of megatron-core)."""
-    checkpointing = sys.modules.get("crnet_megatron.training.checkpointing")
+    checkpointing = sys.modules.get("crnet_megatron.checkpoint.checkpointing")
     return (ValueError, OSError) + ((checkpointing.CheckpointSaveError,) if checkpointing else ())
 
 

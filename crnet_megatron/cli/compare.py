@@ -63,9 +63,9 @@ def _compare(args) -> int:
         count_params,
         flops_per_token,
     )
+    from crnet_megatron.config.megatron_configs import to_crnet_config
+    from crnet_megatron.config.run_config import load_run_config, padded_vocab
     from crnet_megatron.parallel.environment import announce
-    from crnet_megatron.training.megatron_configs import to_crnet_config
-    from crnet_megatron.training.run_config import load_run_config, padded_vocab
 
     for variant in args.variants:  # every variant's config is valid before anything trains
         load_run_config(args.config, args.set + [f"model.variant={variant}"])

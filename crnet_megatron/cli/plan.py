@@ -25,9 +25,10 @@ VARIANTS = ("crnet", "lowrank", "dense")
 def plan_from_config(cfg, gpus: int, vocab: int = 0):
     """The CR-Net ``Plan`` of a run config on ``gpus`` GPUs."""
     from crnet_megatron.analysis.counting import ModelShape
+    from crnet_megatron.config import run_config
+    from crnet_megatron.config.megatron_configs import to_crnet_config
     from crnet_megatron.planner.per_rank import Plan
-    from crnet_megatron.training import preflight, run_config
-    from crnet_megatron.training.megatron_configs import to_crnet_config
+    from crnet_megatron.training import preflight
 
     m, p, s = cfg["model"], cfg["parallel"], cfg["schedule"]
     tp, pp = p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"]
@@ -257,9 +258,9 @@ def main(argv: List[str] = None) -> int:
 
 
 def _main(args) -> int:
+    from crnet_megatron.config.run_config import load_run_config
     from crnet_megatron.parallel.environment import announce
     from crnet_megatron.planner.hardware import get_gpu
-    from crnet_megatron.training.run_config import load_run_config
 
     if args.gpus < 1 or args.nodes_of < 1:
         raise ValueError("--gpus and --nodes-of must be >= 1")

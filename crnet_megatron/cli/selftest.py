@@ -4,7 +4,7 @@ before a long run.
     crnet-selftest                                                   # 1 GPU (or CPU)
     torchrun --nproc-per-node 8 -m crnet_megatron.cli.selftest       # a node: adds TP/PP/DP checks
 
-Checks (``testing/selfchecks.py``), each timed, as a pass/fail/skip table (``--json OUT``):
+Checks (``diagnostics/selfchecks.py``), each timed, as a pass/fail/skip table (``--json OUT``):
 ``versions`` (the banner; TE in megatron-core's tested range), ``te_vs_local`` (TE spec = local
 spec logits; CUDA + TE), ``bf16_vs_fp32``, ``crnet_recompute_bf16`` (Algorithm 1 in bf16 = no
 recompute), ``dist_optimizer_overlap`` (distributed optimizer + ``overlap_grad_reduce`` = plain
@@ -26,7 +26,7 @@ import shutil
 import time
 import warnings
 
-from crnet_megatron.testing.selfchecks import CHECKS, Skip, _world
+from crnet_megatron.diagnostics.selfchecks import CHECKS, Skip, _world
 
 
 def run_checks(names, workdir):

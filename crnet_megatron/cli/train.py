@@ -1,7 +1,7 @@
 """``crnet-train CONFIG.yaml [--set section.key=value ...]``: CR-Net pre-training on Megatron-Core.
 
 Runs under ``torchrun`` for TP/PP/DP (gloo on CPU, NCCL on GPU); alone it is one process.
-See ``examples/configs/`` for configs and ``crnet_megatron/training/run_config.py`` for every key.
+See ``examples/configs/`` for configs and ``crnet_megatron/config/run_config.py`` for every key.
 Bad input (config, data, tokenizer, checkpoint) ends the run with one line naming the file or
 key; set ``CRNET_TRACEBACK=1`` for the full traceback.
 """
@@ -25,7 +25,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 def _main(argv: Optional[List[str]]) -> None:
     parser = argparse.ArgumentParser(prog="crnet-train", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="YAML config (see examples/configs/; every key and "
-                                       "default: crnet_megatron/training/run_config.py)")
+                                       "default: crnet_megatron/config/run_config.py)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. optimizer.lr=3e-3")
     parser.add_argument("--dry-run", action="store_true",
@@ -36,9 +36,9 @@ def _main(argv: Optional[List[str]]) -> None:
 
 
 def _train(args) -> None:
+    from crnet_megatron.config.run_config import load_run_config
     from crnet_megatron.parallel.launch import world_size
     from crnet_megatron.training.preflight import check_inputs, check_layout
-    from crnet_megatron.training.run_config import load_run_config
 
     cfg = load_run_config(args.config, args.set)
     check_layout(cfg, world_size())

@@ -54,7 +54,7 @@ class Loaded:
 def resolve_checkpoint(path: str) -> Dict[str, Any]:
     """The checkpoint's common state, from a run directory or an iter_N directory (read-only:
     nothing is moved or repaired here)."""
-    from crnet_megatron.training.resume import (
+    from crnet_megatron.checkpoint.resume import (
         TRACKER,
         iteration_dir,
         read_checkpoint,
@@ -98,10 +98,10 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
     """(model at TP=1/PP=1 in eval mode, Loaded). Call inside ``single_process()``."""
     import logging
 
+    from crnet_megatron.checkpoint.checkpointing import load_checkpoint
+    from crnet_megatron.config import run_config
+    from crnet_megatron.config.megatron_configs import to_crnet_config
     from crnet_megatron.parallel.build import build_model
-    from crnet_megatron.training import run_config
-    from crnet_megatron.training.checkpointing import load_checkpoint
-    from crnet_megatron.training.megatron_configs import to_crnet_config
 
     logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
     common = resolve_checkpoint(path)
@@ -137,7 +137,7 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
 
 def _stored_model_tensors(path: str) -> Dict[str, tuple]:
     """{key: global shape} of the model tensors a checkpoint's (checked) ``.metadata`` holds."""
-    from crnet_megatron.training.safe_checkpoint import load_metadata
+    from crnet_megatron.checkpoint.safe_checkpoint import load_metadata
 
     md = load_metadata(os.path.join(path, ".metadata"))
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items()

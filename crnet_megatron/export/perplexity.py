@@ -19,10 +19,10 @@ def evaluate(checkpoint: str, data: str, tokens: int = 65536, json_key: str = "t
     """Perplexity of a run directory, an ``iter_N`` checkpoint or an export directory."""
     if os.path.isfile(os.path.join(checkpoint, "config.json")):
         return _evaluate_export(checkpoint, data, tokens, json_key, seq_length, tokenizer)
+    from crnet_megatron.data.batches import SampleIterator
     from crnet_megatron.data.token_windows import TokenWindows, token_stream
     from crnet_megatron.export.loader import load_megatron_model, single_process
-    from crnet_megatron.training.data import SampleIterator
-    from crnet_megatron.training.step import mean_loss
+    from crnet_megatron.parallel.schedule import mean_loss
 
     with single_process():
         model, loaded = load_megatron_model(checkpoint, tokenizer)

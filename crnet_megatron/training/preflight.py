@@ -8,14 +8,9 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
+from crnet_megatron.checkpoint.run_dir import RUN_FILES
+from crnet_megatron.config.run_config import parse_blend
 from crnet_megatron.data.safe_files import check_target
-from crnet_megatron.training.run_config import parse_blend
-
-TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name
-# what a run writes into its save directory (besides iter_N/), and what each file is
-RUN_FILES = {"config.yaml": "run config", "tokenizer.json": "tokenizer",
-             "metrics.jsonl": "metrics file", "metrics.png": "loss plot",
-             TRACKER: "checkpoint tracker"}
 
 
 def check_layout(cfg, world: Optional[int] = None) -> None:

@@ -37,6 +37,20 @@ from crnet_megatron.analysis.counting import (
     flops_per_token,
     pipeline_boundary,
 )
+from crnet_megatron.checkpoint import run_dir
+from crnet_megatron.checkpoint.checkpointing import (
+    finish_saves,
+    load_checkpoint,
+    save_checkpoint,
+)
+from crnet_megatron.checkpoint.resume import (
+    check_compatible,
+    check_schedule,
+    iteration_dir,
+    load_common,
+)
+from crnet_megatron.config import megatron_configs, run_config
+from crnet_megatron.data.batches import SampleIterator
 from crnet_megatron.parallel import cpu_compat
 from crnet_megatron.parallel.build import build_model_chunks
 from crnet_megatron.parallel.environment import banner, versions
@@ -45,14 +59,10 @@ from crnet_megatron.parallel.groups import (
     finalize_grads,
     init_distributed,
 )
-from crnet_megatron.training import megatron_configs, preflight, run_config, run_dir
-from crnet_megatron.training.checkpointing import (
-    finish_saves,
-    load_checkpoint,
-    save_checkpoint,
-)
+from crnet_megatron.parallel.schedule import mean_loss, run_schedule, step_with_norm
+from crnet_megatron.training import preflight
 from crnet_megatron.training.console import Console, IntervalWindow, wants_bar
-from crnet_megatron.training.data import SampleIterator, build_run_data
+from crnet_megatron.training.data import build_run_data
 from crnet_megatron.training.faults import (
     StopSignals,
     children_die_with_parent,
@@ -66,13 +76,6 @@ from crnet_megatron.training.metrics import (
     truncate_metrics,
 )
 from crnet_megatron.training.plot import plot_metrics
-from crnet_megatron.training.resume import (
-    check_compatible,
-    check_schedule,
-    iteration_dir,
-    load_common,
-)
-from crnet_megatron.training.step import mean_loss, run_schedule, step_with_norm
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from crnet_megatron.checkpoint.safe_checkpoint import IncompleteCheckpointError
 from crnet_megatron.data.safe_files import UnsafePathError, check_readable, write_text
-from crnet_megatron.training.safe_checkpoint import IncompleteCheckpointError
 
 CHECKSUMS = "checksums.json"
 _CHUNK = 1 << 22

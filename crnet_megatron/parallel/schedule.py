@@ -12,8 +12,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.utils import get_attr_wrapped_model
 
+from crnet_megatron.data.batches import get_batch
 from crnet_megatron.parallel.pipeline import forward_backward, model_chunks
-from crnet_megatron.training.data import get_batch
 
 
 def _reads_batch(model) -> bool:

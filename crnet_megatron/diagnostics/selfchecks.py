@@ -27,7 +27,7 @@ def _train(sets, workdir):
     """One run of the real driver; keeps the process group for the next check."""
     from megatron.core import parallel_state
 
-    from crnet_megatron.training.run_config import load_run_config
+    from crnet_megatron.config.run_config import load_run_config
     from crnet_megatron.training.trainer import Trainer
 
     gbs = 2 * _world()
@@ -58,9 +58,9 @@ def check_te_vs_local(workdir):
     from megatron.core import parallel_state
 
     from crnet_megatron import build_model
+    from crnet_megatron.config.megatron_configs import to_crnet_config
+    from crnet_megatron.config.run_config import load_run_config
     from crnet_megatron.parallel.groups import init_distributed
-    from crnet_megatron.training.megatron_configs import to_crnet_config
-    from crnet_megatron.training.run_config import load_run_config
 
     init_distributed(1, 1)
     try:
@@ -87,7 +87,7 @@ def check_bf16_vs_fp32(workdir):
 
 
 def check_dist_optimizer_resume(workdir):
-    from crnet_megatron.training.megatron_configs import distributed_optimizer_problem
+    from crnet_megatron.config.megatron_configs import distributed_optimizer_problem
 
     problem = distributed_optimizer_problem()
     if problem:
@@ -129,6 +129,9 @@ def check_planner_memory(workdir):
 
     from crnet_megatron import build_model
     from crnet_megatron.analysis.counting import ModelShape
+    from crnet_megatron.config.megatron_configs import to_crnet_config
+    from crnet_megatron.config.run_config import load_run_config
+    from crnet_megatron.diagnostics.profiling import saved_activation_storage_bytes
     from crnet_megatron.parallel.groups import init_distributed
     from crnet_megatron.planner.memory import stage_memory
     from crnet_megatron.planner.per_rank import (
@@ -136,9 +139,6 @@ def check_planner_memory(workdir):
         norm_elements,
         stage_activation_elements,
     )
-    from crnet_megatron.testing.profiling import saved_activation_storage_bytes
-    from crnet_megatron.training.megatron_configs import to_crnet_config
-    from crnet_megatron.training.run_config import load_run_config
 
     if _world() > 1:
         raise Skip("single-process check")
@@ -216,7 +216,7 @@ def check_crnet_recompute_bf16(workdir):
 
 def check_dist_optimizer_overlap(workdir):
     """The distributed optimizer with overlap_grad_reduce trains like the plain optimizer."""
-    from crnet_megatron.training import megatron_configs
+    from crnet_megatron.config import megatron_configs
 
     problem = megatron_configs.distributed_optimizer_problem()
     if problem:

@@ -32,6 +32,12 @@ MANIFEST = ".crnet-checkpoints.json"
 ITER_DIR = re.compile(r"^iter_(\d{7})$")
 _MAX_SMALL_FILE = 1 << 20
 
+TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name
+# what a run writes into its save directory (besides iter_N/), and what each file is
+RUN_FILES = {"config.yaml": "run config", "tokenizer.json": "tokenizer",
+             "metrics.jsonl": "metrics file", "metrics.png": "loss plot",
+             TRACKER: "checkpoint tracker"}
+
 
 def new_run_id() -> str:
     return uuid.uuid4().hex

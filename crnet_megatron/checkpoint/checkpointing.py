@@ -28,26 +28,26 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 
-from crnet_megatron.data.safe_files import write_text
-from crnet_megatron.parallel import cpu_compat
-from crnet_megatron.parallel.pipeline import model_chunks
-from crnet_megatron.training import run_dir
-from crnet_megatron.training.integrity import write_checksums
-from crnet_megatron.training.preflight import TRACKER
-from crnet_megatron.training.resume import (
+from crnet_megatron.checkpoint import run_dir
+from crnet_megatron.checkpoint.integrity import write_checksums
+from crnet_megatron.checkpoint.resume import (
     _barrier,
     _rank0,
     _remove_partial_saves,
     iteration_dir,
     read_latest,
 )
-from crnet_megatron.training.safe_checkpoint import (
+from crnet_megatron.checkpoint.run_dir import TRACKER
+from crnet_megatron.checkpoint.safe_checkpoint import (
     TensorsOnly,
     UnsafeCheckpointError,
     load_metadata,
     object_sizes,
     safe_reads,
 )
+from crnet_megatron.data.safe_files import write_text
+from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.parallel.pipeline import model_chunks
 
 
 class CheckpointSaveError(RuntimeError):

@@ -18,16 +18,17 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
-from crnet_megatron.data.safe_files import UnsafePathError, check_readable, write_text
-from crnet_megatron.training import run_config, run_dir
-from crnet_megatron.training.integrity import verify_checksums
-from crnet_megatron.training.preflight import TRACKER
-from crnet_megatron.training.safe_checkpoint import (
+from crnet_megatron.checkpoint import run_dir
+from crnet_megatron.checkpoint.integrity import verify_checksums
+from crnet_megatron.checkpoint.run_dir import TRACKER
+from crnet_megatron.checkpoint.safe_checkpoint import (
     IncompleteCheckpointError,
     UnsafeCheckpointError,
     safe_reads,
     verify_checkpoint,
 )
+from crnet_megatron.config import run_config
+from crnet_megatron.data.safe_files import UnsafePathError, check_readable, write_text
 
 _ITER_DIR = run_dir.ITER_DIR
 _PARTIAL = re.compile(r"^iter_\d{7}\.tmp$")

@@ -14,9 +14,9 @@ def measure_layer_comm(hidden: int, ffn: int, heads: int, groups: int, rank: int
     "wire_bytes": b}} on this rank (fp32)."""
     from megatron.core import parallel_state as ps
 
+    from crnet_megatron.diagnostics.comm_counter import CommCounter
     from crnet_megatron.model.config import CRNetConfig
     from crnet_megatron.parallel.build import build_model
-    from crnet_megatron.testing.comm_counter import CommCounter
 
     config = CRNetConfig(num_layers=2, hidden_size=hidden, ffn_hidden_size=ffn,
                          num_attention_heads=heads, num_query_groups=groups, crnet_rank=rank,
