@@ -17,11 +17,17 @@ CASES = [
     (dict(crnet_dense_layers=0), r"crnet_dense_layers=0 .*\[1, num_layers=3\]"),
     (dict(crnet_rank_schedule="ends-high"), r"crnet_rank_schedule='ends-high'"),
     (dict(crnet_lowrank_init="xavier"), r"crnet_lowrank_init='xavier'"),
-    (dict(num_query_groups=3), r"num_query_groups=3 .*num_attention_heads=4 must be a multiple"),
-    (dict(tensor_model_parallel_size=4, num_query_groups=2),
-     r"num_query_groups=2 .*divisible by tensor_model_parallel_size=4"),
+    # the layout rules, stated once (model.rules), in CRNetConfig's names
+    (dict(num_query_groups=3), r"^CRNetConfig.num_attention_heads = 4 is not a multiple of "
+                               r"CRNetConfig.num_query_groups = 3$"),
+    (dict(tensor_model_parallel_size=4, num_query_groups=2, num_attention_heads=8),
+     r"^CRNetConfig.num_query_groups = 2 is not divisible by "
+     r"CRNetConfig.tensor_model_parallel_size = 4$"),
     (dict(tensor_model_parallel_size=3, num_attention_heads=4),
-     r"num_attention_heads|divisible"),
+     r"^CRNetConfig.num_attention_heads = 4 is not divisible by "
+     r"CRNetConfig.tensor_model_parallel_size = 3 \(each rank holds whole heads\)$"),
+    (dict(pipeline_model_parallel_layout=[["embedding", "decoder"], ["decoder", "loss"]]),
+     r"pipeline_model_parallel_layout.*not supported"),
     (dict(add_bias_linear=True), r"add_bias_linear=True"),
     (dict(hidden_dropout=0.1), r"no dropout"),
 ]

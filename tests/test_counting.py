@@ -60,16 +60,3 @@ def test_pipeline_boundary_ratio_matches_llama_formula():
         s = LLAMA_SHAPES[size]
         got = pipeline_boundary(s, 1024, 1)["ratio"]
         assert got == pytest.approx(1 + (5 * s.hidden + 2 * s.ffn) / s.hidden)
-
-
-def test_pipeline_boundary_bytes_equal_packed_payload(megatron_single):
-    """The counting module's bytes equal the tensor the pipeline really packs (TP=1)."""
-    import torch
-
-    from crnet_megatron.analysis.counting import pipeline_boundary
-    from crnet_megatron.parallel.pipeline import payload_width
-
-    config = tiny_config()
-    shape = ModelShape.from_config(config, VOCAB)
-    got = pipeline_boundary(shape, SEQ, 2, dtype_bytes=4)["crnet_bytes"]
-    assert got == SEQ * 2 * payload_width(config) * torch.float32.itemsize

@@ -63,6 +63,15 @@ def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains, config_kw=C
     from crnet_megatron.parallel import pipeline
     from crnet_megatron.parallel.groups import init_distributed
 
+    sent = []  # bytes of every activation a stage really sends forward (the packed payload)
+    communicate = pipeline.PayloadP2PCommunicator._communicate
+
+    def recording(self, *, tensor_send_next=None, **kw):
+        if tensor_send_next is not None:
+            sent.append(tensor_send_next.numel() * tensor_send_next.element_size())
+        return communicate(self, tensor_send_next=tensor_send_next, **kw)
+
+    pipeline.PayloadP2PCommunicator._communicate = recording
     if cut_chains:  # test double: a stage boundary that forgets the chains
         original = pipeline.pack_stage_output
         pipeline.pack_stage_output = lambda h, c, cfg: original(
@@ -87,7 +96,7 @@ def _pp_worker(rank, world, full, tp, sequence_parallel, cut_chains, config_kw=C
     load_full_weights(model, local_full)
     losses, grads = _train_step(model)
     return dict(losses=losses, grads=grads, tp_rank=ps.get_tensor_model_parallel_rank(),
-                last=ps.is_pipeline_last_stage(), layout=layout)
+                last=ps.is_pipeline_last_stage(), layout=layout, sent=sent)
 
 
 def _reference(config_kw=CONFIG):
@@ -122,6 +131,14 @@ def test_pipeline_equals_single_stage(megatron_single, tp, world, sp):
     betas = {n for r in results for n in r["grads"] if n.endswith("beta")}
     assert {"decoder.layers.1.mlp.linear_fc1.beta", "decoder.layers.3.mlp.linear_fc1.beta"} <= betas
     assert _mismatches(results, ref_losses, ref_grads, tp) == []
+    # the counting module's boundary bytes are the tensor the first stage really sent
+    from crnet_megatron.analysis.counting import ModelShape, pipeline_boundary
+
+    config = tiny_config(tensor_model_parallel_size=tp, sequence_parallel=sp, **CONFIG)
+    expect = pipeline_boundary(ModelShape.from_config(config, VOCAB), SEQ, BATCH, tp, sp,
+                               dtype_bytes=4)["crnet_bytes"]
+    first = [r["sent"] for r in results if not r["last"]]
+    assert first and all(s == [expect] * MICROBATCHES for s in first), (first, expect)
 
 
 def test_cut_chains_are_detected(megatron_single):
@@ -133,12 +150,16 @@ def test_cut_chains_are_detected(megatron_single):
 
 
 @pytest.mark.parametrize("overrides,pattern", [
-    (dict(num_layers=5, pipeline_model_parallel_size=2), r"num_layers=5 .*not divisible"),
-    (dict(num_layers=3, pipeline_model_parallel_size=4), r"more stages than layers"),
+    (dict(num_layers=5, pipeline_model_parallel_size=2),
+     r"CRNetConfig.num_layers = 5 is not divisible"),
+    (dict(num_layers=3, pipeline_model_parallel_size=4),
+     r"CRNetConfig.pipeline_model_parallel_size = 4 is more than CRNetConfig.num_layers = 3"),
     (dict(num_layers=6, pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2),
-     r"must split into 2 equal model chunks"),
+     r"\(\[3, 3\]\) do not split into "
+     r"CRNetConfig.virtual_pipeline_model_parallel_size = 2 equal model chunks"),
     (dict(num_layers=6, pipeline_model_parallel_size=2, num_layers_in_first_pipeline_stage=1,
-          virtual_pipeline_model_parallel_size=5), r"must split into 5 equal model chunks"),
+          virtual_pipeline_model_parallel_size=5), r"do not split into "
+     r"CRNetConfig.virtual_pipeline_model_parallel_size = 5 equal"),
     (dict(num_layers=4, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=2),
      r"needs pipeline_model_parallel_size >= 2"),
 ])

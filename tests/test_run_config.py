@@ -81,3 +81,31 @@ def test_renamed_variant_key_is_refused_and_old_checkpoints_still_read(tmp_path)
     check_compatible(common, run_config.shape_keys(cfg))  # same model under the old name
     with pytest.raises(ValueError, match=r"model.variant: checkpoint 'lowrank' vs config 'crnet'"):
         check_compatible(common, run_config.shape_keys(load_run_config(None)))
+
+
+def test_readme_key_table_is_the_declared_keys():
+    """README's key table is ``crnet-train --list-keys``, read off the one declaration per key."""
+    import pathlib
+    import subprocess
+    import sys
+
+    from crnet_megatron.config import keys
+
+    listed = subprocess.run([sys.executable, "-m", "crnet_megatron.cli.train", "--list-keys"],
+                            capture_output=True, text=True, timeout=120, check=True).stdout
+    assert listed == keys.key_table()
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    marker = "(tests/test_run_config.py keeps them equal) -->\n"
+    start = readme.index(marker) + len(marker)
+    assert readme[start:readme.index("<!-- end of key table -->")] == listed
+    assert listed.count("\n| `") == sum(1 for _ in keys.all_keys())
+
+
+def test_every_declared_key_has_a_doc_and_a_default_of_its_type():
+    from crnet_megatron.config import keys
+
+    for section, f in keys.all_keys():
+        assert f.metadata["doc"], f"{section}.{f.name} has no doc"
+        assert isinstance(f.default, f.metadata["types"]), f"{section}.{f.name}'s default"
+        if f.metadata["choices"]:
+            assert f.default in f.metadata["choices"], f"{section}.{f.name}'s default"

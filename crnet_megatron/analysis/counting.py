@@ -135,9 +135,10 @@ def pipeline_boundary(shape: ModelShape, seq_len: int, micro_batch_size: int, tp
 
 
 def payload_width(shape: ModelShape, tp: int = 1, sequence_parallel: bool = False) -> int:
-    """Width of the packed stage-boundary tensor per TP rank (``positions.payload_width``)."""
-    return positions.payload_width(shape.hidden, shape.ffn, shape.q_size, shape.kv_size, tp,
-                                   sequence_parallel, shape.chained)
+    """Width of the packed stage-boundary tensor per TP rank (``positions.payload_parts``)."""
+    parts = positions.payload_parts(shape.hidden, shape.ffn, shape.q_size, shape.kv_size, tp,
+                                    sequence_parallel, shape.chained)
+    return sum(width * fold for _, width, fold in parts)
 
 
 def checkpoint_set(dense: Sequence[bool], every: int, first: int = 0,

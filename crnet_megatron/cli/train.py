@@ -1,7 +1,7 @@
 """``crnet-train CONFIG.yaml [--set section.key=value ...]``: CR-Net pre-training on Megatron-Core.
 
 Runs under ``torchrun`` for TP/PP/DP (gloo on CPU, NCCL on GPU); alone it is one process.
-See ``examples/configs/`` for configs and ``crnet_megatron/config/run_config.py`` for every key.
+See ``examples/configs/`` for configs and ``crnet-train --list-keys`` for every key.
 Bad input (config, data, tokenizer, checkpoint) ends the run with one line naming the file or
 key; set ``CRNET_TRACEBACK=1`` for the full traceback.
 """
@@ -24,14 +24,24 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _main(argv: Optional[List[str]]) -> None:
     parser = argparse.ArgumentParser(prog="crnet-train", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML config (see examples/configs/; every key and "
-                                       "default: crnet_megatron/config/run_config.py)")
+    parser.add_argument("config", nargs="?", help="YAML config (see examples/configs/; every "
+                                                    "key and default: --list-keys)")
+    parser.add_argument("--list-keys", action="store_true",
+                        help="print every config key (default, type, allowed values, what it "
+                             "does) as a Markdown table, and exit")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value (repeatable), e.g. optimizer.lr=3e-3")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config and print this rank's launch (rank, world, TP x "
                              "PP x DP, master, config) without starting anything")
     args = parser.parse_args(argv)
+    if args.list_keys:
+        from crnet_megatron.config.keys import key_table
+
+        print(key_table(), end="")
+        return
+    if args.config is None:
+        parser.error("the following arguments are required: config")
     run_cli("crnet-train", lambda: _train(args))
 
 

@@ -2,8 +2,10 @@
 
 ``load_run_config(path, ["optimizer.lr=3e-3", ...])`` merges defaults <- file <- overrides;
 an unknown section or key, or a value of the wrong type, is a ``ValueError`` naming the key.
-No torch here (pre-flight and the planner read it in about a second); ``megatron_configs``
-turns the sections into Megatron-Core configs.
+Each key is declared once in ``config.keys`` (default, types, range or choices, doc); this
+module loads, checks and compares configs against those declarations. No torch here (pre-flight
+and the planner read it in about a second); ``megatron_configs`` turns the sections into
+Megatron-Core configs.
 """
 
 from __future__ import annotations
@@ -15,123 +17,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-from crnet_megatron.data.safe_files import check_readable
-from crnet_megatron.model.choices import (
-    LOWRANK_INITS,
-    RANK_SCHEDULES,
-    RECOMPUTE_MODULES,
-    VARIANTS,
+from crnet_megatron.config.keys import (
+    SECTIONS,
+    all_keys,
+    bounds_text,
+    declared,
+    type_text,
 )
-
-NUM = (int, float)
-OPT_INT, OPT_NUM, OPT_STR = (int, type(None)), (int, float, type(None)), (str, type(None))
-
-# section -> key -> (default, allowed types)
-SCHEMA: Dict[str, Dict[str, tuple]] = {
-    "model": {
-        "num_layers": (4, int), "hidden_size": (128, int), "ffn_hidden_size": (344, int),
-        "num_attention_heads": (4, int), "num_query_groups": (None, OPT_INT),
-        "kv_channels": (None, OPT_INT), "seq_length": (128, int),
-        "variant": ("crnet", str), "crnet_learn_beta": (True, bool),
-        "crnet_rank": (32, (int, list)), "crnet_rank_schedule": ("uniform", str),
-        "crnet_dense_layers": (1, int), "crnet_beta_init": (1.0, NUM), "crnet_eps": (1e-6, NUM),
-        "crnet_lowrank_init": ("cola", str), "init_method_std": (0.02, NUM),
-        "rotary_base": (10000, int), "layernorm_epsilon": (1e-6, NUM),
-    },
-    "parallel": {
-        "tensor_model_parallel_size": (1, int), "pipeline_model_parallel_size": (1, int),
-        "sequence_parallel": (None, (bool, type(None))), "use_distributed_optimizer": (False, bool),
-        "num_layers_in_first_pipeline_stage": (None, OPT_INT),
-        "num_layers_in_last_pipeline_stage": (None, OPT_INT),
-        "virtual_pipeline_model_parallel_size": (None, OPT_INT),
-        "overlap_grad_reduce": (False, bool), "overlap_param_gather": (False, bool),
-        "distributed_timeout_minutes": (10, int),
-    },
-    "optimizer": {
-        "optimizer": ("adam", str), "lr": (3e-3, NUM), "min_lr": (3e-4, NUM),
-        "weight_decay": (0.01, NUM), "adam_beta1": (0.9, NUM), "adam_beta2": (0.95, NUM),
-        "adam_eps": (1e-8, NUM), "clip_grad": (1.0, NUM), "bf16": (False, bool),
-    },
-    "schedule": {
-        "train_iters": (100, int), "micro_batch_size": (8, int), "global_batch_size": (8, int),
-        "lr_warmup_fraction": (0.1, NUM), "lr_decay_style": ("cosine", str), "seed": (1234, int),
-        "exit_interval": (None, OPT_INT),
-    },
-    "data": {
-        "data_path": (None, (list, type(None))), "split": ("969,30,1", str),
-        "tokenizer": (None, OPT_STR), "eod_token": (None, OPT_STR),
-        "builtin_vocab_size": (2048, int),
-        "cache_dir": ("~/.cache/crnet_megatron", str), "cache_build_timeout_minutes": (240, int),
-    },
-    "checkpoint": {
-        "save": (None, OPT_STR), "load": (None, OPT_STR), "save_interval": (None, OPT_INT),
-        "keep_last": (2, int), "no_load_optim": (False, bool),
-        "override_opt_param_scheduler": (False, bool), "optim_fully_reshardable": (False, bool),
-        "async_save": (False, bool),
-    },
-    "eval": {"eval_interval": (50, int), "eval_iters": (4, int)},
-    "logging": {
-        "log_interval": (10, int), "metrics_jsonl": (None, OPT_STR),
-        "tensorboard_dir": (None, OPT_STR), "peak_tflops": (None, OPT_NUM),
-        "progress_bar": (True, bool), "plot": (True, bool),
-    },
-    "recompute": {
-        "recompute_granularity": (None, OPT_STR), "recompute_method": (None, OPT_STR),
-        "recompute_num_layers": (None, OPT_INT), "recompute_modules": (None, (list, type(None))),
-        "crnet_checkpoint_every": (8, int), "crnet_recompute_min_scale": (1e-2, NUM),
-        "crnet_recompute_max_ratio": (16.0, OPT_NUM),
-    },
-    "safety": {"max_nonfinite_in_a_row": (5, int), "exit_on_signal": (True, bool)},
-}
-
-
-# Stated ranges: (lowest, highest, lowest is open, highest is open); None = unbounded.
-_POS, _NONNEG = (1, None, False, False), (0, None, False, False)
-RANGES: Dict[str, tuple] = {
-    "model.num_layers": _POS, "model.hidden_size": _POS, "model.ffn_hidden_size": _POS,
-    "model.num_attention_heads": _POS, "model.num_query_groups": _POS, "model.kv_channels": _POS,
-    "model.seq_length": (1, 1 << 20, False, False), "model.crnet_dense_layers": _NONNEG,
-    "model.crnet_eps": _NONNEG,
-    "model.init_method_std": (0, None, True, False), "model.rotary_base": (1, None, False, False),
-    "model.layernorm_epsilon": (0, None, True, False),
-    "parallel.tensor_model_parallel_size": _POS, "parallel.pipeline_model_parallel_size": _POS,
-    "parallel.num_layers_in_first_pipeline_stage": _POS,
-    "parallel.num_layers_in_last_pipeline_stage": _POS,
-    "parallel.virtual_pipeline_model_parallel_size": _POS,
-    "parallel.distributed_timeout_minutes": _POS, "data.cache_build_timeout_minutes": _POS,
-    "optimizer.lr": _NONNEG, "optimizer.min_lr": _NONNEG, "optimizer.weight_decay": _NONNEG,
-    "optimizer.adam_beta1": (0, 1, False, True), "optimizer.adam_beta2": (0, 1, False, True),
-    "optimizer.adam_eps": (0, None, True, False), "optimizer.clip_grad": _NONNEG,
-    "schedule.train_iters": _POS, "schedule.micro_batch_size": _POS,
-    "schedule.global_batch_size": _POS, "schedule.lr_warmup_fraction": (0, 1, False, True),
-    "schedule.seed": _NONNEG, "schedule.exit_interval": _POS,
-    "data.builtin_vocab_size": (260, None, False, False),
-    "checkpoint.save_interval": _POS, "checkpoint.keep_last": _POS,
-    "eval.eval_interval": _POS, "eval.eval_iters": _POS,
-    "logging.log_interval": _POS, "logging.peak_tflops": (0, None, True, False),
-    "recompute.recompute_num_layers": _POS, "recompute.crnet_checkpoint_every": _POS,
-    "recompute.crnet_recompute_min_scale": _NONNEG,
-    "recompute.crnet_recompute_max_ratio": (0, None, True, False),
-    "safety.max_nonfinite_in_a_row": _POS,
-}
-CHOICES: Dict[str, tuple] = {
-    "model.variant": VARIANTS,
-    "model.crnet_rank_schedule": RANK_SCHEDULES,
-    "model.crnet_lowrank_init": LOWRANK_INITS,
-    "optimizer.optimizer": ("adam", "sgd"),
-    "schedule.lr_decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
-    "recompute.recompute_granularity": ("full", "selective", "crnet", None),
-    "recompute.recompute_method": ("uniform", "block", None),
-}
-
-
-def _range_text(lo, hi, lo_open, hi_open) -> str:
-    parts = []
-    if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {lo}")
-    if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {hi}")
-    return " and ".join(parts)
+from crnet_megatron.config.keys import defaults as _defaults
+from crnet_megatron.data.safe_files import check_readable
+from crnet_megatron.model.choices import RECOMPUTE_MODULES
 
 
 def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
@@ -141,20 +36,17 @@ def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
         for key, v in keys.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise ValueError(f"config key {section}.{key} = {v!r} is not a finite number")
-    for dotted, (lo, hi, lo_open, hi_open) in RANGES.items():
-        section, key = dotted.split(".")
-        v = cfg[section][key]
-        if v is None:
-            continue
-        bad = (lo is not None and (v <= lo if lo_open else v < lo)) or \
-              (hi is not None and (v >= hi if hi_open else v > hi))
-        if bad:
-            raise ValueError(f"config key {dotted} = {v!r} is out of range; it must be "
-                             f"{_range_text(lo, hi, lo_open, hi_open)}")
-    for dotted, options in CHOICES.items():
-        section, key = dotted.split(".")
-        if cfg[section][key] not in options:
-            raise ValueError(f"config key {dotted} = {cfg[section][key]!r} is not one of "
+    for section, f in all_keys():
+        v, dotted = cfg[section][f.name], f"{section}.{f.name}"
+        bounds, options = f.metadata["bounds"], f.metadata["choices"]
+        if bounds and v is not None and not isinstance(v, list):
+            lo, hi, lo_open, hi_open = bounds
+            if (lo is not None and (v <= lo if lo_open else v < lo)) or \
+               (hi is not None and (v >= hi if hi_open else v > hi)):
+                raise ValueError(f"config key {dotted} = {v!r} is out of range; it must be "
+                                 f"{bounds_text(bounds)}")
+        if options and v not in options:
+            raise ValueError(f"config key {dotted} = {v!r} is not one of "
                              f"{[o for o in options if o is not None]}")
     o, s, m = cfg["optimizer"], cfg["schedule"], cfg["model"]
     if o["min_lr"] > o["lr"]:
@@ -212,33 +104,26 @@ def resolve_sequence_parallel(cfg: Dict[str, Dict[str, Any]]) -> None:
 
 
 def defaults() -> Dict[str, Dict[str, Any]]:
-    return {s: {k: copy.deepcopy(v[0]) for k, v in keys.items()} for s, keys in SCHEMA.items()}
-
-
-def _type_names(types) -> str:
-    types = types if isinstance(types, tuple) else (types,)
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
+    return copy.deepcopy(_defaults())
 
 
 def _check(section: str, key: str, value):
-    if section not in SCHEMA:
-        raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
-    if key not in SCHEMA[section]:
-        raise ValueError(f"unknown config key {section}.{key}; valid keys of {section}: "
-                         f"{sorted(SCHEMA[section])}")
-    types = SCHEMA[section][key][1]
-    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in (
-        types if isinstance(types, tuple) else (types,)))
-    if not ok:
+    if section not in SECTIONS:
+        raise ValueError(f"unknown config section {section!r}; valid: {sorted(SECTIONS)}")
+    field = declared(section, key)
+    if field is None:
+        valid = sorted(f.name for s, f in all_keys() if s == section)
+        raise ValueError(f"unknown config key {section}.{key}; valid keys of {section}: {valid}")
+    types = field.metadata["types"]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise ValueError(f"config key {section}.{key} = {value!r} has type "
-                         f"{type(value).__name__}; expected {_type_names(types)}")
+                         f"{type(value).__name__}; expected {type_text(types)}")
 
 
 def _coerce_float(section: str, key: str, value):
     """YAML reads ``3e-3`` (no dot) as a string; accept it where a number is expected."""
-    types = SCHEMA.get(section, {}).get(key, (None, ()))[1]
-    types = types if isinstance(types, tuple) else (types,)
-    if isinstance(value, str) and float in types:
+    field = declared(section, key)
+    if isinstance(value, str) and field is not None and float in field.metadata["types"]:
         try:
             return float(value)
         except ValueError:
@@ -283,7 +168,7 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
             raise ValueError(f"config file {path!r} is not valid YAML{where}: {problem}") from None
         if updates is None:
             raise ValueError(f"config file {path!r} is empty; it needs at least one section "
-                             f"(valid: {sorted(SCHEMA)})")
+                             f"(valid: {sorted(SECTIONS)})")
         if not isinstance(updates, dict):
             raise ValueError(f"config file {path!r} must be a mapping of sections")
     for item in overrides:
@@ -327,8 +212,8 @@ def from_mapping(updates: Dict[str, Any], cfg: Optional[Dict[str, Dict[str, Any]
     cfg = cfg if cfg is not None else defaults()
     updates = _renamed_keys(updates, legacy)
     for section, values in updates.items():
-        if section not in SCHEMA:
-            raise ValueError(f"unknown config section {section!r}; valid: {sorted(SCHEMA)}")
+        if section not in SECTIONS:
+            raise ValueError(f"unknown config section {section!r}; valid: {sorted(SECTIONS)}")
         if not isinstance(values, dict):
             raise ValueError(f"config section {section!r} must be a mapping")
         for name, value in values.items():

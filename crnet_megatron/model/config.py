@@ -20,7 +20,7 @@ from crnet_megatron.model.choices import (
     RECOMPUTE_MODULES,
     VARIANTS,
 )
-from crnet_megatron.model.stages import chunk_layers
+from crnet_megatron.model.rules import layout_problems, transformer_config_names
 
 
 def _bad(field: str, value, valid: str) -> ValueError:
@@ -113,26 +113,22 @@ class CRNetConfig(TransformerConfig):
             # a PP=2 rank sends its activation and its gradient to the same peer in one batch,
             # and the peer's receives can match them the other way round (same shapes).
             self.overlap_p2p_comm, self.batch_p2p_comm = True, False
-        if vpp is not None and chunk_layers(self.num_layers, pp, vpp,
-                                            self.num_layers_in_first_pipeline_stage,
-                                            self.num_layers_in_last_pipeline_stage) is None:
-            raise _bad("virtual_pipeline_model_parallel_size", vpp,
-                       f"the layers of every pipeline stage (num_layers={self.num_layers}, "
-                       f"first stage {self.num_layers_in_first_pipeline_stage}, last stage "
-                       f"{self.num_layers_in_last_pipeline_stage}) must split into {vpp} equal "
-                       "model chunks")
-        if pp > self.num_layers:
-            raise _bad("pipeline_model_parallel_size", pp,
-                       f"more stages than layers (num_layers={self.num_layers})")
-        uneven = (self.num_layers_in_first_pipeline_stage is not None
-                  or self.num_layers_in_last_pipeline_stage is not None
-                  or self.pipeline_model_parallel_layout is not None)
-        if pp > 1 and not uneven and self.num_layers % pp:
-            raise _bad("num_layers", self.num_layers,
-                       f"not divisible by pipeline_model_parallel_size={pp}; use a divisible "
-                       "count or set num_layers_in_first/last_pipeline_stage")
+        self._check_layout_rules()
         if pp > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
+
+    def _check_layout_rules(self):
+        """The layout's divisibility rules, as the run config checks them (``model.rules``)."""
+        problems = layout_problems(
+            heads=self.num_attention_heads, groups=self.num_query_groups,
+            ffn=self.ffn_hidden_size, layers=self.num_layers, seq=None,
+            tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
+            sequence_parallel=bool(self.sequence_parallel),
+            first=self.num_layers_in_first_pipeline_stage,
+            last=self.num_layers_in_last_pipeline_stage,
+            vpp=self.virtual_pipeline_model_parallel_size)
+        if problems:
+            raise ValueError(transformer_config_names(problems[0]))
 
     def _validate_switches(self):
         """Megatron switches whose code path the CR-Net block's forwards replace are refused,
@@ -149,6 +145,10 @@ class CRNetConfig(TransformerConfig):
             raise _bad("context_parallel_size", self.context_parallel_size, "context "
                        "parallelism is not supported (the core attention and the chains hold "
                        "whole sequences); use 1")
+        if self.pipeline_model_parallel_layout is not None:
+            raise _bad("pipeline_model_parallel_layout", self.pipeline_model_parallel_layout,
+                       "an explicit layout is not supported: stages are cut by Megatron's "
+                       "num_layers_in_first/last_pipeline_stage rule (model.stages); use None")
         if self.cpu_offloading:
             raise _bad("cpu_offloading", True, "activation offloading is not supported: the "
                        "CR-Net block replaces the forward that offloads; use False")
@@ -159,7 +159,6 @@ class CRNetConfig(TransformerConfig):
                        f"{list(RECOMPUTE_MODULES)}; {unknown} would save nothing")
 
     def _validate_crnet(self):
-        tp = self.tensor_model_parallel_size
         if self.crnet_beta_init == 0:
             raise _bad("crnet_beta_init", 0, "must be non-zero (sign(0)=0 gives a dead beta)")
         if not self.crnet_eps > 0:
@@ -182,21 +181,6 @@ class CRNetConfig(TransformerConfig):
                        (self.hidden_dropout, self.attention_dropout), "the model has no dropout; use 0")
         if not self.gated_linear_unit:
             raise _bad("gated_linear_unit", False, "the LLaMA MLP is SwiGLU; set True")
-        groups = self.num_query_groups
-        if self.num_attention_heads % groups:
-            raise _bad("num_query_groups", groups,
-                       f"num_attention_heads={self.num_attention_heads} must be a multiple of it "
-                       "(each query group shares one key/value head)")
-        if self.num_attention_heads % tp:
-            raise _bad("num_attention_heads", self.num_attention_heads,
-                       f"must be divisible by tensor_model_parallel_size={tp}")
-        if groups % tp:
-            raise _bad("num_query_groups", groups,
-                       f"must be divisible by tensor_model_parallel_size={tp} (each rank holds whole "
-                       "query groups of the fused linear_qkv)")
-        if self.ffn_hidden_size % tp:
-            raise _bad("ffn_hidden_size", self.ffn_hidden_size,
-                       f"must be divisible by tensor_model_parallel_size={tp}")
 
     @property
     def num_dense_layers(self) -> int:
@@ -232,11 +216,33 @@ class CRNetConfig(TransformerConfig):
             ranks.append(max(1, int(round(r * (0.75 + 0.5 * mid)))))
         return ranks
 
+    @property
+    def query_projection_size(self) -> int:
+        """Width of q (Megatron's ``Attention.query_projection_size``)."""
+        return self.num_attention_heads * self.kv_channels
+
+    @property
+    def kv_projection_size(self) -> int:
+        """Width of k (and of v) under GQA."""
+        return self.num_query_groups * self.kv_channels
+
+    def position_widths(self):
+        """{"h", "f", "q", "kv"} widths the positions table reads (``positions.widths``)."""
+        return positions.widths(self.hidden_size, self.ffn_hidden_size,
+                                self.query_projection_size, self.kv_projection_size)
+
+    def payload_parts(self):
+        """(part, width per TP rank, SP fold) of this model's stage-boundary tensor
+        (``positions.payload_parts``)."""
+        return positions.payload_parts(
+            self.hidden_size, self.ffn_hidden_size, self.query_projection_size,
+            self.kv_projection_size, self.tensor_model_parallel_size,
+            bool(self.sequence_parallel), self.carries_chains)
+
     def projection_shapes(self):
         """(module.position, h_in, h_out) of the 7 positions (``positions.POSITIONS``)."""
-        q = self.num_attention_heads * self.kv_channels
-        kv = self.num_query_groups * self.kv_channels
-        shapes = positions.shapes(self.hidden_size, self.ffn_hidden_size, q, kv)
+        shapes = positions.shapes(self.hidden_size, self.ffn_hidden_size,
+                                  self.query_projection_size, self.kv_projection_size)
         return [(f"{p.module}.{p.name}", i, o) for p, (_, i, o) in zip(positions.POSITIONS, shapes)]
 
     def _validate_ranks(self):

@@ -166,9 +166,7 @@ class CRNetColumnParallelLinear(MegatronModule):
     @staticmethod
     def _positions(config: CRNetConfig, layout: str, output_size: int):
         """Names and full output widths of the layout's positions (``positions`` table)."""
-        q = config.num_attention_heads * config.kv_channels
-        kv = config.num_query_groups * config.kv_channels
-        width = positions.widths(config.hidden_size, config.ffn_hidden_size, q, kv)
+        width = config.position_widths()
         members = positions.in_layout(layout)
         names, sizes = [p.name for p in members], [width[p.width_out] for p in members]
         if sum(sizes) != output_size:

@@ -96,13 +96,20 @@ def chain_width(hidden: int, ffn: int, q: int, kv: int) -> int:
     return sum(o for _, _, o in shapes(hidden, ffn, q, kv))
 
 
-def payload_width(hidden: int, ffn: int, q: int, kv: int, tp: int, sequence_parallel: bool,
-                  chained: bool) -> int:
-    """Last dimension of the packed stage-boundary tensor ``(s', b, width)`` on one TP rank
-    (``s' = s / tp`` under SP): the residual stream, and for CR-Net the o/down chains (residual
-    layout) and the qkv/fc1 chains (hidden-sharded, full sequence: under SP their ``tp``
-    sequence shards are folded into the width)."""
+# the packed stage-boundary tensor's parts, in order: the residual stream, the o/down chains
+# (residual layout), then the qkv/fc1 chains (hidden-sharded, full sequence)
+PAYLOAD_PARTS = ("hidden", "proj", "fc2", "qkv", "fc1")
+
+
+def payload_parts(hidden: int, ffn: int, q: int, kv: int, tp: int, sequence_parallel: bool,
+                  chained: bool) -> List[Tuple[str, int, int]]:
+    """(part, width per TP rank, SP fold) of the packed stage-boundary tensor ``(s', b, W)``
+    in packing order (``s' = s / tp`` under SP; W = sum of width x fold). The qkv/fc1 chains
+    are full-sequence, so under SP their ``tp`` sequence shards are folded into the width.
+    Without chains (lowrank, dense) the payload is the residual stream alone."""
     if not chained:
-        return hidden
+        return [("hidden", hidden, 1)]
     fold = tp if sequence_parallel else 1
-    return 3 * hidden + fold * ((q + 2 * kv) // tp + 2 * ffn // tp)
+    widths = {"hidden": (hidden, 1), "proj": (hidden, 1), "fc2": (hidden, 1),
+              "qkv": ((q + 2 * kv) // tp, fold), "fc1": (2 * ffn // tp, fold)}
+    return [(name, *widths[name]) for name in PAYLOAD_PARTS]

@@ -28,28 +28,13 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
 
-from crnet_megatron.model import positions
 from crnet_megatron.model.layer import Chains
 from crnet_megatron.parallel import cpu_compat
 
 
-def _chain_widths(config) -> Tuple[int, int, int]:
-    """(qkv, fc1, fold): per-rank widths of the sharded chains and the SP fold factor."""
-    t = config.tensor_model_parallel_size
-    q = config.num_attention_heads * config.kv_channels
-    kv = config.num_query_groups * config.kv_channels
-    fold = t if config.sequence_parallel else 1
-    return (q + 2 * kv) // t, 2 * config.ffn_hidden_size // t, fold
-
-
 def payload_width(config) -> int:
-    """Last dimension of the packed stage-boundary tensor (``positions.payload_width``; the
-    residual stream alone for the lowrank and dense baselines, which carry no chains)."""
-    return positions.payload_width(
-        config.hidden_size, config.ffn_hidden_size,
-        config.num_attention_heads * config.kv_channels,
-        config.num_query_groups * config.kv_channels, config.tensor_model_parallel_size,
-        bool(config.sequence_parallel), config.carries_chains)
+    """Last dimension of the packed stage-boundary tensor (``CRNetConfig.payload_parts``)."""
+    return sum(width * fold for _, width, fold in config.payload_parts())
 
 
 def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:
@@ -67,26 +52,28 @@ def _unfold(x: torch.Tensor, fold: int) -> torch.Tensor:
 
 
 def pack_stage_output(hidden: torch.Tensor, chains: Chains, config) -> torch.Tensor:
-    """Residual stream + the four chains -> one ``(s', b, payload_width)`` tensor."""
+    """Residual stream + the four chains -> one ``(s', b, payload_width)`` tensor, in the
+    order of ``positions.PAYLOAD_PARTS``."""
     if not config.carries_chains:
         return hidden
-    _, _, fold = _chain_widths(config)
-    parts = [hidden, chains.proj, chains.fc2, _fold(chains.qkv, fold), _fold(chains.fc1, fold)]
-    return torch.cat(parts, dim=-1)
+    tensors = {"hidden": hidden, "proj": chains.proj, "fc2": chains.fc2, "qkv": chains.qkv,
+               "fc1": chains.fc1}
+    return torch.cat([_fold(tensors[name], fold) for name, _, fold in config.payload_parts()],
+                     dim=-1)
 
 
 def unpack_stage_input(packed: torch.Tensor, config) -> Tuple[torch.Tensor, Chains]:
     """Inverse of ``pack_stage_output``."""
-    qkv_w, fc1_w, fold = _chain_widths(config)
-    h = config.hidden_size
-    expected = payload_width(config)
+    parts = config.payload_parts()
+    expected = sum(width * fold for _, width, fold in parts)
     if packed.shape[-1] != expected:
         raise ValueError(f"stage input has width {packed.shape[-1]}, expected {expected} "
                          "(residual + chains); are all stages built with the same config?")
     if not config.carries_chains:
         return packed, None
-    hidden, proj, fc2, qkv, fc1 = packed.split([h, h, h, fold * qkv_w, fold * fc1_w], dim=-1)
-    return hidden, Chains(qkv=_unfold(qkv, fold), proj=proj, fc2=fc2, fc1=_unfold(fc1, fold))
+    pieces = packed.split([width * fold for _, width, fold in parts], dim=-1)
+    out = {name: _unfold(x, fold) for (name, _, fold), x in zip(parts, pieces)}
+    return out.pop("hidden"), Chains(**out)
 
 
 class StagePayload:

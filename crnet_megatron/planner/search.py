@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Dict, List, Optional
 
-from crnet_megatron.parallel.rules import layout_problems
+from crnet_megatron.model.rules import layout_problems
 from crnet_megatron.planner.hardware import GPU
 from crnet_megatron.planner.memory import GIB, plan_memory
 from crnet_megatron.planner.per_rank import Plan
@@ -20,7 +20,7 @@ def evaluate(plan: Plan, gpu: GPU) -> Dict:
 
 
 def valid(plan: Plan, gpus: int) -> bool:
-    """A layout a real run accepts (``parallel.rules``), on exactly ``gpus`` GPUs."""
+    """A layout a real run accepts (``model.rules``), on exactly ``gpus`` GPUs."""
     s = plan.shape
     if plan.tp * plan.pp * plan.dp != gpus or (plan.recompute == "crnet" and not s.chained):
         return False

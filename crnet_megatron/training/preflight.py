@@ -1,5 +1,5 @@
 """What a run checks before it starts, in one place: the layout's divisibility rules
-(``parallel.rules``), the files it reads and the directory it writes, the batch split over DP,
+(``model.rules``), the files it reads and the directory it writes, the batch split over DP,
 and the cost of turning sequence parallel off. All before any process group or megatron-core
 import, so ``crnet-train``, ``--dry-run`` and ``crnet-plan`` answer in about a second."""
 
@@ -14,9 +14,9 @@ from crnet_megatron.data.safe_files import check_target
 
 
 def check_layout(cfg, world: Optional[int] = None) -> None:
-    """Every divisibility rule a run checks (``parallel.rules``), before any process group: one
+    """Every divisibility rule a run checks (``model.rules``), before any process group: one
     line naming the rule that fails. ``world`` (the number of processes) adds the DP rules."""
-    from crnet_megatron.parallel.rules import layout_problems
+    from crnet_megatron.model.rules import layout_problems
 
     m, p, s = cfg["model"], cfg["parallel"], cfg["schedule"]
     problems = layout_problems(
@@ -67,7 +67,7 @@ def validate_batch(cfg, dp_size: int) -> int:
     if s["global_batch_size"] % per_step:
         raise ValueError(f"schedule.global_batch_size={s['global_batch_size']} is not divisible by "
                          f"micro_batch_size x data_parallel_size = {per_step}")
-    from crnet_megatron.parallel.rules import interleaving_problem
+    from crnet_megatron.model.rules import interleaving_problem
 
     micro, p = s["global_batch_size"] // per_step, cfg["parallel"]
     problem = interleaving_problem(micro, p["pipeline_model_parallel_size"],

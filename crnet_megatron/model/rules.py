@@ -1,16 +1,19 @@
 """The divisibility rules of a parallel layout, stated once (no torch): the run config checks a
-run against them before any process group (``crnet-train``, ``--dry-run``), and the planner's
-layout search keeps only layouts that pass them. Each broken rule is one line in the run
-config's key names."""
+run against them before any process group (``crnet-train``, ``--dry-run``), ``CRNetConfig``
+checks itself against them, and the planner's layout search keeps only layouts that pass them.
+Each broken rule is one line in the run config's key names (``transformer_config_names`` turns
+it into ``CRNetConfig``'s)."""
 
 from __future__ import annotations
 
+import re
 from typing import List, Optional
 
 from crnet_megatron.model.stages import chunk_layers, stage_layers
 
 
-def layout_problems(*, heads: int, groups: Optional[int], ffn: int, layers: int, seq: int,
+def layout_problems(*, heads: int, groups: Optional[int], ffn: int, layers: int,
+                    seq: Optional[int],
                     tp: int, pp: int, sequence_parallel: bool, first: Optional[int] = None,
                     last: Optional[int] = None, vpp: Optional[int] = None,
                     world: Optional[int] = None, micro_batch: int = 1,
@@ -25,7 +28,7 @@ def layout_problems(*, heads: int, groups: Optional[int], ffn: int, layers: int,
         (heads % groups == 0, f"model.num_attention_heads = {heads} is not a multiple of "
                               f"model.num_query_groups = {groups}"),
         (ffn % tp == 0, f"model.ffn_hidden_size = {ffn} is not divisible by {tp_key} = {tp}"),
-        (not sequence_parallel or seq % tp == 0,
+        (not sequence_parallel or seq is None or seq % tp == 0,
          f"model.seq_length = {seq} is not divisible by {tp_key} = {tp} (sequence parallel "
          "splits the sequence)"),
         (pp <= layers, f"{pp_key} = {pp} is more than model.num_layers = {layers}"),
@@ -54,6 +57,12 @@ def layout_problems(*, heads: int, groups: Optional[int], ffn: int, layers: int,
             problem = interleaving_problem(global_batch // (micro_batch * dp), pp, vpp)
             rules.append((problem is None, problem))
     return [message for ok, message in rules if not ok]
+
+
+def transformer_config_names(message: str) -> str:
+    """A rule's line in ``CRNetConfig``'s field names (``model.num_layers`` ->
+    ``CRNetConfig.num_layers``), for a config built through the Python API."""
+    return re.sub(r"\b(?:model|parallel|schedule)\.(\w+)", r"CRNetConfig.\1", message)
 
 
 def interleaving_problem(num_microbatches: int, pp: int, vpp: Optional[int]) -> Optional[str]:
