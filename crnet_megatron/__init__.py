@@ -1,6 +1,6 @@
 """CR-Net (cross-layer low-rank LLaMA) on Megatron-Core.
 
-The package is built in wings, each importing only the wings below it (``tests/test_layering.py``
+The package is built in wings, each importing only the wings below it (listed before it here; ``tests/test_layering.py``
 checks the order stated in ``LAYERS``):
 
     model        what the network is: config, the positions table, chain ops, TP linears,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from crnet_megatron.config.run_config import load_run_config
+from crnet_megatron.config.tiny import QUIET, TINY_MODEL
 
-TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=172",
-        "model.crnet_rank=16", "model.seq_length=32", "schedule.train_iters=8",
-        "schedule.micro_batch_size=4", "schedule.global_batch_size=4", "eval.eval_interval=4",
-        "eval.eval_iters=2", "logging.log_interval=2", "logging.progress_bar=false", "data.split=90,10,0",
-        "logging.plot=false", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4"]
+TINY = [s for s in TINY_MODEL if not s.startswith("data.")] + QUIET + [  # default vocabulary
+    "schedule.train_iters=8", "schedule.micro_batch_size=4", "schedule.global_batch_size=4",
+    "eval.eval_interval=4", "eval.eval_iters=2", "logging.log_interval=2", "data.split=90,10,0",
+    "optimizer.lr=3e-3", "optimizer.min_lr=3e-4"]
 
 
 def driver_cfg(data, cache, save=None, *extra):

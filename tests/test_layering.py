@@ -120,3 +120,19 @@ def test_restated_positions_agree_with_the_table():
 
     assert reference.POSITIONS == positions.NAMES
     assert modeling_crnet.PROJECTIONS == tuple(p.hf_name for p in positions.POSITIONS)
+
+
+def test_te_range_is_stated_once():
+    """The tested Transformer Engine range lives in ``parallel.environment``: the Docker build and
+    the self-test call it, and README quotes it."""
+    import pathlib
+
+    from crnet_megatron.parallel.environment import TE_TESTED_RANGE, te_range_problem
+
+    low, high = TE_TESTED_RANGE
+    assert te_range_problem(f"{low}.0") is None and te_range_problem(f"{high}.0") is not None
+    assert te_range_problem("-") is not None  # the Docker image must carry TE
+    root = pathlib.Path(__file__).parents[1]
+    assert f"[{low}, {high})" in (root / "README.md").read_text()
+    dockerfile = (root / "docker" / "Dockerfile").read_text()
+    assert "te_range_problem" in dockerfile and low not in dockerfile

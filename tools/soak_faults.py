@@ -30,12 +30,13 @@ from pathlib import Path
 
 import psutil
 
+from crnet_megatron.config.tiny import QUIET, TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.num_layers=3", "model.hidden_size=64", "model.ffn_hidden_size=172",
-        "model.crnet_rank=16", "model.seq_length=32", "schedule.micro_batch_size=4",
-        "schedule.global_batch_size=4", "eval.eval_interval=1000", "eval.eval_iters=1",
-        "logging.log_interval=1", "logging.progress_bar=false", "logging.plot=false",
-        "checkpoint.save_interval=3", "checkpoint.keep_last=2", "data.builtin_vocab_size=512"]
+TINY = TINY_MODEL + QUIET + [
+    "model.num_layers=3", "schedule.micro_batch_size=4", "schedule.global_batch_size=4",
+    "eval.eval_interval=1000", "eval.eval_iters=1", "logging.log_interval=1",
+    "checkpoint.save_interval=3", "checkpoint.keep_last=2"]
 
 
 def _command(save: Path, cache: Path, iters: int, extra=()):

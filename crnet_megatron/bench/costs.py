@@ -22,13 +22,12 @@ import time
 import warnings
 
 from crnet_megatron.bench import runner
+from crnet_megatron.config.tiny import QUIET, TINY_MODEL
 
 warnings.filterwarnings("ignore")
 
-TINY = ["model.num_layers=4", "model.hidden_size=64", "model.ffn_hidden_size=172",
-        "model.crnet_rank=16", "model.seq_length=32", "schedule.micro_batch_size=2",
-        "schedule.global_batch_size=8", "data.builtin_vocab_size=512", "logging.plot=false",
-        "logging.progress_bar=false", "eval.eval_interval=1000", "schedule.train_iters=100"]
+TINY = TINY_MODEL + QUIET + ["schedule.micro_batch_size=2", "schedule.global_batch_size=8",
+                             "eval.eval_interval=1000", "schedule.train_iters=100"]
 STEP_LAYOUT = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2",
                "parallel.sequence_parallel=true", "optimizer.bf16=true",
                "recompute.recompute_granularity=crnet", "recompute.crnet_checkpoint_every=2"]

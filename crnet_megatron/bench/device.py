@@ -16,13 +16,13 @@ from __future__ import annotations
 import warnings
 
 from crnet_megatron.bench import runner
+from crnet_megatron.config.tiny import TINY_FFN, TINY_HEADS, TINY_HIDDEN, TINY_VOCAB
 
 warnings.filterwarnings("ignore")
 
 # name -> (LLaMA shape, layers kept, rank, seq)
 FULL = {"1b": ("1b", 4, 448, 4096), "7b": ("7b", 3, 512, 4096)}
 REDUCED = {"tiny": (None, 3, 16, 64)}
-TINY = dict(hidden=64, ffn=172, heads=4)
 VARIANTS = {"crnet": dict(crnet_variant="crnet"),
             "crnet+alg1": dict(crnet_variant="crnet", recompute_granularity="crnet",
                                crnet_checkpoint_every=2),
@@ -35,8 +35,8 @@ def _shape(name, layers):
     from crnet_megatron.analysis.counting import LLAMA_SHAPES, ModelShape
 
     if name is None:
-        return ModelShape(hidden=TINY["hidden"], ffn=TINY["ffn"], heads=TINY["heads"],
-                          layers=layers, vocab=512)
+        return ModelShape(hidden=TINY_HIDDEN, ffn=TINY_FFN, heads=TINY_HEADS, layers=layers,
+                          vocab=TINY_VOCAB)
     return replace(LLAMA_SHAPES[name], layers=layers)
 
 

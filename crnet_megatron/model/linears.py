@@ -283,12 +283,6 @@ class CRNetRowParallelLinear(MegatronModule):
             if param is not None and self.linear_a.sequence_parallel:
                 param.sequence_parallel = param.partial_over_tp = True
 
-    def _b_and_beta(self):
-        return self.linear_b.weight, self.beta
-
-    def scale(self) -> torch.Tensor:
-        return signed_scale(self._b_and_beta()[1], self.eps)
-
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Z = X A, reduced over TP (all-reduce, or reduce-scatter along the sequence under SP)."""
         return self.linear_a(x)[0]
@@ -300,8 +294,8 @@ class CRNetRowParallelLinear(MegatronModule):
         return F.linear(z, self.linear_b.weight)
 
     def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
-        b, beta = self._b_and_beta()
-        zb = F.linear(self.codes(x), b)
+        beta = self.beta
+        zb = F.linear(self.codes(x), self.linear_b.weight)
         if beta is None:  # the lowrank baseline: no cross-layer term
             return zb, None
         return chain_add(zb, chain_prev, signed_scale(beta, self.eps), whole), None
@@ -309,9 +303,8 @@ class CRNetRowParallelLinear(MegatronModule):
     def forward_with_codes(self, x, chain_prev, keep_zb: bool = False):
         """(Y, codes Z, Z B or None) for recompute."""
         z = self.codes(x)
-        b, beta = self._b_and_beta()
-        zb = F.linear(z, b)
-        y = chain_add(zb.clone() if keep_zb else zb, chain_prev, signed_scale(beta, self.eps),
+        zb = F.linear(z, self.linear_b.weight)
+        y = chain_add(zb.clone() if keep_zb else zb, chain_prev, signed_scale(self.beta, self.eps),
                       whole)
         return y, z, zb if keep_zb else None
 
@@ -319,13 +312,13 @@ class CRNetRowParallelLinear(MegatronModule):
         """Rebuild the graph of ``forward`` from saved codes and the known output Y."""
         grad_transform = gather_seq_grad if self.linear_a.sequence_parallel else None
         z = replay_linear(x, self.linear_a.weight, z_full, grad_transform)
-        b, beta = self._b_and_beta()
+        b = self.linear_b.weight
         piece = replay_linear(z, b, _placeholder(z, b.shape[0]))
-        return replay_chain(y.to(x.dtype), chain_prev, signed_scale(beta, self.eps), whole,
+        return replay_chain(y.to(x.dtype), chain_prev, signed_scale(self.beta, self.eps), whole,
                             [piece])
 
     def position_scales(self) -> torch.Tensor:
-        return signed_scale(self._b_and_beta()[1], self.eps)
+        return signed_scale(self.beta, self.eps)
 
     def factors(self, z_full: torch.Tensor):
         return [(z_full, self.linear_b.weight)]

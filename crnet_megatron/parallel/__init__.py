@@ -13,9 +13,11 @@ t = TP size, p = PP size, d = DP size = world / (t p).
   column projections gather the sequence (dense: X; CR-Net: the r-wide codes), row projections
   reduce-scatter it. Replicated parameters that see a sequence shard (norms, CR-Net column A,
   row B, beta) are summed over TP once per step.
-* PP (``pipeline.py``): contiguous layer ranges per stage (Megatron's offsets, uneven first and
-  last stages allowed); dense layer 1 is on stage 0; the residual stream and the four chains
-  cross a stage boundary packed into one tensor.
+* PP (``pipeline.py``, ``schedule.py``): each stage holds contiguous layers (Megatron's offsets,
+  uneven first and last stages allowed), or under interleaving (virtual pipeline) ``v`` model
+  chunks of the global layer order (``model.stages``); dense layer 1 is on stage 0; the residual
+  stream and the four chains cross every stage and chunk boundary packed into one tensor, under
+  Megatron's 1F1B or interleaved schedule.
 * DP: Megatron data parallel (DDP, optionally the distributed optimizer) across the rest.
 * Recompute (``recompute.py``): Algorithm 1 (``crnet``) or Megatron ``full`` per stage.
 

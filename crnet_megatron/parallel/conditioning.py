@@ -3,10 +3,11 @@
 Inverting layer l's chain divides by its ``s(beta)`` and subtracts ``Z B``: unsafe when
 ``|s(beta)|`` is below ``crnet_recompute_min_scale`` or, for 16-bit chains, when ``||Z B||`` is
 more than ``crnet_recompute_max_ratio`` times the carried term. Both statistics live on the
-device. The decision for a step is taken from the previous step's statistics, which reach the
-host through a non-blocking copy started at the end of the previous forward, so no layer waits
-for the device (one read of host memory per stage and step, none per layer). The first step of
-a stage has no statistics yet and reads them as they come, once.
+device. The decision for a stage's forward (one micro-batch) is taken from its previous
+forward's statistics, which reach the host through a non-blocking copy started at the end of
+that forward, so no layer waits for the device (one read of host memory per stage and
+micro-batch, none per layer). The first forward of a stage has no statistics yet and reads them
+as they come, once.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def small_scales(layers, chain_modules, is_crnet_layer, threshold: float) -> tor
 
 
 class StageGuard:
-    """The host's view of one stage's flags, kept on its first layer between steps."""
+    """The host's view of one stage's flags, kept on its first layer between forwards."""
 
     def __init__(self):
         self.small: Optional[List[List[bool]]] = None
@@ -63,20 +64,20 @@ class StageGuard:
         return first._crnet_stage_guard
 
     def decisions(self, small_now: torch.Tensor):
-        """(small [i][c], ill [i][c] or None) for this step: the previous step's flags, or on a
-        first step the current small-scale flags (read now) and no ill-conditioning flags yet."""
+        """(small [i][c], ill [i][c] or None) for this forward: the previous forward's flags, or
+        on the first the current small-scale flags (read now) and no ill-conditioning flags."""
         if self._pending is not None:
-            if self._copied is not None:  # recorded a step ago: long complete, no stall
+            if self._copied is not None:  # recorded a forward ago: usually complete
                 self._copied.synchronize()
-            flags = self._pending.tolist()  # host memory, copied during the previous step
+            flags = self._pending.tolist()  # host memory, copied during the previous forward
             self._pending = None
             self.small, self.ill = flags[0], flags[1]
         if self.small is None:
-            self.small = small_now.tolist()  # the stage's first step: one read, once
+            self.small = small_now.tolist()  # the stage's first forward: one read, once
         return self.small, self.ill
 
     def record(self, small_now: torch.Tensor, ratios: List, max_ratio: Optional[float]) -> None:
-        """Start the copy of this step's flags to the host, for the next step."""
+        """Start the copy of this forward's flags to the host, for the next forward."""
         ill = torch.zeros_like(small_now)
         for i, row in ratios:
             ill[i] = row > max_ratio

@@ -17,6 +17,20 @@ PACKAGES = (("torch", ("torch",)), ("megatron-core", ("megatron-core", "megatron
                                     "transformer-engine-torch")),
             ("apex", ("apex",)))
 _ANNOUNCED = False
+# Transformer Engine versions megatron-core 0.16.1 is tested with (its ``dev`` extra): [low, high)
+TE_TESTED_RANGE = ("2.9", "2.12")
+
+
+def te_range_problem(te: Optional[str]) -> Optional[str]:
+    """None when ``te`` (a version, or None/"-" when absent) is in ``TE_TESTED_RANGE``;
+    otherwise the one line the Docker build and the self-test print."""
+    from packaging.version import Version
+
+    low, high = TE_TESTED_RANGE
+    if te not in (None, "-") and Version(f"{low}.0a0") <= Version(te) < Version(f"{high}.0"):
+        return None
+    return (f"transformer-engine {te} is outside megatron-core 0.16.1's tested range "
+            f"[{low}, {high})")
 
 
 def _version(names) -> Optional[str]:

@@ -84,7 +84,7 @@ def _sum_over_tp(grads) -> None:
 
 
 def sync_partial_grads(model: torch.nn.Module) -> None:
-    """Sum over TP the partial gradients of an unwrapped model (tests, the small trainer):
+    """Sum over TP the partial gradients of an unwrapped model (tests, benchmarks):
     what ``finalize_grads`` does for DDP-wrapped ones."""
     _sum_over_tp([p.grad for p in model.parameters() if _partial_over_tp(p) and p.grad is not None])
 

@@ -1,6 +1,6 @@
 """One step of Megatron's schedule over the micro-batches: the forward step and its loss, the
-schedule (1F1B under PP, chains carried between stages), and the forward-only mean loss that
-training-time eval and ``crnet-eval`` share."""
+schedule (1F1B, or interleaved 1F1B with model chunks, under PP; chains carried between stages
+and chunks), and the forward-only mean loss that training-time eval and ``crnet-eval`` share."""
 
 from __future__ import annotations
 

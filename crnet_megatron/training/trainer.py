@@ -3,7 +3,8 @@
 Set-up (one place, in this order): distributed groups -> data (built-in corpus or indexed
 prefixes) -> this rank's CR-Net stage -> Megatron DDP -> Megatron optimizer -> param scheduler
 -> FLOP counts -> resume. Each step runs Megatron's forward/backward schedule over the
-micro-batches (``step.run_schedule``: 1F1B under PP, chains carried between stages;
+micro-batches (``parallel.schedule.run_schedule``: 1F1B or interleaved 1F1B under PP, chains
+carried between stages and model chunks;
 ``finalize_model_grads`` through the schedule, and the column betas' TP sum), a non-finite
 check, then the optimizer step.
 The loop logs, evaluates, saves and stops (signal, ``exit_interval``) in named steps too.
