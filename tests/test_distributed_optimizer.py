@@ -32,25 +32,34 @@ def straight(tiny_dataset, tmp_path_factory):
     return _train(tiny_dataset, tmp_path_factory.mktemp("straight"), "a", 2)
 
 
-@pytest.mark.parametrize("fmt", [[]], ids=["dp_reshardable"])
-def test_resume_is_exact(straight, tiny_dataset, tmp_path, fmt):
-    """8 steps at DP=2 == 4 steps, stop, resume for 4 (bitwise: same layout, fp32 CPU); the
-    fully reshardable format resumes in the TP-change test and the async test."""
-    first = _train(tiny_dataset, tmp_path, "b", 2, *fmt, "schedule.exit_interval=4")
+def _saved_keys(run_dir, iteration):
+    path = os.path.join(iteration_dir(str(run_dir), iteration), ".metadata")
+    return list(load_metadata(path).state_dict_metadata)
+
+
+def test_resume_is_exact(straight, tiny_dataset, tmp_path):
+    """8 steps at DP=2 == 4 steps, stop, resume for 4 (bitwise: same layout, fp32 CPU), in the
+    default dp_reshardable format; the fully reshardable format resumes exactly in the async
+    test and at another TP in the TP-change test."""
+    first = _train(tiny_dataset, tmp_path, "b", 2, "schedule.exit_interval=4")
     assert read_latest(str(tmp_path / "b")) == 4
-    keys = load_metadata(os.path.join(iteration_dir(str(tmp_path / "b"), 4), ".metadata"))
-    marker = "optimizer.state.exp_avg." if fmt else "dp_group_idx_0.per_bucket_numel"
-    assert any(marker in k for k in keys.state_dict_metadata)  # the format asked for
-    resumed = _train(tiny_dataset, tmp_path, "b", 2, *fmt)
+    keys = _saved_keys(tmp_path / "b", 4)
+    assert any("dp_group_idx_0.per_bucket_numel" in k for k in keys)  # dp_reshardable
+    assert not any("optimizer.state.exp_avg." in k for k in keys)
+    resumed = _train(tiny_dataset, tmp_path, "b", 2)
     assert [h["iteration"] for h in resumed["history"]] == [5, 6, 7, 8]
     assert _losses(first) == _losses(straight)[:4]
     assert _losses(resumed) == _losses(straight, 4)
 
 
-def test_dp_reshardable_loads_at_another_dp(straight, tiny_dataset, tmp_path):
-    """Saved at DP=2, resumed at DP=1: the same run (rtol 2e-5: reduction order only)."""
-    _train(tiny_dataset, tmp_path, "b", 2, "schedule.exit_interval=4")
-    resumed = _train(tiny_dataset, tmp_path, "b", 1)
+@pytest.mark.parametrize("saved_dp,resumed_dp", [(2, 1), (1, 2), (2, 4)],
+                         ids=["dp2-to-dp1", "dp1-to-dp2", "dp2-to-dp4"])
+def test_dp_reshardable_loads_at_another_dp(straight, tiny_dataset, tmp_path, saved_dp,
+                                            resumed_dp):
+    """Saved at one DP size, resumed at a smaller or larger one (the optimizer state
+    resharded over the new DP group): the same run (rtol 2e-5: reduction order only)."""
+    _train(tiny_dataset, tmp_path, "b", saved_dp, "schedule.exit_interval=4")
+    resumed = _train(tiny_dataset, tmp_path, "b", resumed_dp)
     assert resumed["history"][0]["iteration"] == 5
     assert _losses(resumed) == pytest.approx(_losses(straight, 4), rel=2e-5)
 
@@ -90,13 +99,17 @@ def test_overlap_param_gather_trains_and_resumes_the_same(straight, tiny_dataset
     assert resumed["evals"][-1]["loss"] == straight["evals"][-1]["loss"]
 
 
-@pytest.mark.parametrize("fmt", [FULL], ids=["fully_reshardable"])
-def test_async_save_resumes_exactly(straight, tiny_dataset, tmp_path, fmt):
-    """checkpoint.async_save: the tensors are written by a forked process while training goes
-    on; the checkpoint becomes the latest only once complete, and resuming from it is exact."""
+def test_async_save_resumes_exactly(straight, tiny_dataset, tmp_path):
+    """checkpoint.async_save in the fully reshardable format: the tensors are written by a
+    forked process while training goes on; the checkpoint becomes the latest only once
+    complete, and resuming from it is exact."""
+    fmt = FULL
     first = _train(tiny_dataset, tmp_path, "b", 2, *fmt, "checkpoint.async_save=true",
                    "checkpoint.save_interval=2", "schedule.exit_interval=4")
     assert read_latest(str(tmp_path / "b")) == 4
+    keys = _saved_keys(tmp_path / "b", 4)
+    assert any("optimizer.state.exp_avg." in k for k in keys)  # fully_reshardable
+    assert not any("dp_group_idx_0.per_bucket_numel" in k for k in keys)
     assert sorted(p.name for p in (tmp_path / "b").glob("iter_*")) == ["iter_0000002",
                                                                       "iter_0000004"]
     resumed = _train(tiny_dataset, tmp_path, "b", 2, *fmt, "checkpoint.async_save=true")

@@ -19,11 +19,41 @@ def _state(model):
     return {global_name(model, n): p.detach().clone() for n, p in model.named_parameters()}
 
 
+# The TP plan, written out here by name from the method (parallel/__init__.py's docstring), not
+# read from the code under test: (pattern, how the full tensor is cut over TP ranks).
+TP_PLAN = [
+    (r"^embedding\.word_embeddings\.weight$|^output_layer\.weight$", "rows"),  # vocab-parallel
+    (r"layernorm\.weight$|\.beta$", "replicated"),
+    (r"\.layers\.0\.self_attention\.linear_qkv\.weight$", "rows"),  # whole query groups
+    (r"\.layers\.0\.mlp\.linear_fc1\.weight$", "gate|up rows"),
+    (r"\.layers\.0\.(self_attention\.linear_proj|mlp\.linear_fc2)\.weight$", "columns"),
+    (r"(linear_qkv|linear_fc1)\.linear_a\.weight$", "replicated"),  # column A: r-wide codes
+    (r"(linear_qkv|linear_fc1)\.linear_b\.\w+\.weight$", "rows"),  # column B: output split
+    (r"(linear_proj|linear_fc2)\.linear_a\.weight$", "columns"),     # row A: input split
+    (r"(linear_proj|linear_fc2)\.linear_b\.weight$", "replicated"),  # row B
+]
+
+
+def _expected_shard(name, full, r, t):
+    import re
+
+    cuts = [cut for pattern, cut in TP_PLAN if re.search(pattern, name)]
+    assert len(cuts) == 1, f"{name}: {cuts}"
+    rows = lambda x: x[r * x.shape[0] // t:(r + 1) * x.shape[0] // t]  # noqa: E731
+    if cuts[0] == "replicated":
+        return full
+    if cuts[0] == "rows":
+        return rows(full)
+    if cuts[0] == "columns":
+        return rows(full.T).T
+    gate, up = full.chunk(2)  # [gate | up], each cut by rows, kept as [gate_r | up_r]
+    return torch.cat([rows(gate), rows(up)])
+
+
 def _init_worker(rank, world, tp, reference):
     from megatron.core import parallel_state as ps
 
     from crnet_megatron import build_model
-    from crnet_megatron.model.tp_layout import shard_for_tp, tp_split_dim
     from crnet_megatron.parallel.groups import init_distributed
 
     init_distributed(tensor_model_parallel_size=tp, pipeline_model_parallel_size=world // tp)
@@ -36,7 +66,7 @@ def _init_worker(rank, world, tp, reference):
     equal, differ = [], []
     for local, p in model.named_parameters():
         name = global_name(model, local)
-        same = torch.equal(p.detach(), shard_for_tp(tp_split_dim(p, local), reference[name], r, t))
+        same = torch.equal(p.detach(), _expected_shard(name, reference[name], r, t))
         (equal if same else differ).append(name)
     return dict(equal=equal, differ=differ)
 

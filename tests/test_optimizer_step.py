@@ -37,7 +37,7 @@ def test_trainer_step_prepares_once_and_matches_megatron_step(tiny_dataset, tmp_
         counts = {}
         for name in ("prepare_grads", "get_grad_norm", "step"):
             _counted(ours.optimizer, name, counts)
-        data = ours._iterator(ours.train_ds, 0)
+        data = ours._iterators(ours.train_ds, 0)
         norms = [ours.train_step(data)["grad_norm"] for _ in range(2)]
         assert counts == {"prepare_grads": 2, "get_grad_norm": 2}  # and never step()
         got = {n: p.detach().clone() for n, p in ours.model[0].named_parameters()}
@@ -45,7 +45,7 @@ def test_trainer_step_prepares_once_and_matches_megatron_step(tiny_dataset, tmp_
         destroy_distributed()
     try:
         ref = _trainer(cfg)
-        data = ref._iterator(ref.train_ds, 0)
+        data = ref._iterators(ref.train_ds, 0)
         s = cfg["schedule"]
         ref_norms = []
         for _ in range(2):

@@ -125,7 +125,7 @@ def _dp_worker(rank, world, cfg):
                 counter.calls.append((kind, t.numel(), t.element_size()))
 
         counter._record = record
-        data = trainer._iterator(trainer.train_ds, 0)
+        data = trainer._iterators(trainer.train_ds, 0)
         with counter:
             trainer.train_step(data)
         opt = trainer.optimizer

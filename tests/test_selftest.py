@@ -19,26 +19,26 @@ def test_selftest_single_process(tmp_path, monkeypatch):
     assert rows["planner_memory"]["status"] == "pass"
     assert "activations predicted/measured 1.000" in rows["planner_memory"]["detail"]
     assert rows["pp_chains_p2p"]["status"] == "skip" and "torchrun" in rows["pp_chains_p2p"]["detail"]
-    for name in ("versions", "crnet_recompute_bf16", "dist_optimizer_overlap",
-                 "export_round_trip", "gemm_nccl_sniff"):
+    for name in ("versions", "crnet_recompute_bf16", "export_round_trip", "gemm_nccl_sniff"):
         assert rows[name]["status"] == "pass", rows[name]
     assert rows["versions"]["detail"].startswith("versions: python ")
     assert "TFLOP/s" in rows["gemm_nccl_sniff"]["detail"]
-    for name in ("tp2_sp_vs_tp1", "resume_other_layout"):
+    for name in ("tp2_sp_vs_tp1", "resume_other_layout", "dist_optimizer_overlap"):
         assert rows[name]["status"] == "skip" and "processes" in rows[name]["detail"]
 
 
 def _layout_worker(rank, world, workdir):
     from crnet_megatron.cli import selftest
 
-    return selftest.run_checks(["tp2_sp_vs_tp1", "resume_other_layout", "gemm_nccl_sniff"],
-                               workdir)
+    return selftest.run_checks(["tp2_sp_vs_tp1", "resume_other_layout", "gemm_nccl_sniff",
+                                "dist_optimizer_overlap"], workdir)
 
 
 def test_selftest_layout_checks_on_two_processes(tmp_path):
     rows = run_distributed(_layout_worker, 2, str(tmp_path), timeout=400)[0]
-    assert [r["status"] for r in rows] == ["pass"] * 3, rows
+    assert [r["status"] for r in rows] == ["pass"] * 4, rows
     assert "resumed at TP=2" in rows[1]["detail"] and "all-reduce" in rows[2]["detail"]
+    assert "at DP=2" in rows[3]["detail"]
 
 
 def _pp_worker(rank, world, workdir, cut_chains):

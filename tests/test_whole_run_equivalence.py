@@ -115,10 +115,11 @@ def _trains_like_one_process(tiny_dataset, tmp_path, world, sets):
 
 
 INTERLEAVED = {  # deeper models than the 4-layer reference: each against its own one process
-    # 8 layers in 8 chunks of one layer: rank r holds global layers r+1 and r+5, each with its
-    # own rank of the middle-high schedule (ranks keep their global positions)
-    "pp4-vpp2": (4, ["model.num_layers=8", "model.crnet_rank_schedule=middle-high",
-                     "parallel.pipeline_model_parallel_size=4"] + VPP2),
+    # (PP=4 x VPP=2 with two micro-batch groups: tests/test_shipped_recipes.py)
+    # 8 layers over PP=4 with both ends lighter: 1 + 3 + 3 + 1 (Megatron's first/last rule)
+    "pp4-uneven-first-last": (4, ["model.num_layers=8", "parallel.pipeline_model_parallel_size=4",
+                                  "parallel.num_layers_in_first_pipeline_stage=1",
+                                  "parallel.num_layers_in_last_pipeline_stage=1"] + CRNET),
     # 6 layers, the first stage lighter: chunks of 1+1 layers on rank 0, 2+2 on rank 1
     "pp2-vpp2-uneven": (2, ["model.num_layers=6", "parallel.num_layers_in_first_pipeline_stage=2"]
                         + PP2 + VPP2 + CRNET),
@@ -127,6 +128,7 @@ INTERLEAVED = {  # deeper models than the 4-layer reference: each against its ow
 
 @pytest.mark.parametrize("name", list(INTERLEAVED))
 def test_interleaved_layouts_train_the_same_model(tiny_dataset, tmp_path, name):
-    """Interleaved pipelining at PP=4 and with an uneven first stage (CR-Net recompute in
-    every chunk) gives the one-process run's losses and grad norms."""
+    """Uneven first and last stages at PP=4, and interleaving with an uneven first stage
+    (CR-Net recompute in every stage and chunk), give the one-process run's losses and grad
+    norms."""
     _trains_like_one_process(tiny_dataset, tmp_path, *INTERLEAVED[name])

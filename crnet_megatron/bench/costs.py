@@ -61,7 +61,7 @@ def _step_worker(rank, world, port, sets, out):
 
     reads = count_dataset_reads()
     trainer = Trainer(load_run_config(None, sets))
-    data = trainer._iterator(trainer.train_ds, 0)
+    data = trainer._iterators(trainer.train_ds, 0)
     trainer.train_step(data)  # first step: allocations, conditioning statistics
     reads[0] = 0
     syncs = HostSyncCounter()
@@ -106,7 +106,7 @@ def _save_worker(rank, world, port, sets, rounds, out):
     from crnet_megatron.training.trainer import Trainer
 
     trainer = Trainer(load_run_config(None, sets))
-    trainer.train_step(trainer._iterator(trainer.train_ds, 0))  # Adam states exist
+    trainer.train_step(trainer._iterators(trainer.train_ds, 0))  # Adam states exist
     rows = []
     for r in range(rounds):
         for name, full, use_async in SAVE_VARIANTS:

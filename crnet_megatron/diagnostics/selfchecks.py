@@ -26,8 +26,24 @@ def _world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+_RUNS = {}  # runs that save nothing are functions of their config: one per config per process
+
+
 def _train(sets, workdir):
-    """One run of the real driver; keeps the process group for the next check."""
+    """One run of the real driver; keeps the process group for the next check. A run without
+    a checkpoint directory is trained once and shared by the checks that compare against it
+    (several compare against the same plain run)."""
+    key = (tuple(sets), workdir, _world())
+    saves = any(s.startswith("checkpoint.save=") for s in sets)
+    if not saves and key in _RUNS:
+        return _RUNS[key]
+    result = _train_now(sets, workdir)
+    if not saves:
+        _RUNS[key] = result
+    return result
+
+
+def _train_now(sets, workdir):
     from megatron.core import parallel_state
 
     from crnet_megatron.config.run_config import load_run_config
@@ -196,38 +212,42 @@ def _need_processes(n: int) -> None:
         raise Skip(f"needs a multiple of {n} processes: torchrun --nproc-per-node {n} ...")
 
 
+def _rel_to_plain(sets, workdir, plain_sets=()):
+    """(max relative loss difference of a run with ``sets`` against one with ``plain_sets``,
+    number of steps)."""
+    plain = _losses(_train(list(plain_sets), workdir))
+    return _max_rel(_losses(_train(sets, workdir)), plain), len(plain)
+
+
 def check_tp2_sp_vs_tp1(workdir):
     """What the example configs ship: TP=2 with sequence parallel trains like TP=1."""
     _need_processes(2)
-    tp1 = _losses(_train([], workdir))
-    tp2 = _losses(_train(["parallel.tensor_model_parallel_size=2",
-                          "parallel.sequence_parallel=true"], workdir))
-    rel = _max_rel(tp2, tp1)
+    rel, steps = _rel_to_plain(["parallel.tensor_model_parallel_size=2",
+                                "parallel.sequence_parallel=true"], workdir)
     assert rel < _tol(), f"TP=2+SP losses differ from TP=1 by {rel:.2e}"
-    return f"max relative loss difference {rel:.1e} over {len(tp1)} steps"
+    return f"max relative loss difference {rel:.1e} over {steps} steps"
 
 
 def check_crnet_recompute_bf16(workdir):
     """Algorithm 1 in bf16 (TE where present): the same training as without recompute."""
-    plain = _losses(_train(["optimizer.bf16=true"], workdir))
-    alg1 = _losses(_train(["optimizer.bf16=true", "recompute.recompute_granularity=crnet",
-                           "recompute.crnet_checkpoint_every=2"], workdir))
-    rel = _max_rel(alg1, plain)
+    rel, steps = _rel_to_plain(["optimizer.bf16=true", "recompute.recompute_granularity=crnet",
+                                "recompute.crnet_checkpoint_every=2"], workdir,
+                               ["optimizer.bf16=true"])
     assert rel < 0.02, f"bf16 losses with CR-Net recompute differ by up to {rel:.2%}"
-    return f"max relative loss difference {rel:.2e} over {len(plain)} steps"
+    return f"max relative loss difference {rel:.2e} over {steps} steps"
 
 
 def check_dist_optimizer_overlap(workdir):
-    """The distributed optimizer with overlap_grad_reduce trains like the plain optimizer."""
+    """The distributed optimizer with overlap_grad_reduce trains like the plain optimizer
+    (over DP >= 2: with one shard there is nothing to distribute)."""
     from crnet_megatron.config import megatron_configs
 
+    _need_processes(2)
     problem = megatron_configs.distributed_optimizer_problem()
     if problem:
         raise Skip(problem)
-    plain = _losses(_train([], workdir))
-    dist = _losses(_train(["parallel.use_distributed_optimizer=true",
-                           "parallel.overlap_grad_reduce=true"], workdir))
-    rel = _max_rel(dist, plain)
+    rel, _ = _rel_to_plain(["parallel.use_distributed_optimizer=true",
+                            "parallel.overlap_grad_reduce=true"], workdir)
     assert rel < _tol(), f"distributed optimizer + overlap_grad_reduce differs by {rel:.2e}"
     return f"max relative loss difference {rel:.1e} at DP={_world()}"
 

@@ -20,7 +20,7 @@ previous chunk), exactly as at a 1F1B stage boundary.
 
 from __future__ import annotations
 
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -124,16 +124,22 @@ def model_chunks(model) -> List[torch.nn.Module]:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
 
-def forward_backward(*, forward_step_func, data_iterator: Iterator, model, num_microbatches: int,
+def forward_backward(*, forward_step_func, data_iterator, model, num_microbatches: int,
                      seq_length: int, micro_batch_size: int, forward_only: bool = False):
     """Megatron's forward/backward schedule for this parallel layout (no pipeline, 1F1B, or
     interleaved over ``model``'s chunks), with the CR-Net payload between stages. ``model``
-    is one module or this rank's list of model chunks; ``data_iterator`` is shared by them
-    (only the chunks that hold the embedding or the loss read from it)."""
+    is one module or this rank's list of model chunks; ``data_iterator`` is one iterator per
+    chunk (a list, as Megatron-LM gives its schedules; the trainer's), or one iterator that
+    every chunk shares."""
     chunks = model_chunks(model)
     config = chunks[0].config
+    iterators = data_iterator if isinstance(data_iterator, list) else \
+        [data_iterator] * len(chunks)
+    if len(iterators) != len(chunks):
+        raise ValueError(f"{len(iterators)} data iterators for {len(chunks)} model chunks; "
+                         "give one per chunk")
     kwargs = dict(forward_step_func=forward_step_func,
-                  data_iterator=[data_iterator] * len(chunks) if len(chunks) > 1 else data_iterator,
+                  data_iterator=iterators if len(chunks) > 1 else iterators[0],
                   model=chunks, num_microbatches=num_microbatches, seq_length=seq_length,
                   micro_batch_size=micro_batch_size, forward_only=forward_only)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:

@@ -16,7 +16,7 @@ from crnet_megatron.data.batches import get_batch
 from crnet_megatron.parallel.pipeline import forward_backward, model_chunks
 
 
-def _reads_batch(model) -> bool:
+def reads_batch(model) -> bool:
     """A model chunk that holds the embedding or the loss reads the micro-batch; the others
     (a middle stage, or an inner virtual stage of the first/last rank) take the previous
     stage's output."""
@@ -27,7 +27,7 @@ def _reads_batch(model) -> bool:
 def _forward_step(data_iterator, model, micro_batch_size: int, seq_len: int):
     device = next(model.parameters()).device
     batch = (get_batch(data_iterator, micro_batch_size, seq_len, device)
-             if _reads_batch(model) else None)
+             if reads_batch(model) else None)
     if batch is None:  # its input is the previous stage's output
         return model(None, None, None), lambda out: (out, {})
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])

@@ -60,7 +60,12 @@ from crnet_megatron.parallel.groups import (
     finalize_grads,
     init_distributed,
 )
-from crnet_megatron.parallel.schedule import mean_loss, run_schedule, step_with_norm
+from crnet_megatron.parallel.schedule import (
+    mean_loss,
+    reads_batch,
+    run_schedule,
+    step_with_norm,
+)
 from crnet_megatron.training import preflight
 from crnet_megatron.training.console import Console, IntervalWindow, wants_bar
 from crnet_megatron.training.data import build_run_data
@@ -229,14 +234,16 @@ class Trainer(RunReport):
             print(f"resumed from {common['path']} at iteration {self.iteration}", flush=True)
 
     # -- pieces ------------------------------------------------------------------------------
-    def _iterator(self, dataset, consumed: int):
-        """This rank's micro-batches; None where it reads none (``data.reads_data``)."""
-        if dataset is None:
-            return None
+    def _iterators(self, dataset, consumed: int) -> List[Optional[SampleIterator]]:
+        """One micro-batch iterator per model chunk, as Megatron-LM builds them: its own for a
+        chunk that reads (the embedding's or the loss's, ``schedule.reads_batch``), None for
+        the others and on ranks that read nothing (``data.reads_data``)."""
         device = next(self.model[0].parameters()).device
-        return SampleIterator(dataset, self.cfg["schedule"]["micro_batch_size"], self.dp_rank,
-                              self.dp_size, consumed, device, self.tokenizer.vocab_size,
-                              self.prefixes)
+        return [SampleIterator(dataset, self.cfg["schedule"]["micro_batch_size"], self.dp_rank,
+                               self.dp_size, consumed, device, self.tokenizer.vocab_size,
+                               self.prefixes)
+                if dataset is not None and reads_batch(chunk) else None
+                for chunk in self.model]
 
     @contextlib.contextmanager
     def _params_gathered(self):
@@ -257,7 +264,7 @@ class Trainer(RunReport):
         """Loss on a fixed validation budget: eval_iters global batches from the split start."""
         s = self.cfg["schedule"]
         with self._params_gathered():
-            return mean_loss(self.model, self._iterator(self.valid_ds, 0),
+            return mean_loss(self.model, self._iterators(self.valid_ds, 0),
                              self.cfg["eval"]["eval_iters"], self.num_microbatches,
                              self.cfg["model"]["seq_length"], s["micro_batch_size"])
 
@@ -286,12 +293,12 @@ class Trainer(RunReport):
             self._say(f"saved checkpoint {path} (written while training)") if self.rank0 \
                 else None
 
-    def train_step(self, data_iterator) -> Dict[str, float]:
+    def train_step(self, data_iterators) -> Dict[str, float]:
         s = self.cfg["schedule"]
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = run_schedule(self.model, data_iterator, self.num_microbatches,
+        loss = run_schedule(self.model, data_iterators, self.num_microbatches,
                             self.cfg["model"]["seq_length"], s["micro_batch_size"], False)
         self.consumed += s["global_batch_size"]
         with cpu_compat.cuda_device_rewrite():  # the norm Megatron's clipping uses
@@ -321,7 +328,7 @@ class Trainer(RunReport):
         s, lg = self.cfg["schedule"], self.cfg["logging"]
         self._log_start()
         signals = StopSignals(self.cfg["safety"]["exit_on_signal"])
-        data = self._iterator(self.train_ds, self.consumed)
+        data = self._iterators(self.train_ds, self.consumed)
         history: List[Dict[str, Any]] = []
         evals: List[Dict[str, Any]] = []
         self.console = Console(self.rank0, wants_bar(lg["progress_bar"]), s["train_iters"],
