@@ -50,3 +50,36 @@ def test_a_cache_dir_not_shared_between_nodes_stops_every_rank(tiny_dataset, tmp
     text = str(err.value)
     assert "data.cache_dir='~/cache' is not shared between the ranks: rank 1 on " in text
     assert "point data.cache_dir at a filesystem every node mounts" in text
+
+
+def _chunk_iterators_worker(rank, world, cfg):
+    from crnet_megatron.diagnostics.profiling import count_dataset_reads
+    from crnet_megatron.parallel.groups import destroy_distributed
+    from crnet_megatron.training.trainer import Trainer
+
+    reads = count_dataset_reads()
+    try:
+        trainer = Trainer(cfg)
+        iterators = trainer._iterators(trainer.train_ds, 0)
+        kinds = [type(it).__name__ if it is not None else None for it in iterators]
+        distinct = len({id(it) for it in iterators if it is not None})
+        trainer.train()
+    finally:
+        destroy_distributed()
+    return dict(kinds=kinds, distinct=distinct, reads=reads[0])
+
+
+def test_each_model_chunk_has_its_own_iterator(tiny_dataset, tmp_path):
+    """Interleaved PP=2 x VPP=2, as Megatron-LM builds them: one iterator per model chunk, the
+    embedding's chunk (rank 0, chunk 0) and the loss's (rank 1, chunk 1) their own, the others
+    none; each reading rank reads every sample of the run once."""
+    cfg = driver_cfg(tiny_dataset, tmp_path / "c", None, f"schedule.train_iters={ITERS}",
+                     f"schedule.global_batch_size={GBS}", "schedule.micro_batch_size=2",
+                     f"eval.eval_iters={EVAL_ITERS}", f"eval.eval_interval={EVAL_INTERVAL}",
+                     "parallel.pipeline_model_parallel_size=2",
+                     "parallel.virtual_pipeline_model_parallel_size=2")
+    results = run_distributed(_chunk_iterators_worker, 2, cfg, timeout=400)
+    assert [r["kinds"] for r in results] == [["SampleIterator", None], [None, "SampleIterator"]]
+    assert all(r["distinct"] == 1 for r in results)
+    per_reader = ITERS * GBS + ITERS // EVAL_INTERVAL * EVAL_ITERS * GBS
+    assert [r["reads"] for r in results] == [per_reader, per_reader]

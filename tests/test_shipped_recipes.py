@@ -62,6 +62,8 @@ def _check_equal_to_one_process(tiny_dataset, tmp_path, world, sets):
     assert [h["iteration"] for h in got] == list(range(1, ITERS + 1))
     assert all([h["loss"] for h in r["history"]] == [h["loss"] for h in got] for r in results)
     worst_loss, worst_norm = _worst(got, ref)
+    print(f"equivalence recipe {' '.join(sets) or 'tp2-sp-dp2'}: loss {worst_loss:.1e}, "
+          f"grad norm {worst_norm:.1e}")
     assert worst_loss < RTOL and worst_norm < RTOL, (worst_loss, worst_norm)
     assert got[-1]["loss"] < got[0]["loss"] - 0.05  # it trained
     return worst_loss, worst_norm

@@ -55,6 +55,7 @@ def test_layout_trains_the_same_model(reference, tiny_dataset, tmp_path, layout)
     assert [h["iteration"] for h in got] == list(range(1, ITERS + 1))
     worst_loss = max(_relative(g["loss"], r["loss"]) for g, r in zip(got, reference))
     worst_norm = max(_relative(g["grad_norm"], r["grad_norm"]) for g, r in zip(got, reference))
+    print(f"equivalence {layout}: loss {worst_loss:.1e}, grad norm {worst_norm:.1e}")
     assert worst_loss < RTOL and worst_norm < RTOL, (worst_loss, worst_norm)
     # the last iteration's loss is not trivially the first's: the run trained
     assert got[-1]["loss"] < got[0]["loss"] - 0.05
@@ -110,6 +111,7 @@ def _trains_like_one_process(tiny_dataset, tmp_path, world, sets):
     got = run_distributed(run_worker, world, cfg, timeout=400)[0]["history"]
     worst_loss = max(_relative(g["loss"], r["loss"]) for g, r in zip(got, ref))
     worst_norm = max(_relative(g["grad_norm"], r["grad_norm"]) for g, r in zip(got, ref))
+    print(f"equivalence {' '.join(sets)}: loss {worst_loss:.1e}, grad norm {worst_norm:.1e}")
     assert worst_loss < RTOL and worst_norm < RTOL, (worst_loss, worst_norm)
     assert got[-1]["loss"] < got[0]["loss"] - 0.05
 
