@@ -19,10 +19,12 @@ SCRIPTS = sorted(glob.glob(f"{ROOT}/examples/slurm/*.sbatch") + glob.glob(f"{ROO
 # Stand-ins: run the task command for the first and the last rank only (enough to check the
 # layout arithmetic without starting 32 interpreters).
 FAKE_SRUN = """#!/bin/bash
+echo "$@" >> "${SRUN_LOG:-/dev/null}"
 while [[ $# -gt 0 && "$1" == --* ]]; do shift; done
 n=$SLURM_NTASKS; per=$SLURM_NTASKS_PER_NODE
 for r in 0 $((n - 1)); do
-  SLURM_PROCID=$r SLURM_LOCALID=$((r % per)) SLURM_NODEID=$((r / per)) "$@" || exit $?
+  SLURM_STEP_ID=0 SLURM_STEP_NUM_TASKS=$n SLURM_PROCID=$r SLURM_LOCALID=$((r % per)) \
+    SLURM_NODEID=$((r / per)) "$@" || exit $?
 done
 """
 FAKE_SCONTROL = """#!/bin/bash
@@ -50,8 +52,8 @@ def _bin(tmp_path):
 
 
 def _run(script, tmp_path, env_extra, args=()):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK",
-                                                                     "WORLD_SIZE", "LOCAL_RANK"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith((
+        "SLURM_", "SRUN_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS"))}
     env.update(PATH=f"{_bin(tmp_path)}:{env['PATH']}", PYTHON=sys.executable, DRY_RUN="1",
                PYTHONPATH=ROOT)
     env.update(env_extra)
@@ -91,7 +93,7 @@ def test_sbatch_runs_from_the_spool_directory(tmp_path, name, tp, pp, vpp, tiny_
         assert r["world"] == str(nodes * per)
         assert (int(r["tp"]), int(r["pp"]), int(r["vpp"])) == (tp, pp, vpp)
         assert int(r["tp"]) * int(r["pp"]) * int(r["dp"]) == nodes * per
-        assert r["master"] == "gpu-node001:29500"
+        assert r["master"] == f"gpu-node001:{20000 + 42}"  # derived from SLURM_JOB_ID
         assert r["config"] == "examples/configs/llama2_7b_c4_seq256.yaml"
         assert r["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     if vpp > 1:
@@ -99,14 +101,36 @@ def test_sbatch_runs_from_the_spool_directory(tmp_path, name, tp, pp, vpp, tiny_
         assert int(rows[0]["micro_batches"]) % pp == 0
 
 
-def test_sbatch_without_image_or_repository_says_what_to_set(tmp_path):
+def test_sbatch_without_repository_says_what_to_set(tmp_path):
     env = dict(SLURM_SUBMIT_DIR=str(tmp_path), SLURM_JOB_NODELIST="n1", SLURM_NNODES="1",
                SLURM_NTASKS="8", SLURM_NTASKS_PER_NODE="8")
     res = _run(f"{ROOT}/examples/slurm/pretrain_llama2_7b_interleaved.sbatch", tmp_path, env)
     assert res.returncode == 2 and "submit from the repository root or set CRNET_ROOT" in res.stderr
-    env.update(SLURM_SUBMIT_DIR=ROOT, DRY_RUN="")
-    res = _run(f"{ROOT}/examples/slurm/pretrain_llama2_7b.sbatch", tmp_path, env)
-    assert res.returncode == 2 and "set IMAGE to a .sqsh file" in res.stderr
+
+
+@pytest.mark.parametrize("image", ["", "/shared/crnet.sqsh"], ids=["bare", "pyxis"])
+def test_sbatch_container_is_optional(tmp_path, tiny_dataset, image):
+    """No IMAGE: srun runs the ``python`` on PATH (bare: venv, conda, modules). IMAGE: pyxis's
+    options, the repository mounted at its own path. Either way: the CPUs per task reach srun
+    (Slurm >= 22.05 no longer passes them on) and a requeued job appends to its log."""
+    log = tmp_path / "srun.log"
+    env = dict(SLURM_SUBMIT_DIR=ROOT, SLURM_JOB_NODELIST="n[1-2]", SLURM_NNODES="2",
+               SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_JOB_ID="7",
+               SLURM_CPUS_PER_TASK="6", SRUN_LOG=str(log), IMAGE=image, TP="1")
+    res = _run(f"{ROOT}/examples/slurm/pretrain_llama2_7b.sbatch", tmp_path, env,
+               _data_args(tiny_dataset))
+    assert res.returncode == 0, res.stderr[-2000:]
+    srun_args = log.read_text()
+    if image:
+        assert f"--container-image={image}" in srun_args
+        assert f"--container-mounts={ROOT}:{ROOT}" in srun_args
+    else:
+        assert "--container" not in srun_args
+    assert "python -m crnet_megatron.cli.train" in srun_args
+    assert {r["OMP_NUM_THREADS"] for r in _ranks(res.stdout)} == {"6"}
+    assert {r["SRUN_CPUS_PER_TASK"] for r in _ranks(res.stdout)} == {"6"}
+    for script in ("pretrain_llama2_7b.sbatch", "pretrain_llama2_7b_interleaved.sbatch"):
+        assert "#SBATCH --open-mode=append" in open(f"{ROOT}/examples/slurm/{script}").read()
 
 
 @pytest.mark.parametrize("script", sorted(glob.glob(f"{ROOT}/examples/torchrun/*.sh")),
@@ -129,3 +153,53 @@ def test_scripts_pass_bash_n_and_shellcheck(script):
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     res = subprocess.run(["shellcheck", "-s", "bash", script], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout
+
+
+def _launch_env(monkeypatch, **env):
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
+                                                       "LOCAL_RANK"))]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_ranks_come_from_slurm_only_inside_a_job_step(monkeypatch, capsys):
+    """A trainer started in an allocation without srun (an salloc shell, a batch script's own
+    line) sees SLURM_NTASKS but no step: one process, and a note saying so, instead of waiting
+    10 minutes for ranks that never come. Inside a step: the step's tasks."""
+    from crnet_megatron.parallel import launch
+
+    _launch_env(monkeypatch, SLURM_JOB_ID="9", SLURM_NTASKS="4", SLURM_PROCID="0")
+    monkeypatch.setattr(launch, "_NOTED", False)
+    assert launch.world_size() == 1 and "RANK" not in os.environ
+    assert "not in a job step: running as one process; start it with srun to use all 4" in \
+        capsys.readouterr().err
+    _launch_env(monkeypatch, SLURM_JOB_ID="9", SLURM_NTASKS="4", SLURM_STEP_ID="0",
+                SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1", SLURM_LOCALID="1")
+    assert launch.world_size() == 2
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"]) == ("1", "1")
+
+
+def test_a_master_port_in_use_is_one_line(tmp_path, tiny_dataset):
+    """Rank 0 of a multi-process launch whose MASTER_PORT is taken (another job on the node)
+    stops at once with one line naming the port, not a traceback."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_"))}
+        env.update(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        prefix, tok, _ = tiny_dataset
+        res = subprocess.run(
+            [sys.executable, "-m", "crnet_megatron.cli.train", f"{ROOT}/examples/configs/"
+             "tiny_cpu.yaml", "--set", f"data.data_path=[{prefix}]", "--set",
+             f"data.tokenizer={tok}", "--set", "checkpoint.save=null", "--set",
+             f"data.cache_dir={tmp_path}", "--set", "schedule.global_batch_size=16"],
+            env=env, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    errors = [line for line in res.stderr.splitlines() if line.startswith("crnet-train: error")]
+    assert res.returncode != 0 and len(errors) == 1, res.stderr[-2000:]
+    assert f"MASTER_PORT={port} on MASTER_ADDR=127.0.0.1 is already in use" in errors[0]
+    assert "Traceback" not in res.stderr

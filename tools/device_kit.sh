@@ -10,7 +10,7 @@
 set -uo pipefail
 out=${1:?usage: tools/device_kit.sh OUT [--cpu]}
 mode=${2:-}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out"
 py=${PYTHON:-python3}
 if ! "$py" -c "import megatron.core" 2>/dev/null; then

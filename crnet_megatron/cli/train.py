@@ -75,7 +75,7 @@ def dry_run(cfg, args) -> None:
     if warning and lay["rank"] == 0:
         print(warning, flush=True)
     env = " ".join(f"{k}={os.environ[k]}" for k in sorted(os.environ)
-                   if k.startswith(("CUDA_DEVICE_MAX", "NCCL_", "OMP_NUM")))
+                   if k.startswith(("CUDA_DEVICE_MAX", "NCCL_", "OMP_NUM", "SRUN_CPUS")))
     sets = " ".join(f"--set {s}" for s in args.set)
     print(f"dry-run rank={lay['rank']} local_rank={lay['local_rank']} world={lay['world']} "
           f"tp={lay['tp']} pp={lay['pp']} vpp={p['virtual_pipeline_model_parallel_size'] or 1} "

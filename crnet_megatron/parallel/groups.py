@@ -34,8 +34,16 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        try:
+            dist.init_process_group(backend=backend,
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+        except RuntimeError as e:
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
+                raise
+            raise OSError(
+                f"MASTER_PORT={os.environ['MASTER_PORT']} on MASTER_ADDR="
+                f"{os.environ['MASTER_ADDR']} is already in use (another job or process listens "
+                "there); set MASTER_PORT to a free port") from None
     world = dist.get_world_size()
     if world % (tensor_model_parallel_size * pipeline_model_parallel_size):
         raise ValueError(

@@ -6,17 +6,34 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+
+_NOTED = False
 
 
 def rank_env_from_slurm() -> None:
     """``srun`` with one task per GPU (as Megatron-LM launches; no elastic agent between Slurm's
     SIGTERM and the trainer): take RANK / WORLD_SIZE / LOCAL_RANK from Slurm's task variables
-    when no launcher has set them."""
-    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+    when no launcher has set them, and only inside a job step (``SLURM_STEP_ID``): a trainer
+    started in an allocation without ``srun`` (an ``salloc`` shell, a batch script's own line)
+    sees the allocation's ``SLURM_NTASKS`` but no step, runs as one process and says so,
+    rather than waiting for ranks that never come."""
+    global _NOTED
+    if "RANK" in os.environ:
         return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "SLURM_STEP_ID" in os.environ:
+        tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+        if tasks > 1:
+            os.environ["RANK"] = os.environ["SLURM_PROCID"]
+            os.environ["WORLD_SIZE"] = str(tasks)
+            os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        return
+    allocated = int(os.environ.get("SLURM_NTASKS", "1") or 1)
+    if allocated > 1 and not _NOTED:
+        _NOTED = True
+        print(f"note: inside Slurm job {os.environ.get('SLURM_JOB_ID', '?')} ({allocated} tasks) "
+              "but not in a job step: running as one process; start it with srun to use "
+              f"all {allocated}", file=sys.stderr, flush=True)
 
 
 def layout_from_env(tensor_model_parallel_size: int, pipeline_model_parallel_size: int) -> dict:

@@ -92,6 +92,16 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _from_rank0(run_id: str) -> str:
+    """Rank 0's run id (hex) on every rank: one id for the run, not one per rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return run_id
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw = torch.tensor(list(bytes.fromhex(run_id)), dtype=torch.uint8, device=device)
+    dist.broadcast(raw, src=0)
+    return bytes(raw.tolist()).hex()
+
+
 class Trainer(RunReport):
     def __init__(self, cfg: Dict[str, Dict[str, Any]]):
         warnings.filterwarnings("ignore")
@@ -101,7 +111,7 @@ class Trainer(RunReport):
         self.banner = banner()
         children_die_with_parent()
         self._init_distributed()
-        self.run_id = run_dir.new_run_id()  # a resume from the save directory keeps its own
+        self.run_id = _from_rank0(run_dir.new_run_id())  # a resume keeps its own (_resume)
         if self.rank0 and cfg["checkpoint"]["save"]:
             run_dir.acquire_lock(cfg["checkpoint"]["save"])
         self._build_data()
