@@ -169,5 +169,9 @@ def test_requeue_resumes_and_keeps_the_log(cluster, tmp_path, tiny_dataset):
         time.sleep(2)
     out = _output(tmp_path, job)
     cluster.scancel(job)
-    print(out)
-    assert f"iteration {first}" in out and "resumed from" in out  # both attempts' lines
+    print("\n".join(line for line in out.splitlines() if any(
+        word in line for word in ("iteration ", "saved checkpoint", "REQUEUE", "resumed from",
+                                  "stopped by"))))
+    # both attempts' lines in one log: the first's checkpoint, the requeue, the resume
+    assert f"saved checkpoint {save}/iter_{first:07d}" in out
+    assert "DUE TO JOB REQUEUE" in out and f"resumed from {save}/iter_" in out
