@@ -144,3 +144,24 @@ def test_replay_chain_backpropagates_as_chain_add():
     y2 = chain_add(assemble([z @ b.t() for b in bs]), prev.detach(), s.detach(), slices)
     torch.testing.assert_close(invert_chain(y2, list(zip([z] * 3, bs)), s.detach(),
                                             slices).double(), prev.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_beta_gradient_dots_in_bf16_match_float64():
+    """The per-position ``<dY_p, Y_prev,p>`` of bf16 chains is formed with fp32 products: within
+    fp32 round-off of the float64 value (bf16 products were off by about 1e-3)."""
+    from crnet_megatron.model.chain_ops import position_dots
+
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(256, 2, 96, generator=g).to(torch.bfloat16)
+    prev = (torch.randn(256, 2, 96, generator=g) + 0.5).to(torch.bfloat16)
+    halves = lambda t: list(t.split(48, dim=-1))  # noqa: E731 - two positions, fused layout
+    got = position_dots(grad, prev, halves)
+    assert got.dtype == torch.float32
+    exact = torch.stack([(a.double() * b.double()).sum() for a, b in zip(halves(grad),
+                                                                          halves(prev))])
+    scale = torch.stack([(a.double() * b.double()).abs().sum() for a, b in zip(halves(grad),
+                                                                               halves(prev))])
+    assert ((got.double() - exact).abs() / scale).max() < 1e-6
+    rounded = torch.stack([torch.sum(a * b, dtype=torch.float32) for a, b in zip(halves(grad),
+                                                                               halves(prev))])
+    assert ((rounded.double() - exact).abs() / scale).max() > 1e-5  # what bf16 products gave

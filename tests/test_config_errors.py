@@ -44,3 +44,43 @@ def test_middle_high_schedule_is_higher_in_the_middle():
     ranks = config.crnet_layer_ranks
     assert len(ranks) == 6 and ranks[0] == ranks[-1] == 12 and max(ranks) == ranks[2] == ranks[3]
     assert max(ranks) > 16 > ranks[0]
+
+
+def _field_names():
+    import dataclasses
+
+    from crnet_megatron import CRNetConfig
+
+    return [f.name for f in dataclasses.fields(CRNetConfig) if f.init]
+
+
+def test_every_unhonoured_megatron_switch_is_refused_by_name():
+    """Walks every field of CRNetConfig (so a new megatron-core field is covered the day it
+    appears): a field outside the allowlist set to anything but its default is refused with one
+    line naming it; an allowlisted or CR-Net field is not refused by that rule."""
+    from crnet_megatron.model.switches import HONOURED
+
+    sentinel = object()
+    refused = []
+    for name in _field_names():
+        if name in HONOURED or name.startswith("crnet_"):
+            continue
+        with pytest.raises(ValueError, match=rf"^CRNetConfig\.{name}=<object object"):
+            tiny_config(**{name: sentinel})
+        refused.append(name)
+    assert len(refused) > 150  # megatron-core 0.16.1 has about 240 fields
+    assert {"normalization", "qk_layernorm", "window_size", "num_moe_experts",
+            "multi_latent_attention", "mtp_num_layers", "fp4", "tp_comm_overlap",
+            "pipeline_model_parallel_layout", "apply_rope_fusion", "bias_activation_fusion",
+            "gradient_accumulation_fusion", "masked_softmax_fusion",
+            "bias_dropout_fusion"} <= set(refused)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("normalization", "LayerNorm"), ("qk_layernorm", True), ("window_size", (128, 0)),
+    ("num_moe_experts", 8), ("multi_latent_attention", True), ("mtp_num_layers", 1),
+    ("fp4", "e2m1"), ("tp_comm_overlap", True), ("apply_rope_fusion", True),
+])
+def test_switches_the_review_found_accepted_are_refused(name, value):
+    with pytest.raises(ValueError, match=rf"^CRNetConfig\.{name}=.* is invalid: "):
+        tiny_config(**{name: value})

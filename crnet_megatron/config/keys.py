@@ -67,7 +67,7 @@ class Model:
 class Parallel:
     tensor_model_parallel_size: int = key(1, int, "TP degree", bounds=POS)
     pipeline_model_parallel_size: int = key(1, int, "PP degree", bounds=POS)
-    sequence_parallel: Any = key(None, OPT_BOOL, "SP; null: on at TP > 1 for crnet and lowrank")
+    sequence_parallel: Any = key(None, OPT_BOOL, "SP; null: on at TP > 1 (every variant)")
     use_distributed_optimizer: bool = key(False, bool, "shard optimizer state over DP")
     num_layers_in_first_pipeline_stage: Any = key(None, OPT_INT, "uneven first stage",
                                                   bounds=POS)

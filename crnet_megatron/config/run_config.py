@@ -95,12 +95,12 @@ def _validate_recompute_modules(r: Dict[str, Any]) -> None:
 
 
 def resolve_sequence_parallel(cfg: Dict[str, Dict[str, Any]]) -> None:
-    """``parallel.sequence_parallel: null`` (the default) means on for CR-Net and lowrank at
-    TP > 1 (without it every rank runs the column A factors on every token), as Megatron's."""
+    """``parallel.sequence_parallel: null`` (the default) means on at TP > 1, for every variant,
+    so that variants compare like with like. Megatron-LM leaves SP off unless asked; here it is
+    on because a CR-Net or lowrank rank without it runs the column A factors on every token."""
     p = cfg["parallel"]
     if p["sequence_parallel"] is None:
-        p["sequence_parallel"] = (p["tensor_model_parallel_size"] > 1
-                                  and cfg["model"]["variant"] in ("crnet", "lowrank"))
+        p["sequence_parallel"] = p["tensor_model_parallel_size"] > 1
 
 
 def defaults() -> Dict[str, Dict[str, Any]]:

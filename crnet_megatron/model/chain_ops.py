@@ -4,7 +4,7 @@
 B matmuls, which nothing else keeps for backward), so the forward makes no temporary, and scales
 by one scalar per position instead of gathering a per-channel vector. Its backward hands
 ``dY`` through to ``Z B`` unchanged, writes ``s_p dY_p`` into one buffer for ``dY_prev`` and
-reduces ``<dY_p, Y_prev,p>`` once per position (in fp32 at least) for ``ds``.
+reduces ``<dY_p, Y_prev,p>`` once per position (products and sum in fp32 at least) for ``ds``.
 ``slices(t)`` returns the per-position views of a tensor in the fused layout.
 """
 
@@ -32,14 +32,20 @@ class _ChainAdd(torch.autograd.Function):
         prev, s = ctx.saved_tensors
         grad = grad.contiguous()
         grad_prev = torch.empty_like(prev) if ctx.needs_input_grad[1] else None
-        acc = torch.promote_types(s.dtype, torch.float32)  # bf16 sums in fp32
-        grad_s = torch.empty(s.shape, dtype=acc, device=s.device)
         outs = ctx.slices(grad_prev) if grad_prev is not None else [None] * s.numel()
-        for k, (g, p, o) in enumerate(zip(ctx.slices(grad), ctx.slices(prev), outs)):
+        for k, (g, o) in enumerate(zip(ctx.slices(grad), outs)):
             if o is not None:
                 torch.mul(g, s[k], out=o)
-            grad_s[k] = torch.sum(g * p, dtype=acc)
+        grad_s = position_dots(grad, prev, ctx.slices)
         return grad, grad_prev, grad_s.to(s.dtype), None
+
+
+def position_dots(grad: torch.Tensor, prev: torch.Tensor, slices: Slices) -> torch.Tensor:
+    """``<dY_p, Y_prev,p>`` per position: products and sum in fp32 at least (bf16 products
+    would round each term before the sum)."""
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    return torch.stack([torch.dot(g.reshape(-1).to(acc), p.reshape(-1).to(acc))
+                        for g, p in zip(slices(grad), slices(prev))])
 
 
 def chain_add(zb: torch.Tensor, prev: torch.Tensor, s: torch.Tensor, slices: Slices) -> torch.Tensor:

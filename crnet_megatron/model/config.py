@@ -21,6 +21,7 @@ from crnet_megatron.model.choices import (
     VARIANTS,
 )
 from crnet_megatron.model.rules import layout_problems, transformer_config_names
+from crnet_megatron.model.switches import unhonoured
 
 
 def _bad(field: str, value, valid: str) -> ValueError:
@@ -48,7 +49,7 @@ class CRNetConfig(TransformerConfig):
         crnet_recompute_min_scale (chains whose next |s(beta)| is smaller are stored, not inverted)
         and crnet_recompute_max_ratio (16-bit chains whose next update is larger than this many
         times the carried term are stored; None disables the check; ``parallel.conditioning``
-        decides from the previous step's statistics, with no host sync per layer).
+        decides from earlier forwards' statistics, with no host sync per layer or micro-batch).
     """
 
     # LLaMA-2 defaults (override TransformerConfig's GPT defaults).
@@ -78,8 +79,8 @@ class CRNetConfig(TransformerConfig):
     crnet_recompute_max_ratio: Optional[float] = 16.0
 
     def __post_init__(self):
-        self._validate_pipeline()
         self._validate_switches()
+        self._validate_pipeline()
         # "crnet" (Algorithm 1) sits beside Megatron's "full"/"selective", which Megatron's own
         # validation knows; hide it from that validation only.
         crnet_recompute = self.recompute_granularity == "crnet"
@@ -131,27 +132,11 @@ class CRNetConfig(TransformerConfig):
             raise ValueError(transformer_config_names(problems[0]))
 
     def _validate_switches(self):
-        """Megatron switches whose code path the CR-Net block's forwards replace are refused,
-        not silently ignored."""
-        if self.fp8 is not None:
-            raise _bad("fp8", self.fp8, "FP8 is not supported: the CR-Net block's forward does "
-                       "not enter Transformer Engine's FP8 autocast and the A/B factors are "
-                       "Megatron linears; use None (bf16)")
-        graphs = self.cuda_graph_impl != "none" or self.enable_cuda_graph
-        if graphs or self.external_cuda_graph:
-            raise _bad("cuda_graph_impl", self.cuda_graph_impl, "CUDA graphs are not supported: "
-                       "the CR-Net layers do not go through Megatron's graphed forward; use 'none'")
-        if self.context_parallel_size != 1:
-            raise _bad("context_parallel_size", self.context_parallel_size, "context "
-                       "parallelism is not supported (the core attention and the chains hold "
-                       "whole sequences); use 1")
-        if self.pipeline_model_parallel_layout is not None:
-            raise _bad("pipeline_model_parallel_layout", self.pipeline_model_parallel_layout,
-                       "an explicit layout is not supported: stages are cut by Megatron's "
-                       "num_layers_in_first/last_pipeline_stage rule (model.stages); use None")
-        if self.cpu_offloading:
-            raise _bad("cpu_offloading", True, "activation offloading is not supported: the "
-                       "CR-Net block replaces the forward that offloads; use False")
+        """Every Megatron switch the CR-Net forwards do not honour is refused at any value but
+        its default (``model.switches``: an allowlist), not silently ignored."""
+        refused = unhonoured(self)
+        if refused:
+            raise _bad(*refused)
         modules = list(self.recompute_modules or ())
         unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
         if self.recompute_granularity == "selective" and unknown:
@@ -174,13 +159,6 @@ class CRNetConfig(TransformerConfig):
             raise _bad("crnet_rank_schedule", self.crnet_rank_schedule, f"one of {RANK_SCHEDULES}")
         if self.crnet_lowrank_init not in LOWRANK_INITS:
             raise _bad("crnet_lowrank_init", self.crnet_lowrank_init, f"one of {LOWRANK_INITS}")
-        if self.add_bias_linear:
-            raise _bad("add_bias_linear", True, "CR-Net projections have no bias; set False")
-        if self.hidden_dropout or self.attention_dropout:
-            raise _bad("hidden_dropout/attention_dropout",
-                       (self.hidden_dropout, self.attention_dropout), "the model has no dropout; use 0")
-        if not self.gated_linear_unit:
-            raise _bad("gated_linear_unit", False, "the LLaMA MLP is SwiGLU; set True")
 
     @property
     def num_dense_layers(self) -> int:

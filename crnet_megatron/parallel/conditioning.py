@@ -3,11 +3,11 @@
 Inverting layer l's chain divides by its ``s(beta)`` and subtracts ``Z B``: unsafe when
 ``|s(beta)|`` is below ``crnet_recompute_min_scale`` or, for 16-bit chains, when ``||Z B||`` is
 more than ``crnet_recompute_max_ratio`` times the carried term. Both statistics live on the
-device. The decision for a stage's forward (one micro-batch) is taken from its previous
-forward's statistics, which reach the host through a non-blocking copy started at the end of
-that forward, so no layer waits for the device (one read of host memory per stage and
-micro-batch, none per layer). The first forward of a stage has no statistics yet and reads them
-as they come, once.
+device. The decision for a stage's forward (one micro-batch) is taken from the newest earlier
+forward's statistics that have reached the host (a non-blocking copy started at the end of each
+forward, adopted once its event says it landed), so neither a layer nor a micro-batch waits for
+the device. The first forward of a stage has no statistics yet and reads them as they come,
+once.
 """
 
 from __future__ import annotations
@@ -47,14 +47,21 @@ def small_scales(layers, chain_modules, is_crnet_layer, threshold: float) -> tor
 
 
 class StageGuard:
-    """The host's view of one stage's flags, kept on its first layer between forwards."""
+    """The host's view of one stage's flags, kept on its first layer between forwards.
+
+    No forward waits for the device: the flags a forward records reach the host through a
+    non-blocking copy, and a later forward adopts them once that copy has landed (its event
+    ``query()``s true); until then it decides with the last flags it adopted. The small-scale
+    flags change only when the optimizer steps the betas, so they are at most a few forwards
+    old; the ill-conditioning flags are a previous micro-batch's measure either way."""
 
     def __init__(self):
         self.small: Optional[List[List[bool]]] = None
         self.ill: Optional[List[List[bool]]] = None
-        self._pending: Optional[torch.Tensor] = None  # [2, layers, 4] on its way to the host
-        self._host: Optional[torch.Tensor] = None     # its pinned buffer, allocated once
-        self._copied = None                           # CUDA event: the copy has landed
+        self._host: Optional[torch.Tensor] = None  # [2, layers, 4]: the last flags recorded
+        self._copied = None  # CUDA event of their copy to the host; None: already on the host
+        self._fresh = False  # _host holds flags not adopted yet
+        self._pinned: Optional[torch.Tensor] = None  # the pinned buffer, allocated once
 
     @staticmethod
     def of(layers) -> "StageGuard":
@@ -64,29 +71,32 @@ class StageGuard:
         return first._crnet_stage_guard
 
     def decisions(self, small_now: torch.Tensor):
-        """(small [i][c], ill [i][c] or None) for this forward: the previous forward's flags, or
-        on the first the current small-scale flags (read now) and no ill-conditioning flags."""
-        if self._pending is not None:
-            if self._copied is not None:  # recorded a forward ago: usually complete
-                self._copied.synchronize()
-            flags = self._pending.tolist()  # host memory, copied during the previous forward
-            self._pending = None
+        """(small [i][c], ill [i][c] or None) for this forward: the newest recorded flags whose
+        copy has landed, else the last adopted; on the stage's first forward the current
+        small-scale flags (read now, once) and no ill-conditioning flags yet."""
+        if self._fresh and (self._copied is None or self._copied.query()):
+            flags = self._host.tolist()  # host memory: the copy has landed
+            self._fresh = False
             self.small, self.ill = flags[0], flags[1]
         if self.small is None:
             self.small = small_now.tolist()  # the stage's first forward: one read, once
         return self.small, self.ill
 
     def record(self, small_now: torch.Tensor, ratios: List, max_ratio: Optional[float]) -> None:
-        """Start the copy of this forward's flags to the host, for the next forward."""
+        """Start the copy of this forward's flags to the host, for a later forward."""
         ill = torch.zeros_like(small_now)
         for i, row in ratios:
             ill[i] = row > max_ratio
-        flags = torch.stack([small_now, ill])
+        self._host, self._copied = self._start_copy(torch.stack([small_now, ill]))
+        self._fresh = True
+
+    def _start_copy(self, flags: torch.Tensor):
+        """(host tensor, event or None): a non-blocking copy into pinned memory on CUDA."""
         if not flags.is_cuda:
-            self._pending = flags
-            return
-        if self._host is None or self._host.shape != flags.shape:
-            self._host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-        self._pending = self._host.copy_(flags, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+            return flags, None
+        if self._pinned is None or self._pinned.shape != flags.shape:
+            self._pinned = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        self._pinned.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return self._pinned, event
