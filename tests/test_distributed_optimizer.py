@@ -114,3 +114,27 @@ def test_async_save_resumes_exactly(straight, tiny_dataset, tmp_path):
                                                                       "iter_0000004"]
     resumed = _train(tiny_dataset, tmp_path, "b", 2, *fmt, "checkpoint.async_save=true")
     assert _losses(first) + _losses(resumed) == _losses(straight)
+
+
+def test_torch_adam_mend_applies_on_a_gpu_without_apex_or_te():
+    """The torch-Adam checkpoint mend is applied wherever torch Adam runs the distributed
+    optimizer: with CUDA reported available (a GPU image without Apex/TE) it is applied, once,
+    and the CPU adaptations are not."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+torch.cuda.is_available = lambda: True
+from crnet_megatron.parallel import compat
+from megatron.core.optimizer import distrib_optimizer as do
+before = torch.cuda.current_device
+assert compat.activate() is False
+first = do.DistributedOptimizer.load_state_dict
+compat.activate()
+assert do.DistributedOptimizer.load_state_dict is first  # applied once
+print(do.DistributedOptimizer._crnet_mended, first.__name__, torch.cuda.current_device is before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split() == ["True", "_load_state_dict", "True"], out.stderr[-2000:]

@@ -27,7 +27,7 @@ def _counted(obj, name, counts):
 
 
 def test_trainer_step_prepares_once_and_matches_megatron_step(tiny_dataset, tmp_path):
-    from crnet_megatron.parallel import cpu_compat
+    from crnet_megatron.parallel import compat
     from crnet_megatron.parallel.groups import destroy_distributed
     from crnet_megatron.parallel.schedule import run_schedule
 
@@ -53,7 +53,7 @@ def test_trainer_step_prepares_once_and_matches_megatron_step(tiny_dataset, tmp_
             ref.optimizer.zero_grad()
             run_schedule(ref.model, data, ref.num_microbatches, cfg["model"]["seq_length"],
                          s["micro_batch_size"], False)
-            with cpu_compat.cuda_device_rewrite():
+            with compat.cuda_device_rewrite():
                 _, norm, _ = ref.optimizer.step()  # Megatron's own step
             ref.scheduler.step(increment=1)
             ref_norms.append(norm)

@@ -176,3 +176,18 @@ def test_interleaving_takes_megatron_lms_p2p_settings():
     assert (vpp.overlap_p2p_comm, vpp.batch_p2p_comm) == (True, False)
     plain = tiny_config(num_layers=4, pipeline_model_parallel_size=2)
     assert (plain.overlap_p2p_comm, plain.batch_p2p_comm) == (False, True)
+
+
+def test_p2p_private_api_is_checked_at_start_up():
+    """The payload communicator overrides megatron-core's private ``_communicate``: today's
+    signature passes; one without ``tensor_shape`` (a future megatron-core) is refused, named."""
+    from crnet_megatron.parallel.pipeline import check_p2p_api
+
+    check_p2p_api()
+
+    def changed(self, *, tensor_send_next, tensor_send_prev, recv_prev, recv_next, shapes):
+        pass
+
+    with pytest.raises(RuntimeError, match=r"no longer takes the keyword arguments "
+                                           r"\['tensor_shape'\]"):
+        check_p2p_api(changed)

@@ -46,7 +46,7 @@ from crnet_megatron.checkpoint.safe_checkpoint import (
     safe_reads,
 )
 from crnet_megatron.data.safe_files import write_text
-from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.parallel import compat
 from crnet_megatron.parallel.pipeline import model_chunks
 
 
@@ -194,7 +194,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
     _barrier()
     _write_results_queue(async_queue is not None)
     try:
-        with cpu_compat.cuda_device_rewrite():
+        with compat.cuda_device_rewrite():
             fmt = optimizer_format(optimizer, fully_reshardable)
             state = _sharded_state(model, optimizer, is_loading=False, with_rng=True, fmt=fmt,
                                    tensors_only=TensorsOnly())
@@ -210,7 +210,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
         _publish(root, iteration, keep_last, run_id)
     else:
         request.add_finalize_fn(lambda: _publish(root, iteration, keep_last, run_id))
-        with cpu_compat.cuda_device_rewrite():
+        with compat.cuda_device_rewrite():
             async_queue.schedule_async_request(request)
     return final
 
@@ -229,7 +229,7 @@ def finish_saves(async_queue, root: str, blocking: bool) -> List[int]:
             results = filesystem_async._results_queue
             if isinstance(results, _WriteResults):
                 results.drain()
-            with cpu_compat.cuda_device_rewrite():  # every rank gets the same answer
+            with compat.cuda_device_rewrite():  # every rank gets the same answer
                 done += async_queue.maybe_finalize_async_calls(blocking=False)
             if not blocking or not async_queue.get_num_unfinalized_calls():
                 return done
@@ -340,7 +340,7 @@ def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
     keys = set(metadata.state_dict_metadata)
     tensors_only = TensorsOnly(object_sizes(metadata))
     with contextlib.ExitStack() as stack:
-        stack.enter_context(cpu_compat.cuda_device_rewrite())
+        stack.enter_context(compat.cuda_device_rewrite())
         for module in modules:
             stack.enter_context(_norm_keys_as_saved(module, keys))
         if optimizer is not None:

@@ -1,10 +1,8 @@
 """A run config as Megatron-Core's configs: the model's ``CRNetConfig`` (a
-``TransformerConfig``) and the ``OptimizerConfig``, and whether the distributed optimizer can
-run here. Kept apart from ``run_config`` (the YAML schema and its checks, no torch)."""
+``TransformerConfig``) and the ``OptimizerConfig``. Kept apart from ``run_config`` (the YAML
+schema and its checks, no torch)."""
 
 from __future__ import annotations
-
-from typing import Optional
 
 
 def to_crnet_config(cfg, params_dtype=None):
@@ -42,28 +40,10 @@ def to_crnet_config(cfg, params_dtype=None):
     )
 
 
-def distributed_optimizer_problem() -> Optional[str]:
-    """Why the distributed optimizer cannot be used here (None: it can). Without Apex/TE,
-    megatron-core 0.16.1 runs it on torch Adam, whose checkpoints its loader cannot read back;
-    on CPU the compatibility module mends that (``parallel/cpu_compat.py``), on a GPU it is
-    left as megatron-core has it, so there it needs Apex or Transformer Engine."""
-    import torch
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
-    if HAVE_APEX_OR_TE or not torch.cuda.is_available():
-        return None
-    return ("parallel.use_distributed_optimizer=true on a GPU needs Transformer Engine or Apex "
-            "(megatron-core 0.16.1 cannot load its torch-Adam checkpoints); install one or set "
-            "it to false")
-
-
 def use_distributed_optimizer(cfg) -> bool:
-    if cfg["parallel"]["use_distributed_optimizer"]:
-        problem = distributed_optimizer_problem()
-        if problem:
-            raise ValueError(problem)
-        return True
-    return False
+    """Megatron's distributed optimizer, on Apex/TE's Adam or, without them (CPU, or a GPU
+    image without either), torch's Adam with its checkpoints mended (``parallel.compat``)."""
+    return bool(cfg["parallel"]["use_distributed_optimizer"])
 
 
 def to_optimizer_config(cfg, distributed: bool):

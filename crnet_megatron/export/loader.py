@@ -96,14 +96,12 @@ def find_tokenizer(common: Dict[str, Any], cfg, run_dir: str, explicit: Optional
 
 def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
     """(model at TP=1/PP=1 in eval mode, Loaded). Call inside ``single_process()``."""
-    import logging
 
     from crnet_megatron.checkpoint.checkpointing import load_checkpoint
     from crnet_megatron.config import run_config
     from crnet_megatron.config.megatron_configs import to_crnet_config
     from crnet_megatron.parallel.build import build_model
 
-    logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
     common = resolve_checkpoint(path)
     if not isinstance(common.get("config"), dict):
         raise ValueError(f"checkpoint {common['path']} stores no run config")

@@ -9,11 +9,13 @@ and dense baselines hand no chains on (``None``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional
 
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from crnet_megatron.model.projection import active_scheme
@@ -36,6 +38,16 @@ class CRNetTransformerLayer(TransformerLayer):
     recomputed from its input; its chains are checkpoint outputs) and ``layernorm`` (each norm's
     output is dropped after the block that reads it and recomputed in backward, Megatron's
     ``CheckpointWithoutOutput``)."""
+
+    def __init__(self, config, submodules, *args, **kwargs):
+        # Megatron's layer passes ``tp_group`` only to a spec whose module *is* ``MLP``; the
+        # CR-Net MLP (a subclass) is built here with the same kwargs instead
+        mlp_spec = submodules.mlp
+        super().__init__(config, dataclasses.replace(submodules, mlp=IdentityOp), *args, **kwargs)
+        self.submodules_config = submodules
+        self.mlp = build_module(mlp_spec, config=self.config, tp_group=self.pg_collection.tp)
+        if hasattr(self.mlp, "set_layer_number"):
+            self.mlp.set_layer_number(self.layer_number)
 
     def _recomputes(self, module: str) -> bool:
         c = self.config

@@ -36,6 +36,7 @@ Sharding (t = tensor-parallel size):
 
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence
 
 import torch
@@ -65,10 +66,10 @@ def signed_scale(beta: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.sign(beta) * (beta.abs() + eps)
 
 
-def _tp_size(tp_group) -> int:
-    if tp_group is not None:
-        return tp_group.size()
-    return parallel_state.get_tensor_model_parallel_world_size()
+def _tp_group(tp_group):
+    """The TP group a layer was given (Megatron's layer passes ``pg_collection.tp``), or the
+    global one where a module is built on its own."""
+    return tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
 
 
 def _device(config: CRNetConfig):
@@ -129,7 +130,8 @@ class CRNetColumnParallelLinear(MegatronModule):
         super().__init__(config=config)
         if gather_output or bias:
             raise ValueError("CR-Net column projections keep sharded outputs and have no bias")
-        t = _tp_size(tp_group)
+        self.tp_group = _tp_group(tp_group)
+        t = self.tp_group.size()
         self.rank, self.layout, self.eps = rank, layout, config.crnet_eps
         self.names, sizes = self._positions(config, layout, output_size)
         n = len(self.names)
@@ -210,17 +212,17 @@ class CRNetColumnParallelLinear(MegatronModule):
         if self.tp == 1:
             return z_local
         if self.sequence_parallel:
-            return gather_from_sequence_parallel_region(z_local, tensor_parallel_output_grad=True)
-        return copy_to_tensor_model_parallel_region(z_local)
+            return gather_from_sequence_parallel_region(z_local, tensor_parallel_output_grad=True,
+                                                        group=self.tp_group)
+        return copy_to_tensor_model_parallel_region(z_local, group=self.tp_group)
 
     def _codes_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """What ``gather_codes``' backward does to dZ (for replay)."""
         if self.tp == 1:
             return grad
-        group = parallel_state.get_tensor_model_parallel_group()
         if self.sequence_parallel:
-            return _reduce_scatter_along_first_dim(grad.contiguous(), group)
-        return _reduce(grad.contiguous(), group)
+            return _reduce_scatter_along_first_dim(grad.contiguous(), self.tp_group)
+        return _reduce(grad.contiguous(), self.tp_group)
 
     def expand(self, z: torch.Tensor) -> torch.Tensor:
         """Z B (local output shard, fused layout) from the full codes Z."""
@@ -267,10 +269,11 @@ class CRNetRowParallelLinear(MegatronModule):
         if bias or not input_is_parallel:
             raise ValueError("CR-Net row projections take a TP-sharded input and have no bias")
         self.rank, self.eps = rank, config.crnet_eps
+        self.tp_group = _tp_group(tp_group)
         std = _lowrank_std(config, input_size, output_size, rank)
         self.linear_a = RowParallelLinear(
             input_size, rank, config=config, init_method=_normal(std), bias=False,
-            input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
+            input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
         self.linear_b = torch.nn.Linear(rank, output_size, bias=False, device=_device(config),
                                         dtype=config.params_dtype)
         with torch.no_grad():
@@ -310,7 +313,8 @@ class CRNetRowParallelLinear(MegatronModule):
 
     def replay(self, x, chain_prev, z_full, y):
         """Rebuild the graph of ``forward`` from saved codes and the known output Y."""
-        grad_transform = gather_seq_grad if self.linear_a.sequence_parallel else None
+        grad_transform = functools.partial(gather_seq_grad, group=self.tp_group) \
+            if self.linear_a.sequence_parallel else None
         z = replay_linear(x, self.linear_a.weight, z_full, grad_transform)
         b = self.linear_b.weight
         piece = replay_linear(z, b, _placeholder(z, b.shape[0]))

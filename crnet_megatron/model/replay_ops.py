@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
 
 
@@ -34,9 +33,10 @@ class ReplayLinear(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def gather_seq_grad(grad: torch.Tensor) -> torch.Tensor:
-    """Backward of a reduce-scatter along the sequence (a row A under sequence parallel)."""
-    return _gather_along_first_dim(grad, parallel_state.get_tensor_model_parallel_group())
+def gather_seq_grad(grad: torch.Tensor, group) -> torch.Tensor:
+    """Backward of a reduce-scatter along the sequence over ``group`` (a row A under sequence
+    parallel, its layer's TP group)."""
+    return _gather_along_first_dim(grad, group)
 
 
 def replay_linear(x, weight, out, grad_transform=None):

@@ -22,6 +22,7 @@ t = TP size, p = PP size, d = DP size = world / (t p).
 * Recompute (``recompute.py``): Algorithm 1 (``crnet``) or Megatron ``full`` per stage.
 
 ``build.build_model`` builds one rank's stage and attaches the stage payload and the recompute
-scheme to it; ``groups`` sets up the process groups; ``cpu_compat`` is the one adaptation of
-megatron-core for CPU/gloo, active only without CUDA.
+scheme to it; ``groups`` sets up the process groups; ``compat`` is the one place that mends
+megatron-core (CPU/gloo adaptations only without CUDA; the torch-Adam distributed-optimizer
+checkpoints everywhere).
 """

@@ -1,6 +1,6 @@
 """Process groups: torch.distributed (env://, torchrun or Slurm's task variables) and
 Megatron-Core's parallel state, seeded the same on every rank (the plan: ``parallel/__init__``).
-On CPU the backend is gloo and ``cpu_compat`` is activated; on CUDA it is NCCL and nothing is
+On CPU the backend is gloo and ``compat`` is activated; on CUDA it is NCCL and nothing is
 adapted."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.parallel import compat
 from crnet_megatron.parallel.launch import free_port, rank_env_from_slurm
 
 
@@ -22,7 +22,7 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     """Initialise torch.distributed (env:// as set by torchrun) and Megatron's groups, their
     collectives timing out after ``timeout_minutes`` (``parallel.distributed_timeout_minutes``,
     Megatron's ``--distributed-timeout-minutes``)."""
-    cpu_compat.activate()
+    compat.activate()
     if not dist.is_initialized():
         rank_env_from_slurm()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -29,7 +29,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from crnet_megatron.model.layer import Chains
-from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.parallel import compat
 
 
 def payload_width(config) -> int:
@@ -90,12 +90,35 @@ class StagePayload:
         return unpack_stage_input(packed, self.config)
 
 
+# what ``PayloadP2PCommunicator`` relies on in megatron-core's private ``_communicate``: every
+# transfer of the schedules goes through it, and its buffers are sized by ``tensor_shape``
+P2P_API = ("tensor_send_next", "tensor_send_prev", "recv_prev", "recv_next", "tensor_shape")
+
+
+def check_p2p_api(communicate=None) -> None:
+    """Refuse to start if megatron-core's ``P2PCommunicator._communicate`` (a private method the
+    payload communicator overrides) no longer takes the keyword arguments above."""
+    import inspect
+
+    import megatron.core
+
+    params = inspect.signature(communicate or P2PCommunicator._communicate).parameters
+    missing = [name for name in P2P_API if name not in params
+               or params[name].kind is not inspect.Parameter.KEYWORD_ONLY]
+    if missing:
+        raise RuntimeError(
+            f"megatron-core {megatron.core.__version__}: P2PCommunicator._communicate no longer "
+            f"takes the keyword arguments {missing}, which the CR-Net pipeline payload "
+            "overrides (parallel/pipeline.py); use megatron-core 0.16.x")
+
+
 class PayloadP2PCommunicator(P2PCommunicator):
     """Megatron's P2P communicator whose receive buffers have the packed payload's width: the
     schedule asks for ``(s', b, hidden)`` and gets ``(s', b, payload_width)``, in both
     directions (activations forward, their gradients backward)."""
 
     def __init__(self, pp_group, config):
+        check_p2p_api()
         super().__init__(pp_group=pp_group, config=config)
         self.payload_width = payload_width(config)
 
@@ -146,5 +169,5 @@ def forward_backward(*, forward_step_func, data_iterator, model, num_microbatche
         kwargs["p2p_communicator"] = PayloadP2PCommunicator(
             parallel_state.get_pipeline_model_parallel_group(), config)
         kwargs["pg_collection"] = _process_groups()
-    with cpu_compat.cuda_device_rewrite(), cpu_compat.sent_outputs_kept(config):
+    with compat.cuda_device_rewrite(), compat.sent_outputs_kept(config):
         return get_forward_backward_func()(**kwargs)

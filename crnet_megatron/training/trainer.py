@@ -52,7 +52,7 @@ from crnet_megatron.checkpoint.resume import (
 )
 from crnet_megatron.config import megatron_configs, run_config
 from crnet_megatron.data.batches import SampleIterator
-from crnet_megatron.parallel import cpu_compat
+from crnet_megatron.parallel import compat
 from crnet_megatron.parallel.build import build_model_chunks
 from crnet_megatron.parallel.environment import banner, versions
 from crnet_megatron.parallel.groups import (
@@ -105,7 +105,6 @@ def _from_rank0(run_id: str) -> str:
 class Trainer(RunReport):
     def __init__(self, cfg: Dict[str, Dict[str, Any]]):
         warnings.filterwarnings("ignore")
-        logging.getLogger("megatron.core.transformer.transformer_layer").setLevel(logging.ERROR)
         self.cfg = cfg
         self.versions = versions()
         self.banner = banner()
@@ -170,7 +169,7 @@ class Trainer(RunReport):
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=p["overlap_grad_reduce"],
             overlap_param_gather=p["overlap_param_gather"], use_distributed_optimizer=dist_opt)
-        with cpu_compat.cuda_device_rewrite():
+        with compat.cuda_device_rewrite():
             self.model = [DistributedDataParallel(self.config, ddp_config, chunk,
                                                   disable_bucketing=i > 0)
                           for i, chunk in enumerate(chunks)]
@@ -261,7 +260,7 @@ class Trainer(RunReport):
         forward's pre-hooks; evaluation and checkpoints need them now (as Megatron-LM does:
         hooks off, which syncs the parameters, then on again)."""
         hooked = [c for c in self.model if getattr(c, "use_forward_hook", False)]
-        with cpu_compat.cuda_device_rewrite():
+        with compat.cuda_device_rewrite():
             for chunk in hooked:
                 chunk.disable_forward_pre_hook()
         try:
@@ -311,13 +310,13 @@ class Trainer(RunReport):
         loss = run_schedule(self.model, data_iterators, self.num_microbatches,
                             self.cfg["model"]["seq_length"], s["micro_batch_size"], False)
         self.consumed += s["global_batch_size"]
-        with cpu_compat.cuda_device_rewrite():  # the norm Megatron's clipping uses
+        with compat.cuda_device_rewrite():  # the norm Megatron's clipping uses
             found_inf = self.optimizer.prepare_grads()
             norm = float(self.optimizer.get_grad_norm())
         if _any_rank(found_inf or not (math.isfinite(loss) and math.isfinite(norm))):
             return self._skip_step(loss, norm)
         self.skipped_in_a_row = 0
-        with cpu_compat.cuda_device_rewrite():  # prepared once, one norm: clip and step
+        with compat.cuda_device_rewrite():  # prepared once, one norm: clip and step
             step_with_norm(self.optimizer, norm)
         self.scheduler.step(increment=1)
         return dict(loss=loss, grad_norm=norm, skipped=0)

@@ -1,7 +1,10 @@
-"""The one place where megatron-core 0.16.1's CUDA-only corners are adapted for CPU/gloo.
+"""The one place where megatron-core 0.16.1 is mended: one fix that applies on every device,
+and its CUDA-only corners adapted for CPU/gloo.
 
-``activate()`` does nothing when CUDA is available, so GPU runs use megatron-core unchanged.
-Without CUDA it makes these adaptations (file:line are megatron-core 0.16.1):
+``activate()`` applies item 5 everywhere (GPU runs without Apex/TE use torch's Adam too) and,
+only without CUDA, items 1-4 and 6, so GPU runs otherwise use megatron-core unchanged. Each is
+gated on the megatron-core version it was written against (``MENDED``; file:line are
+megatron-core 0.16.1):
 
 1. ``torch.cuda.current_device()`` answers the CPU device. Megatron allocates with it in
    ``models/common/embeddings/rotary_pos_embedding.py:162`` (RoPE ``inv_freq``),
@@ -17,7 +20,7 @@ Without CUDA it makes these adaptations (file:line are megatron-core 0.16.1):
    ``optimizer/distrib_optimizer.py:~415-431``); entered only around calls that need it
    (``pipeline_parallel/schedules.py:2138``, ``optimizer/optimizer.py:907``, DDP and optimizer
    construction, ``optimizer.step``, ``finalize_model_grads``).
-5. The distributed optimizer without Apex/TE (never installed on CPU) runs on torch's Adam,
+5. (every device) The distributed optimizer without Apex/TE runs on torch's Adam,
    which keeps a per-parameter ``step`` tensor. Its loader gives every parameter one shared
    ``step`` tensor (``optimizer/distrib_optimizer.py:822``; Adam would then add to it once per
    parameter), then copies over it a ``step`` that the fully reshardable state does not hold
@@ -39,6 +42,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _ACTIVE = False
+MENDED = "0.16."  # the megatron-core series these mends were written against and tested with
+
+
+def _megatron_series_mended() -> bool:
+    import megatron.core
+
+    return megatron.core.__version__.startswith(MENDED)
 
 
 def cuda_available() -> bool:
@@ -50,6 +60,8 @@ def activate() -> bool:
     global _ACTIVE
     if _ACTIVE:
         return True
+    if _megatron_series_mended():
+        _torch_adam_distributed_optimizer()  # on a GPU without Apex/TE too
     if cuda_available():
         return False
     cpu = torch.device("cpu")
@@ -64,7 +76,6 @@ def activate() -> bool:
 
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    _torch_adam_distributed_optimizer()
     _ACTIVE = True
     return True
 
@@ -72,9 +83,9 @@ def activate() -> bool:
 def _torch_adam_distributed_optimizer() -> None:
     from megatron.core.optimizer import distrib_optimizer as do
 
-    if do.HAVE_APEX_OR_TE:
-        return
     cls = do.DistributedOptimizer
+    if do.HAVE_APEX_OR_TE or getattr(cls, "_crnet_mended", False):
+        return
     set_states, load_state_dict = cls._set_main_param_and_optimizer_states, cls.load_state_dict
 
     def _set_states(self, model_param, tensors):
@@ -95,6 +106,7 @@ def _torch_adam_distributed_optimizer() -> None:
 
     cls._set_main_param_and_optimizer_states = _set_states
     cls.load_state_dict = _load_state_dict
+    cls._crnet_mended = True
 
 
 def _is_cuda(device) -> bool:
