@@ -50,7 +50,7 @@ def _predicted(config, seq, batch, mode, tp=1, vocab=256):
                 sequence_parallel=config.sequence_parallel, recompute=mode.split("-")[0],
                 recompute_method=config.recompute_method or "uniform",
                 recompute_num_layers=config.recompute_num_layers or 1, bf16=False,
-                backend="local", every=config.crnet_checkpoint_every)
+                backend="local", device="cpu", every=config.crnet_checkpoint_every)
     h = config.hidden_size / tp if plan.sp else config.hidden_size
     # the decoder ends with the final norm (its output is the output layer's, not counted here)
     per_token = stage_activation_elements(plan, 0) + norm_elements(plan) - h
@@ -223,3 +223,18 @@ def test_crnet_plan_cli(tmp_path, capsys):
         main(["examples/configs/llama2_7b_seq4096.yaml", "--gpus", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--gpus 3 is not a multiple of TP x PP" in err[0]
+
+
+def test_norm_term_follows_the_device_path():
+    """torch's RMSNorm is unfused on CPU (input, normalised input, rstd and output kept) and a
+    fused kernel on CUDA (input and rstd, as TE's): the planner's norm term follows the path, so
+    the self-test's 10% activation check holds on a GPU's local spec too."""
+    from crnet_megatron.analysis.counting import ModelShape
+    from crnet_megatron.planner.per_rank import Plan, norm_elements
+
+    shape = ModelShape(hidden=64, ffn=172, heads=4, layers=4, vocab=512)
+    plans = {k: Plan(shape, 16, 32, backend=b, device=d)
+             for k, (b, d) in dict(te=("te", "cuda"), cuda=("local", "cuda"),
+                                   cpu=("local", "cpu")).items()}
+    assert norm_elements(plans["te"]) == norm_elements(plans["cuda"]) == 2 * 64 + 1
+    assert norm_elements(plans["cpu"]) == 3 * 64 + 1

@@ -19,7 +19,8 @@ def test_selftest_single_process(tmp_path, monkeypatch):
     assert rows["planner_memory"]["status"] == "pass"
     assert "activations predicted/measured 1.000" in rows["planner_memory"]["detail"]
     assert rows["pp_chains_p2p"]["status"] == "skip" and "torchrun" in rows["pp_chains_p2p"]["detail"]
-    for name in ("versions", "crnet_recompute_bf16", "export_round_trip", "gemm_nccl_sniff"):
+    for name in ("versions", "crnet_recompute_bf16", "dist_optimizer_resume", "export_round_trip",
+                 "gemm_nccl_sniff"):
         assert rows[name]["status"] == "pass", rows[name]
     assert rows["versions"]["detail"].startswith("versions: python ")
     assert "TFLOP/s" in rows["gemm_nccl_sniff"]["detail"]

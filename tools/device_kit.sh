@@ -5,7 +5,10 @@
 # (tools/fetch_device_wheels.sh, run where pip works) when the image lacks it, installed into a
 # temporary target; the package runs from this checkout.
 #
-#   tools/device_kit.sh OUT          # on the GPU machine (about 5 minutes on one H200)
+#   tools/device_kit.sh OUT          # on the GPU machine (about 5 minutes on one H200): every
+#                                    # self-test check, the distributed optimizer's save/resume
+#                                    # (torch Adam without Apex/TE) and Algorithm 1 in bf16 with
+#                                    # its conditioning guard included
 #   tools/device_kit.sh OUT --cpu    # tiny shapes and the fast checks (the test suite runs this)
 set -uo pipefail
 out=${1:?usage: tools/device_kit.sh OUT [--cpu]}

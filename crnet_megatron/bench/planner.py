@@ -64,7 +64,7 @@ def measured_rows():
                     list(model.parameters()))
                 plan = Plan(ModelShape.from_config(config, 512), config.crnet_layer_ranks or None,
                             seq, micro_batch=b, recompute=mode, bf16=False, backend="local",
-                            every=config.crnet_checkpoint_every)
+                            device="cpu", every=config.crnet_checkpoint_every)
                 pred = (stage_activation_elements(plan, 0) + norm_elements(plan) - h) * seq * b * 4
                 rows.append(dict(variant=proj, layers=layers, hidden=h, rank=rank, seq=seq,
                                  batch=b, recompute=mode, measured_bytes=nbytes,

@@ -173,6 +173,7 @@ def check_planner_memory(workdir):
             lambda: model.decoder(hidden, None, rotary_pos_emb=rope), list(model.parameters()))
         plan = Plan(ModelShape.from_config(config, vocab), config.crnet_layer_ranks, seq,
                     micro_batch=batch, global_batch=batch, bf16=cuda, backend="local",
+                    device=device.type,
                     distributed_optimizer=False)
         elements = stage_activation_elements(plan, 0) + norm_elements(plan) - config.hidden_size
         predicted = elements * seq * batch * (2 if cuda else 4)

@@ -6,8 +6,8 @@ counted tensor by tensor as the local spec saves them (``crnet-bench recompute``
 same with ``saved_tensors_hooks``; ``tests/test_planner.py`` compares the two), in elements per
 token of one micro-batch; ``H`` marks hidden-wide tensors, which sequence parallelism splits:
 
-* dense layer: per norm its input, rstd and output (2H + 1; 3H + 1 for the local spec's
-  unfused torch RMSNorm); attention: q and k after RoPE, v as a view of the fused qkv output
+* dense layer: per norm its input, rstd and output (2H + 1; 3H + 1 for torch's RMSNorm on
+  CPU, which is unfused); attention: q and k after RoPE, v as a view of the fused qkv output
   (so that whole output, q + 2kv), the output (= the output projection's input): 3q + 3kv,
   plus the log-sum-exp (one fp32 per head) and RoPE's cos/sin per position; SwiGLU: the fc1
   output (gate | up), silu(gate) and the product 4f;
@@ -61,7 +61,10 @@ class Plan:
     distributed_optimizer: bool = True
     bf16: bool = True
     every: int = 8
-    backend: str = "te"  # "te": fused norms (2 tensors saved per norm); "local": 3 (CPU)
+    # "te": TE's fused norms; "local": torch.nn.RMSNorm, fused on CUDA (like TE, 2 tensors saved
+    # per norm) and unfused on CPU (3): ``device`` says which path the local spec takes
+    backend: str = "te"
+    device: str = "cuda"
     vpp: Optional[int] = None  # model chunks per pipeline rank (interleaved schedule)
     first_stage_layers: Optional[int] = None  # uneven stages (Megatron's names, without them
     last_stage_layers: Optional[int] = None   # the layers split evenly)
@@ -140,11 +143,13 @@ def layer_activation_elements(plan: Plan, layer: int, mode: Optional[str] = None
 
 
 def norm_elements(plan: Plan) -> float:
-    """Per token, what one RMSNorm and the linear after it keep: input, rstd and output, plus
-    the normalised input for the local spec's unfused torch RMSNorm."""
+    """Per token, what one RMSNorm and the linear after it keep: input, rstd and output (TE's
+    fused norm, and torch's RMSNorm on CUDA, whose fused kernel saves only input and rstd),
+    plus the normalised input for torch's unfused RMSNorm on CPU."""
     s, t = plan.shape, plan.tp
     H = s.hidden / t if plan.sp else s.hidden
-    return (3 if plan.backend == "local" else 2) * H + 1
+    unfused = plan.backend == "local" and plan.device == "cpu"
+    return (3 if unfused else 2) * H + 1
 
 
 def chain_elements(plan: Plan) -> float:
