@@ -17,12 +17,16 @@ def _counting_worker(rank, world, cfg):
     return dict(reads=reads[0], history=result["history"])
 
 
+def _cfg(tiny_dataset, tmp_path, *layout):
+    return driver_cfg(tiny_dataset, tmp_path / "c", None, f"schedule.train_iters={ITERS}",
+                      f"schedule.global_batch_size={GBS}", "schedule.micro_batch_size=2",
+                      f"eval.eval_iters={EVAL_ITERS}", f"eval.eval_interval={EVAL_INTERVAL}",
+                      *layout)
+
+
 def test_only_tp_rank0_of_the_end_stages_reads(tiny_dataset, tmp_path):
-    cfg = driver_cfg(tiny_dataset, tmp_path / "c", None, f"schedule.train_iters={ITERS}",
-                     f"schedule.global_batch_size={GBS}", "schedule.micro_batch_size=2",
-                     f"eval.eval_iters={EVAL_ITERS}", f"eval.eval_interval={EVAL_INTERVAL}",
-                     "parallel.tensor_model_parallel_size=2",
-                     "parallel.pipeline_model_parallel_size=2")
+    cfg = _cfg(tiny_dataset, tmp_path, "parallel.tensor_model_parallel_size=2",
+               "parallel.pipeline_model_parallel_size=2")
     results = run_distributed(_counting_worker, 4, cfg, timeout=400)
     # global rank order (Megatron's default tp-cp-ep-dp-pp): tp fastest, then pp
     reads = [r["reads"] for r in results]
@@ -73,11 +77,8 @@ def test_each_model_chunk_has_its_own_iterator(tiny_dataset, tmp_path):
     """Interleaved PP=2 x VPP=2, as Megatron-LM builds them: one iterator per model chunk, the
     embedding's chunk (rank 0, chunk 0) and the loss's (rank 1, chunk 1) their own, the others
     none; each reading rank reads every sample of the run once."""
-    cfg = driver_cfg(tiny_dataset, tmp_path / "c", None, f"schedule.train_iters={ITERS}",
-                     f"schedule.global_batch_size={GBS}", "schedule.micro_batch_size=2",
-                     f"eval.eval_iters={EVAL_ITERS}", f"eval.eval_interval={EVAL_INTERVAL}",
-                     "parallel.pipeline_model_parallel_size=2",
-                     "parallel.virtual_pipeline_model_parallel_size=2")
+    cfg = _cfg(tiny_dataset, tmp_path, "parallel.pipeline_model_parallel_size=2",
+               "parallel.virtual_pipeline_model_parallel_size=2")
     results = run_distributed(_chunk_iterators_worker, 2, cfg, timeout=400)
     assert [r["kinds"] for r in results] == [["SampleIterator", None], [None, "SampleIterator"]]
     assert all(r["distinct"] == 1 for r in results)

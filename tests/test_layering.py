@@ -136,3 +136,20 @@ def test_te_range_is_stated_once():
     assert f"[{low}, {high})" in (root / "README.md").read_text()
     dockerfile = (root / "docker" / "Dockerfile").read_text()
     assert "te_range_problem" in dockerfile and low not in dockerfile
+
+
+def test_export_reads_checkpoints_without_the_training_driver():
+    """``crnet-export`` and ``crnet-eval`` load no module of ``training/``: checkpoints are read
+    through ``checkpoint/``, the run config through ``config/``, micro-batches and the schedule
+    through ``data/`` and ``parallel/``."""
+    sources = _package_sources()
+    upward = [(m, t) for m, s in sources.items() if _wing(m) == "export"
+              for _, t in _imports(m, s) if _wing(t) == "training"]
+    assert upward == []
+    loaded = subprocess.run([sys.executable, "-c", (
+        "import sys, crnet_megatron.cli.export, crnet_megatron.cli.evaluate, "
+        "crnet_megatron.export.hf, crnet_megatron.export.loader, crnet_megatron.export.perplexity"
+        "\nprint(' '.join(m for m in sys.modules if m.startswith('crnet_megatron.')))")],
+        capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert "crnet_megatron.checkpoint.resume" in loaded or "crnet_megatron.export.loader" in loaded
+    assert not [m for m in loaded if m.startswith("crnet_megatron.training")], loaded

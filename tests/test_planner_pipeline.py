@@ -13,14 +13,13 @@ from tests.helpers import run_distributed
 def _pp_worker(rank, world, projection):
     from crnet_megatron import CRNetConfig, build_model
     from crnet_megatron.parallel.groups import init_distributed
-    from crnet_megatron.parallel.pipeline import payload_width
 
     init_distributed(pipeline_model_parallel_size=world)
     config = CRNetConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
                          num_query_groups=2, crnet_rank=16, crnet_variant=projection,
                          pipeline_model_parallel_size=world, use_cpu_initialization=True)
     model = build_model(config, vocab_size=256, max_sequence_length=16, seed=1)
-    return sum(p.numel() for p in model.parameters()), payload_width(config)
+    return sum(p.numel() for p in model.parameters()), config.payload_width
 
 
 @pytest.mark.parametrize("projection", ["crnet", "lowrank"])

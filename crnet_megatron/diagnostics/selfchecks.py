@@ -210,39 +210,37 @@ def _need_processes(n: int) -> None:
         raise Skip(f"needs a multiple of {n} processes: torchrun --nproc-per-node {n} ...")
 
 
-def _rel_to_plain(sets, workdir, plain_sets=()):
-    """(max relative loss difference of a run with ``sets`` against one with ``plain_sets``,
-    number of steps)."""
+def _like_plain(workdir, sets, what, plain_sets=(), tol=None) -> str:
+    """A run with ``sets`` has the losses of one with ``plain_sets`` (``tol``: fp32's by
+    default), or the check fails naming ``what``."""
     plain = _losses(_train(list(plain_sets), workdir))
-    return _max_rel(_losses(_train(sets, workdir)), plain), len(plain)
+    rel = _max_rel(_losses(_train(sets, workdir)), plain)
+    tol = tol if tol is not None else _tol()
+    assert rel < tol, f"{what}: losses differ by up to {rel:.2e} (allowed {tol:.0e})"
+    return f"max relative loss difference {rel:.1e} over {len(plain)} steps at DP={_world()}"
 
 
 def check_tp2_sp_vs_tp1(workdir):
     """What the example configs ship: TP=2 with sequence parallel trains like TP=1."""
     _need_processes(2)
-    rel, steps = _rel_to_plain(["parallel.tensor_model_parallel_size=2",
-                                "parallel.sequence_parallel=true"], workdir)
-    assert rel < _tol(), f"TP=2+SP losses differ from TP=1 by {rel:.2e}"
-    return f"max relative loss difference {rel:.1e} over {steps} steps"
+    return _like_plain(workdir, ["parallel.tensor_model_parallel_size=2",
+                                 "parallel.sequence_parallel=true"], "TP=2+SP against TP=1")
 
 
 def check_crnet_recompute_bf16(workdir):
     """Algorithm 1 in bf16 (TE where present): the same training as without recompute."""
-    rel, steps = _rel_to_plain(["optimizer.bf16=true", "recompute.recompute_granularity=crnet",
-                                "recompute.crnet_checkpoint_every=2"], workdir,
-                               ["optimizer.bf16=true"])
-    assert rel < 0.02, f"bf16 losses with CR-Net recompute differ by up to {rel:.2%}"
-    return f"max relative loss difference {rel:.2e} over {steps} steps"
+    return _like_plain(workdir, ["optimizer.bf16=true", "recompute.recompute_granularity=crnet",
+                                 "recompute.crnet_checkpoint_every=2"],
+                       "bf16 with CR-Net recompute", ["optimizer.bf16=true"], tol=0.02)
 
 
 def check_dist_optimizer_overlap(workdir):
     """The distributed optimizer with overlap_grad_reduce trains like the plain optimizer
     (over DP >= 2: with one shard there is nothing to distribute)."""
     _need_processes(2)
-    rel, _ = _rel_to_plain(["parallel.use_distributed_optimizer=true",
-                            "parallel.overlap_grad_reduce=true"], workdir)
-    assert rel < _tol(), f"distributed optimizer + overlap_grad_reduce differs by {rel:.2e}"
-    return f"max relative loss difference {rel:.1e} at DP={_world()}"
+    return _like_plain(workdir, ["parallel.use_distributed_optimizer=true",
+                                 "parallel.overlap_grad_reduce=true"],
+                       "distributed optimizer + overlap_grad_reduce")
 
 
 def check_resume_other_layout(workdir):

@@ -217,6 +217,11 @@ class CRNetConfig(TransformerConfig):
             self.kv_projection_size, self.tensor_model_parallel_size,
             bool(self.sequence_parallel), self.carries_chains)
 
+    @property
+    def payload_width(self) -> int:
+        """Last dimension of the packed stage-boundary tensor: its parts' widths x folds."""
+        return sum(width * fold for _, width, fold in self.payload_parts())
+
     def projection_shapes(self):
         """(module.position, h_in, h_out) of the 7 positions (``positions.POSITIONS``)."""
         shapes = positions.shapes(self.hidden_size, self.ffn_hidden_size,

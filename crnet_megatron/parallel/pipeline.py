@@ -32,11 +32,6 @@ from crnet_megatron.model.layer import Chains
 from crnet_megatron.parallel import compat
 
 
-def payload_width(config) -> int:
-    """Last dimension of the packed stage-boundary tensor (``CRNetConfig.payload_parts``)."""
-    return sum(width * fold for _, width, fold in config.payload_parts())
-
-
 def _fold(x: torch.Tensor, fold: int) -> torch.Tensor:
     if fold == 1:
         return x
@@ -64,8 +59,7 @@ def pack_stage_output(hidden: torch.Tensor, chains: Chains, config) -> torch.Ten
 
 def unpack_stage_input(packed: torch.Tensor, config) -> Tuple[torch.Tensor, Chains]:
     """Inverse of ``pack_stage_output``."""
-    parts = config.payload_parts()
-    expected = sum(width * fold for _, width, fold in parts)
+    parts, expected = config.payload_parts(), config.payload_width
     if packed.shape[-1] != expected:
         raise ValueError(f"stage input has width {packed.shape[-1]}, expected {expected} "
                          "(residual + chains); are all stages built with the same config?")
@@ -120,7 +114,7 @@ class PayloadP2PCommunicator(P2PCommunicator):
     def __init__(self, pp_group, config):
         check_p2p_api()
         super().__init__(pp_group=pp_group, config=config)
-        self.payload_width = payload_width(config)
+        self.payload_width = config.payload_width
 
     def _communicate(self, *, tensor_shape, **kwargs):
         if tensor_shape is not None:
