@@ -65,6 +65,9 @@ def test_bench_throughput_reduced(tmp_path, monkeypatch):
         if r["variant"] == r["vs"]:
             assert r["ratio"] == 1.0
     assert 0 < rows[("step", "crnet/none")]["flop_ratio"] < 1
+    assert data["flush_denormal"] is True and data["step_warmup"] == 1
+    assert all(isinstance(r["subnormals"], int) and r["subnormals"] >= 0
+               for r in data["rows"] if r["section"].startswith("step"))
 
 
 def test_bench_runner_interleaves_and_tabulates(tmp_path, capsys):

@@ -14,7 +14,11 @@ ratio. Sections:
 * ``layer``: one CR-Net TransformerLayer vs the dense layer 1 of the same model;
 * ``step`` (``llama_60m`` shape: d 512, 8 layers, r 128, seq 256, batch 4): forward, backward
   and AdamW step of the whole model, CR-Net vs all-dense (``crnet_dense_layers = 8``), and
-  CR-Net with each recompute mode vs none.
+  CR-Net with each recompute mode vs none, in steady state: 50 measured steps after 20 of
+  warm-up (a CR-Net step slows as training sharpens attention, whose gradients turn
+  subnormal: the first steps mislead), with the subnormal elements one more step produces.
+  On CPU subnormals are flushed to zero as the trainer does (``--no-flush-denormal`` keeps
+  them).
 
 fp32 on CPU with ``--threads`` threads (default 1); on CUDA also bf16 (``--cuda``).
 """
@@ -31,6 +35,7 @@ FULL = dict(proj=dict(hidden=2048, ffn=5461, heads=16, rank=448, tokens=512),
             step=dict(hidden=512, ffn=1376, heads=8, layers=8, rank=128, seq=256, batch=4))
 REDUCED = dict(proj=dict(hidden=128, ffn=344, heads=4, rank=32, tokens=64),
                step=dict(hidden=64, ffn=172, heads=4, layers=4, rank=16, seq=32, batch=2))
+STEP_WARMUP, STEP_REPEATS = 20, 50  # the step section: steady state, not the first steps
 RECOMPUTE = {"none": {}, "crnet": dict(recompute_granularity="crnet"),
              "full": dict(recompute_granularity="full", recompute_method="uniform",
                           recompute_num_layers=1),
@@ -147,10 +152,12 @@ def _flop_ratios(dims):
 
 
 def _steps(dims, device, dtype, warmup, repeats, sync, variants):
-    """Whole-model forward + backward + AdamW step per variant."""
+    """Whole-model forward + backward + AdamW step per variant: (times, subnormal elements
+    the ops of one more step produced, per variant)."""
     import torch
 
     from crnet_megatron import build_model
+    from crnet_megatron.diagnostics.subnormals import SubnormalsByOp
 
     g = torch.Generator(device=device).manual_seed(0)
     vocab, seq, batch = 2048, dims["seq"], dims["batch"]
@@ -169,19 +176,56 @@ def _steps(dims, device, dtype, warmup, repeats, sync, variants):
             model(ids, pos, None, labels=labels).float().mean().backward()
             opt.step()
         fns[name] = step
-    return runner.interleaved(fns, warmup, repeats, sync)
+    times = runner.interleaved(fns, warmup, repeats, sync)
+    subnormals = {}
+    for name, step in fns.items():  # after the measured steps: what the trained model makes
+        with SubnormalsByOp() as counter:
+            step()
+        subnormals[name] = sum(counter.counts.values())
+    return times, subnormals
 
 
-def _rows(section, times, baseline, flop_ratio=None, dtype="fp32"):
+def _measure(args, dims, run, warmup, repeats, step_runs):
+    """The rows of one (device, dtype) run: the sections asked for."""
+    from crnet_megatron.analysis.counting import ModelShape, flops_per_token
+
+    device, dtype, label, sync = run
+    rows = []
+    if {"projections", "layer"} & set(args.sections):
+        proj, layer = _proj_and_layer(dims["proj"], device, dtype, warmup, repeats, sync)
+        fr = _flop_ratios(dims["proj"])
+        rows += _rows("projections", proj, "plain", {"plain": 1.0, "crnet": 1.0}, label)
+        rows += _rows("projections vs dense", {k: proj[k] for k in ("crnet", "dense")},
+                      "dense", {"crnet": fr, "dense": 1.0}, label)
+        rows += _rows("layer", layer, "dense", {"crnet": fr, "dense": 1.0}, label)
+    if "step" in args.sections:
+        sd = dims["step"]
+        steps, subnormals = _steps(sd, device, dtype, *step_runs, sync, dict(
+            dense=dict(crnet_dense_layers=sd["layers"]),
+            **{f"crnet/{k}": RECOMPUTE[k] for k in args.recompute}))
+        shape = ModelShape(layers=sd["layers"], hidden=sd["hidden"], ffn=sd["ffn"],
+                           heads=sd["heads"], vocab=2048)
+        ratio = (flops_per_token(shape, sd["rank"], sd["seq"])["training"]
+                 / flops_per_token(shape, None, sd["seq"])["training"])
+        rows += _rows("step", {k: steps[k] for k in ("crnet/none", "dense")}, "dense",
+                      {"crnet/none": ratio, "dense": 1.0}, label, subnormals)
+        rows += _rows("step recompute", {k: v for k, v in steps.items() if k != "dense"},
+                      "crnet/none", None, label, subnormals)
+    return rows
+
+
+def _rows(section, times, baseline, flop_ratio=None, dtype="fp32", subnormals=None):
     rows = runner.timing_rows(times, baseline, section=section, dtype=dtype)
     for r in rows:
         r["flop_ratio"] = flop_ratio.get(r["variant"]) if isinstance(flop_ratio, dict) else None
+        r["subnormals"] = (subnormals or {}).get(r["variant"])
     return rows
 
 
 COLUMNS = [("section", "section", ""), ("variant", "variant", ""), ("dtype", "dtype", ""),
            ("min ms", "min_ms", ".2f"), ("median ms", "median_ms", ".2f"),
-           ("ratio (min)", "ratio", ".3f"), ("vs", "vs", ""), ("FLOP ratio", "flop_ratio", ".3f")]
+           ("ratio (min)", "ratio", ".3f"), ("vs", "vs", ""), ("FLOP ratio", "flop_ratio", ".3f"),
+           ("subnormals/step", "subnormals", "")]
 
 
 def main(argv=None):
@@ -189,46 +233,41 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--sections", nargs="+", default=["projections", "layer", "step"])
     ap.add_argument("--cuda", action="store_true", help="also bf16 on CUDA")
+    ap.add_argument("--recompute", nargs="+", default=list(RECOMPUTE), choices=list(RECOMPUTE),
+                    help="the step section's CR-Net recompute modes")
+    ap.add_argument("--step-warmup", type=int, default=STEP_WARMUP,
+                    help="steps before the step section measures (steady state: >= 20)")
+    ap.add_argument("--step-repeats", type=int, default=STEP_REPEATS)
+    ap.add_argument("--no-flush-denormal", action="store_true",
+                    help="on CPU, keep subnormal floats (the trainer flushes them by default)")
     args = ap.parse_args(argv)
     import torch
 
-    from crnet_megatron.analysis.counting import ModelShape, flops_per_token
-
     torch.set_num_threads(args.threads)
+    flush = not args.no_flush_denormal and not torch.cuda.is_available()
+    torch.set_flush_denormal(flush)
     dims = REDUCED if args.reduced else FULL
+    step_runs = (1, 2) if args.reduced else (args.step_warmup, args.step_repeats)
     repeats, warmup = (2, 1) if args.reduced else (args.repeats, args.warmup)
     runs = [("cpu", torch.float32, "fp32", lambda: None)]
     if torch.cuda.is_available():
         runs = [("cuda", torch.float32, "fp32", torch.cuda.synchronize)]
         if args.cuda:
             runs.append(("cuda", torch.bfloat16, "bf16", torch.cuda.synchronize))
-    rows = []
-    with runner.one_process():
-        for device, dtype, label, sync in runs:
-            if {"projections", "layer"} & set(args.sections):
-                proj, layer = _proj_and_layer(dims["proj"], device, dtype, warmup, repeats, sync)
-                fr = _flop_ratios(dims["proj"])
-                rows += _rows("projections", proj, "plain", {"plain": 1.0, "crnet": 1.0}, label)
-                rows += _rows("projections vs dense", {k: proj[k] for k in ("crnet", "dense")},
-                              "dense", {"crnet": fr, "dense": 1.0}, label)
-                rows += _rows("layer", layer, "dense", {"crnet": fr, "dense": 1.0}, label)
-            if "step" in args.sections:
-                sd = dims["step"]
-                steps = _steps(sd, device, dtype, warmup, repeats, sync, dict(
-                    dense=dict(crnet_dense_layers=sd["layers"]),
-                    **{f"crnet/{k}": v for k, v in RECOMPUTE.items()}))
-                shape = ModelShape(layers=sd["layers"], hidden=sd["hidden"], ffn=sd["ffn"],
-                                   heads=sd["heads"], vocab=2048)
-                ratio = (flops_per_token(shape, sd["rank"], sd["seq"])["training"]
-                         / flops_per_token(shape, None, sd["seq"])["training"])
-                rows += _rows("step", {k: steps[k] for k in ("crnet/none", "dense")}, "dense",
-                              {"crnet/none": ratio, "dense": 1.0}, label)
-                rows += _rows("step recompute", {k: v for k, v in steps.items() if k != "dense"},
-                              "crnet/none", None, label)
-    title = (f"threads {args.threads}; {repeats} repeats after {warmup} warm-up, interleaved; "
-             f"{'reduced' if args.reduced else 'full'} shapes")
+    try:
+        with runner.one_process():
+            rows = [row for run in runs
+                    for row in _measure(args, dims, run, warmup, repeats, step_runs)]
+    finally:
+        torch.set_flush_denormal(False)  # the process as it was
+    title = (f"threads {args.threads}; {repeats} repeats after {warmup} warm-up, interleaved "
+             f"(step: {step_runs[1]} after {step_runs[0]}); "
+             f"{'reduced' if args.reduced else 'full'} shapes; subnormals "
+             f"{'flushed to zero' if flush else 'kept'}")
     runner.finish(args, [runner.table(rows, COLUMNS, title)], threads=args.threads,
-                  repeats=repeats, warmup=warmup, reduced=args.reduced, dims=dims, rows=rows)
+                  repeats=repeats, warmup=warmup, step_warmup=step_runs[0],
+                  step_repeats=step_runs[1], flush_denormal=flush, reduced=args.reduced,
+                  dims=dims, rows=rows)
     return rows
 
 

@@ -93,6 +93,9 @@ class Optimizer:
     adam_eps: Any = key(1e-8, NUM, "Adam epsilon", bounds=ABOVE_ZERO)
     clip_grad: Any = key(1.0, NUM, "global gradient-norm clip (0: off)", bounds=NONNEG)
     bf16: bool = key(False, bool, "bf16 parameters and compute, fp32 main weights")
+    cpu_flush_denormal: bool = key(True, bool, "on CPU, flush subnormal floats to zero (x86 "
+                                   "runs them far slower; CR-Net's attention gradients have "
+                                   "them)")
 
 
 @dataclasses.dataclass
