@@ -62,12 +62,19 @@ def test_selective_mlp_and_layernorm_save_memory_and_keep_gradients(megatron_sin
 
 
 @pytest.mark.parametrize("variant,tp,expected", [
-    ("crnet", 2, True), ("lowrank", 2, True), ("dense", 2, False), ("crnet", 1, False)])
-def test_sequence_parallel_is_on_by_default_for_low_rank_under_tp(variant, tp, expected):
+    ("crnet", 2, True), ("lowrank", 2, True), ("dense", 2, True), ("crnet", 1, False),
+    ("dense", 1, False)])
+def test_sequence_parallel_is_on_by_default_under_tp_for_every_variant(variant, tp, expected):
+    """Like with like: dense gets SP at TP > 1 as CR-Net does (crnet-compare, benchmarks); an
+    explicit false stays false."""
     cfg = load_run_config(None, [f"model.variant={variant}",
                                  f"parallel.tensor_model_parallel_size={tp}"])
     assert cfg["parallel"]["sequence_parallel"] is expected
     assert sequence_parallel_warning(cfg) is None
+    off = load_run_config(None, [f"model.variant={variant}",
+                                 f"parallel.tensor_model_parallel_size={tp}",
+                                 "parallel.sequence_parallel=false"])
+    assert off["parallel"]["sequence_parallel"] is False
 
 
 def test_turning_sequence_parallel_off_warns_with_its_flop_cost():

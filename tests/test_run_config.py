@@ -109,17 +109,3 @@ def test_every_declared_key_has_a_doc_and_a_default_of_its_type():
         assert isinstance(f.default, f.metadata["types"]), f"{section}.{f.name}'s default"
         if f.metadata["choices"]:
             assert f.default in f.metadata["choices"], f"{section}.{f.name}'s default"
-
-
-@pytest.mark.parametrize("variant", ["crnet", "lowrank", "dense"])
-def test_sequence_parallel_defaults_on_at_tp2_for_every_variant(variant):
-    """Like with like: dense gets SP at TP > 1 as CR-Net does; TP = 1 has none; an explicit
-    false stays false."""
-    from crnet_megatron.config.run_config import load_run_config
-
-    tp2 = ["parallel.tensor_model_parallel_size=2", f"model.variant={variant}"]
-    assert load_run_config(None, tp2)["parallel"]["sequence_parallel"] is True
-    assert load_run_config(None, [f"model.variant={variant}"])["parallel"][
-        "sequence_parallel"] is False
-    assert load_run_config(None, tp2 + ["parallel.sequence_parallel=false"])["parallel"][
-        "sequence_parallel"] is False
