@@ -58,6 +58,25 @@ def init_distributed(tensor_model_parallel_size: int = 1, pipeline_model_paralle
     set_seed(seed)
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (one MAX all-reduce)."""
+    t = torch.tensor([1.0 if flag else 0.0],
+                     device="cuda" if torch.cuda.is_available() else "cpu")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def run_id_from_rank0(run_id: str) -> str:
+    """Rank 0's run id (hex) on every rank: one id for the run, not one per rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return run_id
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    raw = torch.tensor(list(bytes.fromhex(run_id)), dtype=torch.uint8, device=device)
+    dist.broadcast(raw, src=0)
+    return bytes(raw.tolist()).hex()
+
+
 def set_seed(seed: int) -> None:
     """Same seed on every rank (TP init draws full master weights on CPU, then shards) and
     Megatron's RNG tracker (used by the SP embedding scatter) seeded as Megatron does."""

@@ -1,1 +1,1 @@
-"""The training driver: run config, datasets, the step, the trainer, checkpoints, metrics."""
+"""The training driver: datasets, what a run checks before it starts, the trainer loop and what it reports, console, metrics, faults."""

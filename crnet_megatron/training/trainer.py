@@ -56,9 +56,11 @@ from crnet_megatron.parallel import compat
 from crnet_megatron.parallel.build import build_model_chunks
 from crnet_megatron.parallel.environment import banner, versions
 from crnet_megatron.parallel.groups import (
+    any_rank,
     destroy_distributed,
     finalize_grads,
     init_distributed,
+    run_id_from_rank0,
 )
 from crnet_megatron.parallel.schedule import (
     mean_loss,
@@ -84,31 +86,7 @@ from crnet_megatron.training.report import RunReport
 log = logging.getLogger(__name__)
 
 
-def _any_rank(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0],
-                     device="cuda" if torch.cuda.is_available() else "cpu")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
-
-def flushes_denormals(cfg) -> bool:
-    """``optimizer.cpu_flush_denormal`` on a CPU run. Subnormal floats (below 1.2e-38 in fp32)
-    cost x86 cores tens of times a normal operation; CR-Net's q/k chains sharpen attention as
-    training goes on, its backward then produces subnormal gradients, and the chains' backward
-    carries them down the model: the step slowed by about 40% within 20 iterations (dense,
-    without chains, has none). Flushing them to zero changes results only below 1.2e-38."""
-    return bool(cfg["optimizer"]["cpu_flush_denormal"]) and not torch.cuda.is_available()
-
-
-def _from_rank0(run_id: str) -> str:
-    """Rank 0's run id (hex) on every rank: one id for the run, not one per rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return run_id
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    raw = torch.tensor(list(bytes.fromhex(run_id)), dtype=torch.uint8, device=device)
-    dist.broadcast(raw, src=0)
-    return bytes(raw.tolist()).hex()
 
 
 class Trainer(RunReport):
@@ -119,7 +97,7 @@ class Trainer(RunReport):
         self.banner = banner()
         children_die_with_parent()
         self._init_distributed()
-        self.run_id = _from_rank0(run_dir.new_run_id())  # a resume keeps its own (_resume)
+        self.run_id = run_id_from_rank0(run_dir.new_run_id())  # a resume keeps its own (_resume)
         if self.rank0 and cfg["checkpoint"]["save"]:
             run_dir.acquire_lock(cfg["checkpoint"]["save"])
         self._build_data()
@@ -146,7 +124,8 @@ class Trainer(RunReport):
 
     # -- set-up ------------------------------------------------------------------------------
     def _init_distributed(self):
-        if flushes_denormals(self.cfg):  # before any arithmetic of the run
+        # before any arithmetic of the run
+        if compat.flushes_denormals(self.cfg["optimizer"]["cpu_flush_denormal"]):
             torch.set_flush_denormal(True)
         p = self.cfg["parallel"]
         init_distributed(p["tensor_model_parallel_size"], p["pipeline_model_parallel_size"],
@@ -324,7 +303,7 @@ class Trainer(RunReport):
         with compat.cuda_device_rewrite():  # the norm Megatron's clipping uses
             found_inf = self.optimizer.prepare_grads()
             norm = float(self.optimizer.get_grad_norm())
-        if _any_rank(found_inf or not (math.isfinite(loss) and math.isfinite(norm))):
+        if any_rank(found_inf or not (math.isfinite(loss) and math.isfinite(norm))):
             return self._skip_step(loss, norm)
         self.skipped_in_a_row = 0
         with compat.cuda_device_rewrite():  # prepared once, one norm: clip and step
@@ -384,7 +363,7 @@ class Trainer(RunReport):
             self.save()
 
     def _stop_reason(self, signals) -> Optional[str]:
-        if _any_rank(signals.received is not None):
+        if any_rank(signals.received is not None):
             return "signal"
         exit_at = self.cfg["schedule"].get("exit_interval")
         if exit_at and self.iteration >= exit_at:
@@ -411,5 +390,5 @@ def run(cfg: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
         if cfg["checkpoint"]["save"]:
             run_dir.release_lock(cfg["checkpoint"]["save"])  # only the holder's own lock
         destroy_distributed()
-        if flushes_denormals(cfg):
+        if compat.flushes_denormals(cfg["optimizer"]["cpu_flush_denormal"]):
             torch.set_flush_denormal(False)  # the process as it was (flushing is off by default)
