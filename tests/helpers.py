@@ -16,6 +16,15 @@ import torch.multiprocessing as mp
 VOCAB, SEQ, BATCH = 96, 16, 2
 
 
+def scaled(expected: torch.Tensor, rtol: float) -> Dict[str, float]:
+    """Tolerances for an fp32 comparison that scale with the tensor: ``rtol`` relative, and
+    ``rtol`` x the expected tensor's largest magnitude absolute (a sum's round-off scales with
+    its terms, not with the one element it lands in), never a fixed floor such as 1e-5, which
+    one CPU's summation order can cross and another's not."""
+    return dict(rtol=rtol, atol=rtol * float(expected.detach().abs().max()) if expected.numel()
+                else 0.0)
+
+
 def tiny_config(**overrides):
     from crnet_megatron import CRNetConfig
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from crnet_megatron import build_model
-from tests.helpers import SEQ, VOCAB, tiny_config
+from tests.helpers import SEQ, VOCAB, scaled, tiny_config
 
 
 def _split_qkv(y, config):
@@ -40,8 +40,9 @@ def test_perturbing_one_beta_changes_only_its_slice(megatron_single, module_path
             module.beta[i] -= 0.25
             for name in names:
                 if name == changed:
-                    torch.testing.assert_close(new[name] - base[name], 0.25 * split(prev, config)[name],
-                                               rtol=1e-4, atol=1e-5)
+                    expect = 0.25 * split(prev, config)[name]
+                    torch.testing.assert_close(new[name] - base[name], expect,
+                                               **scaled(expect, 1e-4))
                 else:
                     assert torch.equal(new[name], base[name]), f"beta_{changed} leaked into {name}"
 
@@ -77,11 +78,12 @@ def test_chain_term_is_signed_scale_times_previous_output(megatron_single, modul
         diff = module(x, prev)[0] - module(x, torch.zeros_like(prev))[0]
     scales = torch.sign(betas) * (betas.abs() + eps)
     if split is None:
-        torch.testing.assert_close(diff, scales[0] * prev, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(diff, scales[0] * prev, **scaled(scales[0] * prev, 1e-5))
         return
     parts, prev_parts = split(diff, config), split(prev, config)
     for i, name in enumerate(names):
-        torch.testing.assert_close(parts[name], scales[i] * prev_parts[name], rtol=1e-5, atol=1e-5)
+        expect = scales[i] * prev_parts[name]
+        torch.testing.assert_close(parts[name], expect, **scaled(expect, 1e-5))
 
 
 @pytest.mark.parametrize("layout", ["qkv-gqa", "glu", "whole"])

@@ -1,7 +1,7 @@
 """Pipeline parallelism carries the CR-Net chains: PP=2 (and TP=2 x PP=2) equals PP=1 on the same
 weights and data through Megatron's 1F1B schedule with 4 micro-batches: per-micro-batch losses
 and every gradient (betas on both stages included). A test double that zeroes the carried
-chains must make the comparison fail. fp32; rtol=1e-4, atol=1e-5 (reduction order only)."""
+chains must make the comparison fail. fp32; rtol=1e-4, atol=1e-4 x each tensor's largest magnitude (reduction order only)."""
 
 import pytest
 import torch
@@ -15,10 +15,11 @@ from tests.helpers import (
     load_full_weights,
     randomize_betas,
     run_distributed,
+    scaled,
     tiny_config,
 )
 
-TOL = dict(rtol=1e-4, atol=1e-5)
+RTOL = 1e-4  # fp32, scaled with each tensor (helpers.scaled)
 MICROBATCHES = 4
 CONFIG = dict(num_layers=4, crnet_rank=[8, 16, 8])
 
@@ -106,18 +107,18 @@ def _reference(config_kw=CONFIG):
     return full, *_train_step(model)
 
 
-def _mismatches(results, ref_losses, ref_grads, tp, tol=TOL):
+def _mismatches(results, ref_losses, ref_grads, tp, tol=RTOL):
     from crnet_megatron.model.tp_layout import shard_for_tp
 
     bad = []
     for res in results:
         if res["last"]:
             for i, (a, b) in enumerate(zip(res["losses"], ref_losses)):
-                if not torch.allclose(a, b, **tol):
+                if not torch.allclose(a, b, **scaled(b, tol)):
                     bad.append(f"loss[{i}] {a.item()} != {b.item()}")
         for name, g in res["grads"].items():
             expect = shard_for_tp(res["layout"][name], ref_grads[name], res["tp_rank"], tp)
-            if not torch.allclose(g, expect, **tol):
+            if not torch.allclose(g, expect, **scaled(expect, tol)):
                 bad.append(name)
     return bad
 
