@@ -203,3 +203,18 @@ def test_a_master_port_in_use_is_one_line(tmp_path, tiny_dataset):
     assert res.returncode != 0 and len(errors) == 1, res.stderr[-2000:]
     assert f"MASTER_PORT={port} on MASTER_ADDR=127.0.0.1 is already in use" in errors[0]
     assert "Traceback" not in res.stderr
+
+
+def _run_id_worker(rank, world):
+    from crnet_megatron.parallel.groups import init_distributed, run_id_from_rank0
+
+    init_distributed()
+    return run_id_from_rank0(f"{rank + 1:02x}" * 16)
+
+
+def test_every_rank_takes_rank0s_run_id():
+    """One run id per run (each rank drew its own, and every multi-rank save then warned that
+    the common state differs): rank 0's reaches every rank."""
+    from tests.helpers import run_distributed
+
+    assert run_distributed(_run_id_worker, 2, timeout=120) == ["01" * 16] * 2
