@@ -29,6 +29,8 @@ def unavailable() -> Optional[str]:
                 "slurmctld slurmd slurm-client munge")
     if os.geteuid() != 0:
         return "the private Slurm cluster's daemons run as root (slurmd starts every job's tasks)"
+    if not os.access("/etc/hosts", os.W_OK):
+        return "/etc/hosts is read-only: node1/node2 (the scripts' MASTER_ADDR) cannot resolve"
     return None
 
 
