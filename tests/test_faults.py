@@ -63,13 +63,20 @@ def test_unreadable_newest_checkpoint_falls_back(tiny_dataset, tmp_path, capfd, 
         newest.rmdir()
     else:
         (newest / "common.pt").write_bytes(b"not a torch file")
+        (save / "iter_0000004.broken").mkdir()  # an earlier move-aside of iteration 4
+        (save / "iter_0000004.broken" / "kept.txt").write_text("earlier")
     capfd.readouterr()
     resumed = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save,
                                         "schedule.train_iters=6"))
-    assert "WARNING" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "WARNING" in err
     assert _iters(resumed) == [3, 4, 5, 6]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"][2:]]
     assert (save / "iter_0000004.broken").exists() == (damage != "missing-dir")
+    if damage == "garbage-common":  # never deleted: the new one takes the next suffix
+        assert (save / "iter_0000004.broken" / "kept.txt").read_text() == "earlier"
+        assert (save / "iter_0000004.broken.2" / "common.pt").exists()
+        assert "moved aside (iter_0000004.broken.2; nothing is deleted)" in err
     assert read_latest(str(save)) == 6
 
 

@@ -173,19 +173,29 @@ def find_resumable(root: str, writable: bool = True) -> Optional[Dict[str, Any]]
     elif problems:
         _barrier()  # every rank has read the directory before rank 0 changes it
         if _rank0():
+            moved = []
             for it in broken:
                 path = iteration_dir(root, it)
                 if os.path.isdir(path):
-                    aside = path + ".broken"
-                    shutil.rmtree(aside, ignore_errors=True)
-                    os.replace(path, aside)
+                    moved.append(_move_aside(path))
             write_text(os.path.join(root, TRACKER), str(chosen["iteration"]),
                        "checkpoint tracker")
-            print("WARNING: " + "; ".join(problems) + f". Unreadable checkpoints moved aside "
-                  f"(iter_N.broken); resuming from {chosen['path']}.", file=sys.stderr,
-                  flush=True)
+            print("WARNING: " + "; ".join(problems) + ". Unreadable checkpoints moved aside "
+                  f"({', '.join(os.path.basename(m) for m in moved) or 'none left'}; nothing "
+                  f"is deleted); resuming from {chosen['path']}.", file=sys.stderr, flush=True)
         _barrier()
     return chosen
+
+
+def _move_aside(path: str) -> str:
+    """Rename a broken checkpoint to ``iter_N.broken``, or ``.broken.2``, ``.broken.3``, ... when
+    an earlier one broke there too: a move-aside never deletes what an earlier one kept."""
+    aside, k = path + ".broken", 1
+    while os.path.lexists(aside):
+        k += 1
+        aside = f"{path}.broken.{k}"
+    os.replace(path, aside)
+    return aside
 
 
 def load_common(root: str, iteration: Optional[int] = None,
