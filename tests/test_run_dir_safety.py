@@ -151,11 +151,13 @@ def test_retention_removes_only_this_runs_checkpoints(tiny_dataset, tmp_path, ca
 
     c = tmp_path / "c2"
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", c, "schedule.train_iters=4"))
+    metrics = (c / "metrics.jsonl").read_bytes()
     with pytest.raises(ValueError, match=r"holds checkpoints this run did not write at "
                                          r"iterations \[4\], past the one it starts from \(2\)"):
         run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", c, "schedule.train_iters=5",
                                   *resumed))
     assert sorted(p.name for p in c.glob("iter_*")) == ["iter_0000004"]
+    assert (c / "metrics.jsonl").read_bytes() == metrics  # refused first, nothing touched
 
 
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):

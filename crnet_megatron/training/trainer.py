@@ -119,6 +119,8 @@ class Trainer(RunReport):
         self._resume()
         if cfg["checkpoint"]["save"]:  # another run's newer checkpoints would be overwritten
             run_dir.refuse_foreign(cfg["checkpoint"]["save"], self.run_id, self.iteration)
+        if self.rank0 and self.iteration and self.metrics_path:  # refused first: then rows a
+            truncate_metrics(self.metrics_path, self.iteration)  # crashed run logged past it go
         self.writer = MetricsWriter(self.metrics_path, cfg["logging"]["tensorboard_dir"],
                                     self.rank0)
 
@@ -228,8 +230,6 @@ class Trainer(RunReport):
             self.run_id = common["run_id"]  # the same run, resumed: its checkpoints stay its own
         self.skipped_total = common.get("skipped_iterations", 0)
         if self.rank0:
-            if self.metrics_path:  # rows a crashed run logged past this checkpoint are dropped
-                truncate_metrics(self.metrics_path, self.iteration)
             print(f"resumed from {common['path']} at iteration {self.iteration}", flush=True)
 
     # -- pieces ------------------------------------------------------------------------------
