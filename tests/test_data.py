@@ -2,6 +2,7 @@
 data inputs give one clear error and write nothing."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -84,3 +85,21 @@ def test_missing_prefix_and_corrupt_index(tiny_dataset, tmp_path):
         f.write(b"GARBAGE!!")
     with pytest.raises(ValueError, match="not a Megatron index file"):
         check_prefix(str(broken))
+
+
+def test_a_fifo_named_npy_in_the_index_cache_is_refused_not_waited_on(tmp_path):
+    """A FIFO named ``*.npy`` in ``index_cache/`` made start-up hang with no output (its header
+    was read with a plain open): refused at once, one line naming it."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "index_cache"
+    cache.mkdir()
+    os.mkfifo(cache / "abc-GPTDataset-train-document_index.npy")
+    code = ("from crnet_megatron.data.index_cache import check_index_cache\n"
+            f"try:\n    check_index_cache({str(tmp_path)!r}, repair=True)\n"
+            "except ValueError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60).stdout
+    assert "dataset index cache " in out and "abc-GPTDataset-train-document_index.npy is not a " \
+        "regular file" in out

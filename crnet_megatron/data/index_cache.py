@@ -20,6 +20,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from crnet_megatron.data.safe_files import check_readable
+
 
 def _header(path: str):
     with open(path, "rb") as f:
@@ -48,6 +50,7 @@ def check_index_cache(cache_dir: str, repair: bool = False) -> None:
                                  recursive=True)):
         if not os.path.exists(path):  # its set was removed as cut short
             continue
+        check_readable(path, "dataset index cache")  # a FIFO named *.npy would block start-up
         try:
             shape, dtype, offset = _header(path)
         except Exception as e:  # noqa: BLE001 - any unreadable header is refused
