@@ -136,9 +136,9 @@ def pipeline_boundary(shape: ModelShape, seq_len: int, micro_batch_size: int, tp
 
 def payload_width(shape: ModelShape, tp: int = 1, sequence_parallel: bool = False) -> int:
     """Width of the packed stage-boundary tensor per TP rank (``positions.payload_parts``)."""
-    parts = positions.payload_parts(shape.hidden, shape.ffn, shape.q_size, shape.kv_size, tp,
-                                    sequence_parallel, shape.chained)
-    return sum(width * fold for _, width, fold in parts)
+    return positions.packed_width(positions.payload_parts(
+        shape.hidden, shape.ffn, shape.q_size, shape.kv_size, tp, sequence_parallel,
+        shape.chained))
 
 
 def checkpoint_set(dense: Sequence[bool], every: int, first: int = 0,

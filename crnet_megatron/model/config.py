@@ -220,7 +220,7 @@ class CRNetConfig(TransformerConfig):
     @property
     def payload_width(self) -> int:
         """Last dimension of the packed stage-boundary tensor: its parts' widths x folds."""
-        return sum(width * fold for _, width, fold in self.payload_parts())
+        return positions.packed_width(self.payload_parts())
 
     def projection_shapes(self):
         """(module.position, h_in, h_out) of the 7 positions (``positions.POSITIONS``)."""

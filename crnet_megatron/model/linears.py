@@ -297,11 +297,10 @@ class CRNetRowParallelLinear(MegatronModule):
         return F.linear(z, self.linear_b.weight)
 
     def forward(self, x: torch.Tensor, chain_prev: torch.Tensor):
-        beta = self.beta
         zb = F.linear(self.codes(x), self.linear_b.weight)
-        if beta is None:  # the lowrank baseline: no cross-layer term
+        if self.beta is None:  # the lowrank baseline: no cross-layer term
             return zb, None
-        return chain_add(zb, chain_prev, signed_scale(beta, self.eps), whole), None
+        return chain_add(zb, chain_prev, signed_scale(self.beta, self.eps), whole), None
 
     def forward_with_codes(self, x, chain_prev, keep_zb: bool = False):
         """(Y, codes Z, Z B or None) for recompute."""

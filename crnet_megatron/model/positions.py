@@ -113,3 +113,8 @@ def payload_parts(hidden: int, ffn: int, q: int, kv: int, tp: int, sequence_para
     widths = {"hidden": (hidden, 1), "proj": (hidden, 1), "fc2": (hidden, 1),
               "qkv": ((q + 2 * kv) // tp, fold), "fc1": (2 * ffn // tp, fold)}
     return [(name, *widths[name]) for name in PAYLOAD_PARTS]
+
+
+def packed_width(parts: List[Tuple[str, int, int]]) -> int:
+    """Last dimension of the packed tensor of ``payload_parts``: each width times its fold."""
+    return sum(width * fold for _, width, fold in parts)

@@ -20,6 +20,7 @@ previous chunk), exactly as at a 1F1B stage boundary.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Tuple
 
 import torch
@@ -28,6 +29,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.process_groups_config import ProcessGroupCollection
 
+from crnet_megatron.model import positions
 from crnet_megatron.model.layer import Chains
 from crnet_megatron.parallel import compat
 
@@ -59,7 +61,8 @@ def pack_stage_output(hidden: torch.Tensor, chains: Chains, config) -> torch.Ten
 
 def unpack_stage_input(packed: torch.Tensor, config) -> Tuple[torch.Tensor, Chains]:
     """Inverse of ``pack_stage_output``."""
-    parts, expected = config.payload_parts(), config.payload_width
+    parts = config.payload_parts()
+    expected = positions.packed_width(parts)
     if packed.shape[-1] != expected:
         raise ValueError(f"stage input has width {packed.shape[-1]}, expected {expected} "
                          "(residual + chains); are all stages built with the same config?")
@@ -106,13 +109,19 @@ def check_p2p_api(communicate=None) -> None:
             "overrides (parallel/pipeline.py); use megatron-core 0.16.x")
 
 
+@functools.lru_cache(maxsize=None)
+def _check_p2p_api_once() -> None:
+    """``check_p2p_api`` once per process (a communicator is built for every schedule call)."""
+    check_p2p_api()
+
+
 class PayloadP2PCommunicator(P2PCommunicator):
     """Megatron's P2P communicator whose receive buffers have the packed payload's width: the
     schedule asks for ``(s', b, hidden)`` and gets ``(s', b, payload_width)``, in both
     directions (activations forward, their gradients backward)."""
 
     def __init__(self, pp_group, config):
-        check_p2p_api()
+        _check_p2p_api_once()
         super().__init__(pp_group=pp_group, config=config)
         self.payload_width = config.payload_width
 
