@@ -29,7 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from crnet_megatron.checkpoint import run_dir
-from crnet_megatron.checkpoint.integrity import write_checksums
+from crnet_megatron.checkpoint.integrity import write_checksums, writer_open
 from crnet_megatron.checkpoint.resume import (
     _barrier,
     _rank0,
@@ -176,8 +176,45 @@ def _failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _dp_group():
+    """The group that holds replicas of the same tensors (Megatron-LM's choice for the
+    fully-parallel wrappers), or None at DP=1 where there is nothing to share."""
+    if ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return None
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy(fully_parallel: bool):
+    """megatron-core's default writer; with ``fully_parallel`` wrapped so that the DP replicas
+    split the replicated tensors between them (each writes about 1/DP of them) instead of DP
+    rank 0 writing them all (Megatron-LM's ``--ckpt-fully-parallel-save``)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    strategy = get_default_save_sharded_strategy()
+    group = _dp_group() if fully_parallel else None
+    return strategy if group is None else FullyParallelSaveStrategyWrapper(strategy, group)
+
+
+def _load_strategy(path: str, fully_parallel: bool):
+    """megatron-core's default reader; with ``fully_parallel`` each DP replica reads about 1/DP
+    of the replicated tensors and the replicas exchange them (instead of every replica reading
+    every shard; Megatron-LM's ``--ckpt-fully-parallel-load``)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    strategy = get_default_load_sharded_strategy(path)
+    group = _dp_group() if fully_parallel else None
+    return strategy if group is None else FullyParallelLoadStrategyWrapper(strategy, group)
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[str, Any],
-                    keep_last: int, fully_reshardable: bool = False, async_queue=None) -> str:
+                    keep_last: int, fully_reshardable: bool = False, async_queue=None,
+                    fully_parallel: bool = True) -> str:
     """Save into ``iter_N.tmp``, then rename it into place, move ``latest`` and keep the newest
     ``keep_last``. With ``async_queue`` (megatron-core's ``AsyncCallsQueue``) the tensors are
     written by a forked process while training goes on, and the rename, ``latest`` and the
@@ -193,6 +230,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
         os.makedirs(tmp)
     _barrier()
     _write_results_queue(async_queue is not None)
+    compat.route_checkpoint_writes(writer_open)  # shards are hashed as they are written
     try:
         with compat.cuda_device_rewrite():
             fmt = optimizer_format(optimizer, fully_reshardable)
@@ -201,7 +239,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
             state["common"] = dict(common, iteration=iteration, layout=layout(),
                                    rng_format="tensors", rng_cuda=torch.cuda.is_available(),
                                    optimizer_format=fmt)
-            request = dist_checkpointing.save(state, tmp,
+            request = dist_checkpointing.save(state, tmp, _save_strategy(fully_parallel),
                                               async_sharded_save=async_queue is not None)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - one message, then stop
         raise _save_failed(root, final, e) from None
@@ -249,11 +287,12 @@ def _save_failed(root: str, final: str, exc: BaseException) -> CheckpointSaveErr
 
 
 def _publish(root: str, iteration: int, keep_last: int, run_id: str) -> None:
-    """Every rank has written ``iter_N.tmp``: checksum its files (``integrity``), rename it,
+    """Every rank has written ``iter_N.tmp``: fold the checksums its writers took into the
+    manifest (``integrity``), rename it,
     then move ``latest``, then prune this run's own older checkpoints (``run_dir``)."""
     final = iteration_dir(root, iteration)
     _barrier()
-    write_checksums(final + ".tmp")  # every rank hashes its share of the files
+    write_checksums(final + ".tmp")  # every rank folds its share of the files' records
     _barrier()
     if _rank0():
         if os.path.exists(final):  # re-saving an iteration: replace the old copy last
@@ -330,7 +369,8 @@ def check_optimizer_layout(common: Dict[str, Any], optimizer) -> None:
         "layout, or set checkpoint.no_load_optim=true to start the optimizer afresh")
 
 
-def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
+def load_checkpoint(common: Dict[str, Any], model, optimizer,
+                    fully_parallel: bool = True) -> bool:
     """Load model (+ optimizer) state; returns whether the RNG state was restored."""
     check_optimizer_layout(common, optimizer)
     restore_rng = (common.get("layout") == layout() and common.get("rng_format") == "tensors"
@@ -349,7 +389,8 @@ def load_checkpoint(common: Dict[str, Any], model, optimizer) -> bool:
                                fmt=common.get("optimizer_format"), tensors_only=tensors_only)
         try:
             with safe_reads():
-                loaded = dist_checkpointing.load(state, common["path"])
+                loaded = dist_checkpointing.load(
+                    state, common["path"], _load_strategy(common["path"], fully_parallel))
         except UnsafeCheckpointError:
             raise
         except (Exception, CheckpointException) as e:  # noqa: BLE001

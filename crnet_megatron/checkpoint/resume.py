@@ -63,8 +63,9 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def read_checkpoint(path: str) -> Dict[str, Any]:
-    """The non-sharded state of one checkpoint, after checking it is complete and safe."""
+def read_checkpoint(path: str, verify: str = "all") -> Dict[str, Any]:
+    """The non-sharded state of one checkpoint, after checking it is complete and safe, and
+    its checksums as ``verify`` asks (``integrity``)."""
     if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "metadata.json")):
         raise IncompleteCheckpointError(f"checkpoint {path} is missing or incomplete (no "
                                         "metadata.json)")
@@ -75,7 +76,7 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
             except UnsafePathError as e:
                 raise IncompleteCheckpointError(str(e)) from None
     verify_checkpoint(path)
-    verify_checksums(path)
+    verify_checksums(path, verify)
     try:
         with safe_reads():
             common = dist_checkpointing.load_common_state_dict(path)
@@ -134,7 +135,8 @@ def _remove_partial_saves(root: str) -> None:
             shutil.rmtree(os.path.join(root, name))
 
 
-def find_resumable(root: str, writable: bool = True) -> Optional[Dict[str, Any]]:
+def find_resumable(root: str, writable: bool = True,
+                   verify: str = "all") -> Optional[Dict[str, Any]]:
     """The newest complete checkpoint under ``root`` (None when there is none at all).
 
     Newer ones that are missing or unreadable are skipped; in the run's own save directory
@@ -154,7 +156,7 @@ def find_resumable(root: str, writable: bool = True) -> Optional[Dict[str, Any]]
     chosen = None
     for it in iterations:
         try:
-            chosen = read_checkpoint(iteration_dir(root, it))
+            chosen = read_checkpoint(iteration_dir(root, it), verify)
             break
         except UnsafeCheckpointError:
             raise
@@ -198,12 +200,12 @@ def _move_aside(path: str) -> str:
     return aside
 
 
-def load_common(root: str, iteration: Optional[int] = None,
-                writable: bool = True) -> Optional[Dict[str, Any]]:
+def load_common(root: str, iteration: Optional[int] = None, writable: bool = True,
+                verify: str = "all") -> Optional[Dict[str, Any]]:
     """The non-sharded state of the given iteration, or of the newest complete checkpoint."""
     if iteration is not None:
-        return read_checkpoint(iteration_dir(root, iteration))
-    return find_resumable(root, writable)
+        return read_checkpoint(iteration_dir(root, iteration), verify)
+    return find_resumable(root, writable, verify)
 
 
 def check_compatible(common: Dict[str, Any], shape: Dict[str, Any],

@@ -45,6 +45,14 @@ _ALLOWED = {
 _LEGACY_BYTES = re.compile(r"(\._extra_state|^rng_state)/shard_[0-9._]+$")
 
 
+MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # a checkpoint's model tensors
+
+
+def model_key(key: str) -> bool:
+    """Whether a checkpoint key names a model tensor (not optimizer or RNG state)."""
+    return key.startswith(MODEL_PREFIXES)
+
+
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds something that would execute code when read."""
 

@@ -137,6 +137,11 @@ class Checkpoint:
     optim_fully_reshardable: bool = key(False, bool, "save optimizer state loadable at any "
                                         "TP/PP")
     async_save: bool = key(False, bool, "write checkpoints in the background")
+    fully_parallel_save: bool = key(True, bool, "DP ranks share the writing of replicated "
+                                    "tensors")
+    fully_parallel_load: bool = key(True, bool, "DP ranks share the reading, then exchange")
+    verify: str = key("all", str, "checksums checked on resume: every file, model tensors "
+                      "only, or none", choices=("all", "model", "off"))
 
 
 @dataclasses.dataclass

@@ -13,6 +13,7 @@ No torch.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
@@ -108,6 +109,31 @@ def claim(tmp: str) -> None:
 def replace_into(tmp: str, path: str, what: str = "file") -> None:
     check_target(path, what)
     os.replace(tmp, path)
+
+
+def loads_json(text, what: str = "JSON"):
+    """``json.loads`` that answers a ValueError naming ``what`` for every malformed input,
+    nesting too deep for the parser included (a RecursionError otherwise)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to be read") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} is not UTF-8 ({e})") from None
+
+
+def read_json(path: str, what: str = "file", max_bytes: int = 1 << 24):
+    """A JSON file the run reads: a regular file of at most ``max_bytes`` (checked while
+    reading), parsed with ``loads_json``; ValueError/UnsafePathError name the file."""
+    check_readable(path, what)
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"{what} {path} is larger than {max_bytes} bytes")
+    try:
+        return loads_json(raw, f"{what} {path}")
+    except ValueError as e:
+        raise ValueError(str(e) if str(e).startswith(what) else f"{what} {path}: {e}") from None
 
 
 def is_regular(path: str) -> Optional[bool]:

@@ -51,9 +51,10 @@ class Loaded:
     run_dir: str
 
 
-def resolve_checkpoint(path: str) -> Dict[str, Any]:
+def resolve_checkpoint(path: str, verify: str = "model") -> Dict[str, Any]:
     """The checkpoint's common state, from a run directory or an iter_N directory (read-only:
-    nothing is moved or repaired here)."""
+    nothing is moved or repaired here). Only the model's tensors are read after this, so only
+    their checksums are checked by default."""
     from crnet_megatron.checkpoint.resume import (
         TRACKER,
         iteration_dir,
@@ -62,9 +63,9 @@ def resolve_checkpoint(path: str) -> Dict[str, Any]:
     )
 
     if os.path.isfile(os.path.join(path, TRACKER)):
-        return read_checkpoint(iteration_dir(path, read_latest(path)))
+        return read_checkpoint(iteration_dir(path, read_latest(path)), verify)
     if os.path.isfile(os.path.join(path, "metadata.json")):
-        return read_checkpoint(path)
+        return read_checkpoint(path, verify)
     raise FileNotFoundError(f"{path} is neither a run directory (with {TRACKER}) nor a "
                             "checkpoint directory (iter_N with metadata.json)")
 
@@ -135,11 +136,11 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
 
 def _stored_model_tensors(path: str) -> Dict[str, tuple]:
     """{key: global shape} of the model tensors a checkpoint's (checked) ``.metadata`` holds."""
-    from crnet_megatron.checkpoint.safe_checkpoint import load_metadata
+    from crnet_megatron.checkpoint.safe_checkpoint import load_metadata, model_key
 
     md = load_metadata(os.path.join(path, ".metadata"))
     return {k: tuple(v.size) for k, v in md.state_dict_metadata.items()
-            if hasattr(v, "size") and k.startswith(("embedding.", "decoder.", "output_layer."))}
+            if hasattr(v, "size") and model_key(k)}
 
 
 def _check_layers_and_embedding(path: str, m: Dict[str, Any], vocab: int,

@@ -90,6 +90,17 @@ def activate() -> bool:
     return True
 
 
+def route_checkpoint_writes(opener) -> None:
+    """megatron-core's checkpoint writer opens each shard it writes with the builtin ``open``
+    (``dist_checkpointing/strategies/filesystem_async.py:383``, ``write_preloaded_data``, in
+    the writer process): route those opens through ``opener`` (the checkpoint wing hashes the
+    bytes as they are written). Any version: a writer that opens otherwise leaves no record,
+    and its files are then hashed after the write."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    filesystem_async.open = opener
+
+
 def _torch_adam_distributed_optimizer() -> None:
     from megatron.core.optimizer import distrib_optimizer as do
 

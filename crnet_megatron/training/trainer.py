@@ -208,7 +208,8 @@ class Trainer(RunReport):
                 raise FileNotFoundError(f"checkpoint.load={ck['load']!r} does not exist")
             return
         own = bool(ck["save"]) and os.path.realpath(root) == os.path.realpath(ck["save"])
-        common = load_common(root, writable=own)  # checkpoint.load elsewhere is only read
+        common = load_common(root, writable=own,  # checkpoint.load elsewhere is only read
+                             verify=ck["verify"])
         if common is None:
             if ck["load"]:
                 raise FileNotFoundError(f"checkpoint.load={ck['load']!r} holds no checkpoint "
@@ -217,7 +218,8 @@ class Trainer(RunReport):
         check_compatible(common, run_config.shape_keys(self.cfg), self.tokenizer.fingerprint())
         self.schedule_changes = check_schedule(common, self.cfg)
         optimizer = None if ck["no_load_optim"] else self.optimizer
-        self.rng_restored = load_checkpoint(common, self.model, optimizer)
+        self.rng_restored = load_checkpoint(common, self.model, optimizer,
+                                            ck["fully_parallel_load"])
         if optimizer is not None:
             if self.schedule_changes:  # the groups' own max/min lr came back with the optimizer
                 o = self.cfg["optimizer"]
@@ -278,7 +280,7 @@ class Trainer(RunReport):
         with self._params_gathered():
             path = save_checkpoint(ck["save"], self.iteration, self.model, self.optimizer,
                                    common, ck["keep_last"], ck["optim_fully_reshardable"],
-                                   self.async_saves)
+                                   self.async_saves, ck["fully_parallel_save"])
         if self.async_saves is None:
             self._say(f"saved checkpoint {path}") if self.rank0 else None
         else:
