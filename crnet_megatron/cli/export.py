@@ -1,10 +1,14 @@
 """Export a checkpoint (any TP/PP layout) to a self-contained HF-style directory.
 
-    crnet-export runs/tiny_cpu exports/tiny_cpu [--dtype bfloat16] [--no-verify]
+    crnet-export runs/tiny_cpu exports/tiny_cpu [--dtype bfloat16] [--max-shard-size 5GB]
+                 [--no-verify] [--device cpu]
 
-Writes model.safetensors, config.json, tokenizer.json (+ tokenizer_config.json) and, for
-CR-Net/lowrank, modeling_crnet.py. By default the export is loaded back with PyTorch alone and
-its logits on one sequence are compared with the Megatron model's (max abs diff printed).
+Writes the weights (model.safetensors, or model-0000K-of-0000N.safetensors shards and
+model.safetensors.index.json when they exceed --max-shard-size), config.json, tokenizer.json
+(+ tokenizer_config.json) and, for CR-Net/lowrank, modeling_crnet.py. The checkpoint is read on
+the CPU (--device cuda to use a GPU), checking only the model tensors' checksums; the shards are
+written one tensor at a time. By default the export's logits on one sequence are computed from
+its files one layer at a time and compared with the Megatron model's (max abs diff printed).
 """
 
 import argparse
@@ -19,7 +23,11 @@ def main(argv=None) -> int:
     p.add_argument("out", help="new (or empty) export directory")
     p.add_argument("--tokenizer", help="tokenizer.json, if not with the run")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest weights file (transformers' convention: 5GB, 500MB, 2GiB)")
     p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the Megatron model is loaded")
     args = p.parse_args(argv)
     return run_cli("crnet-export", lambda: _export(args))
 
@@ -33,19 +41,21 @@ def _export(args) -> int:
         megatron_logits,
         single_process,
     )
-    from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
+    from crnet_megatron.export.shards import parse_size
+    from crnet_megatron.export.verify import export_logits
 
     check_output_dir(args.out)
+    parse_size(args.max_shard_size)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     with single_process():
-        model, loaded = load_megatron_model(args.checkpoint, args.tokenizer)
-        config = export(model, loaded, args.out, dtype)
+        model, loaded = load_megatron_model(args.checkpoint, args.tokenizer, device=args.device)
+        config = export(model, loaded, args.out, dtype, args.max_shard_size)
         print(f"exported {loaded.common['path']} ({config['architectures'][0]}, "
               f"{config.get('crnet_projection', 'dense')}) to {args.out}")
         if not args.no_verify:
             ids = torch.arange(min(32, loaded.cfg["model"]["seq_length"]))[None] % config["vocab_size"]
             ref = megatron_logits(model, ids)[..., :config["vocab_size"]].float()
-            got = CRNetForCausalLM.from_export(args.out).eval()(ids).logits.float()
+            got = export_logits(args.out, ids)
             diff = (got - ref.to(got)).abs().max().item()
             print(f"verify: max |logits(export) - logits(Megatron)| = {diff:.3e} on "
                   f"{ids.shape[1]} tokens")

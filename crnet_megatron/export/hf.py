@@ -1,4 +1,5 @@
-"""Export a checkpoint to a self-contained directory: ``model.safetensors``, ``config.json``,
+"""Export a checkpoint to a self-contained directory: the weights (``model.safetensors``, or
+shards and their index: ``shards``), ``config.json``,
 the tokenizer and ``modeling_crnet.py`` (``hf/``), loadable with PyTorch alone
 (``CRNetForCausalLM.from_export``) or with ``transformers``
 (``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)``). An all-dense model is
@@ -16,11 +17,11 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, List
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 
-from crnet_megatron.export import modeling_crnet
+from crnet_megatron.export import modeling_crnet, shards
 from crnet_megatron.model import positions
 
 
@@ -56,21 +57,27 @@ def _export_module(sd: Dict, out: Dict, layer, pre: str, hf: str, module: str, c
             out[name + "beta"] = beta[j:j + 1]
 
 
-def to_hf_state(model, vocab: int) -> Dict[str, torch.Tensor]:
-    """HF-named tensors of a single-process Megatron model (its TP=1 state dict)."""
+def hf_tensors(model, vocab: int) -> Iterator[Tuple[str, torch.Tensor]]:
+    """HF-named tensors of a single-process Megatron model (its TP=1 state), layer by layer,
+    as views of its parameters where the layout allows (the q/k/v split copies one tensor)."""
     sd = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
-    out = {"model.embed_tokens.weight": sd.pop("embedding.word_embeddings.weight")[:vocab],
-           "lm_head.weight": sd.pop("output_layer.weight")[:vocab],
-           "model.norm.weight": sd.pop("decoder.final_layernorm.weight")}
+    yield "model.embed_tokens.weight", sd.pop("embedding.word_embeddings.weight")[:vocab]
     for i, layer in enumerate(model.decoder.layers):
         pre, hf = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[hf + "input_layernorm.weight"] = sd.pop(pre + "input_layernorm.weight")
-        out[hf + "post_attention_layernorm.weight"] = sd.pop(pre + "pre_mlp_layernorm.weight")
+        out = {hf + "input_layernorm.weight": sd.pop(pre + "input_layernorm.weight"),
+               hf + "post_attention_layernorm.weight": sd.pop(pre + "pre_mlp_layernorm.weight")}
         for module in positions.FUSED_MODULES:
             _export_module(sd, out, layer, pre, hf, module, model.config)
+        yield from out.items()
+    yield "model.norm.weight", sd.pop("decoder.final_layernorm.weight")
+    yield "lm_head.weight", sd.pop("output_layer.weight")[:vocab]
     if sd:
         raise ValueError(f"export: tensors with no HF name: {sorted(sd)[:5]}")
-    return {k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def to_hf_state(model, vocab: int) -> Dict[str, torch.Tensor]:
+    """``hf_tensors`` as a dict of copies (an in-memory model of its own)."""
+    return {k: v.detach().contiguous().clone() for k, v in hf_tensors(model, vocab)}
 
 
 def hf_config(model, vocab: int, seq_length: int, rotary_base: int, eod: int, dtype) -> Dict:
@@ -99,27 +106,24 @@ def check_output_dir(out: str) -> None:
                               "written (choose a new directory or empty it)")
 
 
-def export(model, loaded, out: str, dtype=None) -> Dict:
+def export(model, loaded, out: str, dtype=None,
+           max_shard_size: str = shards.DEFAULT_MAX_SHARD_SIZE) -> Dict:
     """Write the export directory (into a fresh hidden sibling directory, renamed into place
-    when complete)."""
-    from safetensors.torch import save_file
-
+    when complete), the weights streamed into shards (``shards``)."""
     check_output_dir(out)
+    max_bytes = shards.parse_size(max_shard_size)
     tok = loaded.tokenizer
     vocab = tok.vocab_size
-    state = to_hf_state(model, vocab)
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    dtype = next(iter(state.values())).dtype
+    dtype = dtype or next(model.parameters()).dtype
     m = loaded.cfg["model"]
     config = hf_config(model, vocab, m["seq_length"], m["rotary_base"], tok.eod, dtype)
     parent, name = os.path.split(os.path.abspath(out.rstrip("/")))
     os.makedirs(parent, exist_ok=True)
     # a fresh directory of our own: nothing the user keeps next to OUT is touched
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=EXPORT_TMP_SUFFIX, dir=parent)
     try:
-        save_file(state, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt", "source": loaded.common["path"]})
+        shards.write_shards(tmp, lambda: hf_tensors(model, vocab), max_bytes, dtype,
+                            {"format": "pt", "source": loaded.common["path"]})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.json"))
@@ -137,6 +141,9 @@ def export(model, loaded, out: str, dtype=None) -> Dict:
         shutil.rmtree(tmp, ignore_errors=True)  # ours alone
         raise
     return config
+
+
+EXPORT_TMP_SUFFIX = ".tmp"
 
 
 def _readable_like_any_file(directory: str) -> None:

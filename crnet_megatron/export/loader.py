@@ -95,8 +95,10 @@ def find_tokenizer(common: Dict[str, Any], cfg, run_dir: str, explicit: Optional
                             + "; ".join(tried) + "; pass --tokenizer PATH/tokenizer.json")
 
 
-def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
-    """(model at TP=1/PP=1 in eval mode, Loaded). Call inside ``single_process()``."""
+def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None,
+                        device: Optional[str] = None):
+    """(model at TP=1/PP=1 in eval mode, Loaded). Call inside ``single_process()``.
+    ``device="cpu"`` keeps it in host memory where a GPU is visible."""
 
     from crnet_megatron.checkpoint.checkpointing import load_checkpoint
     from crnet_megatron.config import run_config
@@ -125,7 +127,7 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None):
     _check_parameter_count(common["path"], config, vocab, stored)
     m = cfg["model"]
     model = build_model(config, vocab_size=vocab, max_sequence_length=m["seq_length"],
-                        backend="local", rotary_base=m["rotary_base"])
+                        backend="local", rotary_base=m["rotary_base"], device=device)
     load_checkpoint(common, model, None)
     model.eval()
     if dtype is not None:

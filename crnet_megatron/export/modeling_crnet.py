@@ -247,33 +247,19 @@ class CRNetForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_export(cls, path: str, dtype: Optional[torch.dtype] = None,
                     device: str = "cpu") -> "CRNetForCausalLM":
-        """Load an export directory with PyTorch and safetensors alone (never unpickles)."""
-        from safetensors.torch import load_file
+        """Load an export directory (one ``model.safetensors`` or shards and their index) with
+        PyTorch and safetensors alone (never unpickles), shard by shard into a model built on
+        the meta device: the weights are held once. Computes in float32 unless ``dtype``."""
+        from safetensors import safe_open
 
-        config_path = os.path.join(path, "config.json")
-        raw = read_export_config(path)
-        weights = os.path.join(path, "model.safetensors")
-        tensors = safetensors_header(weights)
-        if raw["num_hidden_layers"] > len(tensors):  # each layer holds at least one tensor
-            raise ValueError(f"{config_path}: num_hidden_layers={raw['num_hidden_layers']} is "
-                             f"more than the {len(tensors)} tensors of {weights} can hold")
-        config = CRNetLlamaConfig(**{k: raw[k] for k in _KNOWN if k in raw})
-        _check_tensors(cls, config, tensors, weights, config_path)
-        model = cls(config)
-        state = load_file(weights, device=device)
-        try:
-            result = model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # a tensor of another shape
-            raise ValueError(f"{path}/model.safetensors does not match {config_path}: "
-                             f"{str(e).splitlines()[-1].strip()}") from None
-        bad = list(result.missing_keys) + list(result.unexpected_keys)
-        if bad:
-            raise ValueError(f"{path}/model.safetensors does not match {config_path} "
-                             f"(crnet_projection={config.crnet_projection!r}): missing or "
-                             f"unexpected tensors {bad[:4]}")
-        model = model.to(device)
-        return model.to(dtype) if dtype is not None else model
-
+        config, where = checked_export(cls, path)
+        with torch.device("meta"):
+            model = cls(config)
+        for weights in sorted(set(where.values())):
+            with safe_open(weights, framework="pt", device=str(device)) as f:
+                model.load_state_dict({n: f.get_tensor(n) for n in f.keys()}, strict=False,
+                                      assign=True)
+        return model.to(device, dtype or torch.float32)
 
 
 # -- export files are untrusted: sizes are checked before anything is allocated ----------------
@@ -284,6 +270,10 @@ _KNOWN = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "num_attention_heads")
 _MAX_JSON = 1 << 20
+_MAX_INDEX = 1 << 26
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # transformers' name for a sharded checkpoint's index
+_TORCH_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64"}
 _MAX_HEADER = 100 << 20  # safetensors' own limit
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1}
@@ -301,11 +291,7 @@ def read_export_config(path: str) -> dict:
     ints (an empty one would otherwise build the default 7B shape)."""
     config_path = os.path.join(path, "config.json")
     _regular_file(config_path, _MAX_JSON)
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    raw = _load_json(config_path)
     if not isinstance(raw, dict):
         raise ValueError(f"{config_path} holds {type(raw).__name__}, not a JSON object")
     for key in _SIZES + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
@@ -325,6 +311,78 @@ def read_export_config(path: str) -> dict:
     return raw
 
 
+def _load_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be read") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def checked_export(cls, path: str):
+    """(config, {tensor name: file}) of an export whose ``config.json`` and weights' headers
+    agree (sizes, names, shapes, dtypes), before anything is allocated."""
+    config_path = os.path.join(path, "config.json")
+    raw = read_export_config(path)
+    tensors, where = export_weights(path)
+    weights = os.path.join(path, INDEX if os.path.exists(os.path.join(path, INDEX)) else SINGLE)
+    if raw["num_hidden_layers"] > len(tensors):  # each layer holds at least one tensor
+        raise ValueError(f"{config_path}: num_hidden_layers={raw['num_hidden_layers']} is "
+                         f"more than the {len(tensors)} tensors of {weights} can hold")
+    config = CRNetLlamaConfig(**{k: raw[k] for k in _KNOWN if k in raw})
+    _check_tensors(cls, config, tensors, weights, config_path)
+    _check_dtypes(tensors, raw.get("torch_dtype"), weights, config_path)
+    return config, where
+
+
+def export_weights(path: str):
+    """({name: (dtype, shape)}, {name: file}) of an export's weights: ``model.safetensors``, or
+    the shards ``model.safetensors.index.json`` names (each shard holding exactly the tensors
+    the index places in it)."""
+    index = os.path.join(path, INDEX)
+    if not os.path.exists(index):
+        single = os.path.join(path, SINGLE)
+        tensors = safetensors_header(single)
+        return tensors, {n: single for n in tensors}
+    _regular_file(index, _MAX_INDEX)
+    raw = _load_json(index)
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) and os.path.basename(v) == v
+            and v.endswith(".safetensors") for k, v in weight_map.items()):
+        raise ValueError(f"{index}: weight_map must map tensor names to .safetensors files in "
+                         "the export directory")
+    tensors, where = {}, {}
+    for shard in sorted(set(weight_map.values())):
+        held = safetensors_header(os.path.join(path, shard))
+        stray = sorted(n for n in held if weight_map.get(n) != shard)
+        if stray:
+            raise ValueError(f"{index}: {shard} holds {stray[0]}, which the index places in "
+                             f"{weight_map.get(stray[0])}")
+        tensors.update(held)
+        where.update({n: os.path.join(path, shard) for n in held})
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise ValueError(f"{index} places {missing[0]} in {weight_map[missing[0]]}, which does "
+                         "not hold it")
+    return tensors, where
+
+
+def _check_dtypes(tensors: dict, torch_dtype, weights: str, config_path: str) -> None:
+    """Every tensor has the export's dtype (``config.json``'s ``torch_dtype``, else one float
+    dtype for all): bytes of another dtype of the same size would load as noise."""
+    want = _TORCH_DTYPES.get(str(torch_dtype)) if torch_dtype is not None else None
+    held = sorted({d for d, _ in tensors.values()})
+    if want is not None and held != [want] or want is None and (
+            len(held) != 1 or held[0] not in _TORCH_DTYPES.values()):
+        odd = next((n for n, (d, _) in tensors.items() if d != (want or held[0])), None)
+        raise ValueError(f"{weights} holds {odd} as {tensors[odd][0] if odd else held}; "
+                         f"{config_path} says torch_dtype={torch_dtype!r} (every tensor must "
+                         "have that one float dtype)")
+
+
 def safetensors_header(path: str) -> dict:
     """{name: (dtype, shape)} from a safetensors file's header, every entry checked against the
     file's size (a crafted header fails here with one line, not inside the reader)."""
@@ -338,7 +396,7 @@ def safetensors_header(path: str) -> dict:
             header = json.loads(f.read(n).decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
-        tensors = {}
+        tensors, spans = {}, []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -350,9 +408,26 @@ def safetensors_header(path: str) -> dict:
                 raise ValueError(f"{name}: data offsets {[start, end]} do not hold {shape} "
                                  f"{dtype} within the file")
             tensors[name] = (dtype, tuple(shape))
+            spans.append((start, end, name))
+        _check_spans(sorted(spans), size - 8 - n)
+    except RecursionError:
+        raise ValueError(f"{path} is not a valid safetensors file (its header is nested too "
+                         "deeply)") from None
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid safetensors file ({e})") from None
     return tensors
+
+
+def _check_spans(spans: list, data_bytes: int) -> None:
+    """The tensors tile the data section, as the format requires: no overlap, no gap."""
+    at = 0
+    for start, end, name in spans:
+        if start != at:
+            raise ValueError(f"{name}: data offsets start at {start}, expected {at} (tensors "
+                             "overlap or leave a gap)")
+        at = end
+    if at != data_bytes:
+        raise ValueError(f"the tensors end at byte {at} of a {data_bytes}-byte data section")
 
 
 def _check_tensors(cls, config, tensors: dict, weights: str, config_path: str) -> None:

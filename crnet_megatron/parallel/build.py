@@ -31,12 +31,14 @@ def parallelize(model: CRNetGPTModel, config: CRNetConfig) -> CRNetGPTModel:
 
 def build_model(config: CRNetConfig, vocab_size: int, max_sequence_length: int,
                 backend: Optional[str] = None, vp_stage: Optional[int] = None,
-                rotary_base: int = 10000, seed: Optional[int] = None) -> CRNetGPTModel:
+                rotary_base: int = 10000, seed: Optional[int] = None,
+                device: Optional[str] = None) -> CRNetGPTModel:
     """Build this rank's part of the model (its pipeline stage, or with ``vp_stage`` that
     stage's model chunk; its TP shards) on its device.
 
     With ``seed``, the weights are drawn layout-invariantly (``init.init_weights``): the same
-    model at every TP x PP; without it, as Megatron draws them."""
+    model at every TP x PP; without it, as Megatron draws them. ``device="cpu"`` keeps it in
+    host memory where a GPU is visible (the exporter's choice)."""
     virtual = vp_stage is not None
     pre = parallel_state.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     post = parallel_state.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
@@ -44,7 +46,7 @@ def build_model(config: CRNetConfig, vocab_size: int, max_sequence_length: int,
     model = CRNetGPTModel(config, spec, vocab_size, max_sequence_length, pre_process=pre,
                           post_process=post, vp_stage=vp_stage, rotary_base=rotary_base)
     parallelize(model, config)
-    if torch.cuda.is_available():
+    if device != "cpu" and torch.cuda.is_available():
         model = model.cuda()
     if seed is not None:
         init_weights(model, config, seed)
