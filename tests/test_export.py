@@ -154,3 +154,68 @@ def test_export_refuses_a_nonempty_directory(tiny_dataset, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no tokenizer for checkpoint" in err[0] and "--tokenizer" in err[0]
     assert not os.path.exists(tmp_path / "export2")
+
+
+def test_a_sharded_export_holds_the_same_tensors_and_loads_everywhere(tiny_dataset, tmp_path,
+                                                                      capsys):
+    """``--max-shard-size 200KB``: HF's shard names and index; every shard within the size
+    unless it holds one larger tensor; the tensors bitwise those of the one-file export; the
+    export's own check (one layer at a time) and transformers give the Megatron logits."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+
+    from crnet_megatron.cli.export import main as export_main
+    from crnet_megatron.export.loader import load_megatron_model, megatron_logits, single_process
+    from crnet_megatron.export.modeling_crnet import INDEX, CRNetForCausalLM
+    from tests.driver_utils import run_in_process
+
+    save = str(tmp_path / "run")
+    run_in_process(driver_cfg(tiny_dataset, str(tmp_path / "cache"), save,
+                              "schedule.train_iters=2", "eval.eval_interval=2",
+                              "model.crnet_beta_init=-0.7"))
+    one, many = str(tmp_path / "one"), str(tmp_path / "many")
+    assert export_main([save, one, "--no-verify"]) == 0
+    capsys.readouterr()
+    assert export_main([save, many, "--max-shard-size", "200KB"]) == 0
+    diff = float(capsys.readouterr().out.split("| = ")[1].split()[0])
+    index = json.load(open(os.path.join(many, INDEX)))
+    shards = sorted(set(index["weight_map"].values()))
+    n = len(shards)
+    assert n > 2 and shards == [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    assert "model.safetensors" not in os.listdir(many)
+    with safe_open(os.path.join(one, "model.safetensors"), "pt") as f:
+        expect = {k: f.get_tensor(k) for k in f.keys()}
+    got = {}
+    for shard in shards:
+        with safe_open(os.path.join(many, shard), "pt") as f:
+            part = {k: f.get_tensor(k) for k in f.keys()}
+        size = sum(t.numel() * t.element_size() for t in part.values())
+        assert size <= 200_000 or len(part) == 1
+        assert all(index["weight_map"][k] == shard for k in part)
+        got.update(part)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                   for t in got.values())
+    assert got.keys() == expect.keys() and all(torch.equal(got[k], expect[k]) for k in got)
+    ids = torch.arange(SEQ)[None] % 200
+    with single_process():
+        model, _ = load_megatron_model(save)
+        ref = megatron_logits(model, ids)[..., :_vocab(many)]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(many, trust_remote_code=True)
+    with torch.no_grad():
+        for logits in (theirs.eval()(ids).logits, CRNetForCausalLM.from_export(many)(ids).logits):
+            torch.testing.assert_close(logits, ref, **scaled(ref, 1e-5))
+    assert diff <= scaled(ref, 1e-5)["atol"]
+
+
+def _vocab(export_dir: str) -> int:
+    return json.load(open(os.path.join(export_dir, "config.json")))["vocab_size"]
+
+
+def test_a_bad_shard_size_is_one_line(tiny_dataset, tmp_path, capsys):
+    from crnet_megatron.cli.export import main as export_main
+
+    with pytest.raises(SystemExit) as stop:
+        export_main([str(tmp_path), str(tmp_path / "out"), "--max-shard-size", "5 parsecs"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--max-shard-size '5 parsecs' is not a size" in err[0]

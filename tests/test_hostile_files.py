@@ -70,6 +70,42 @@ def _offsets_outside(path):
     path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
 
 
+def _edit_header(edit):
+    """A weights damage: ``edit(header)`` applied to the safetensors header, data unchanged."""
+    def damage(path):
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        edit(header)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    return damage
+
+
+def _same_size_dtype(header):  # float32 bytes declared as int32: the same size, other numbers
+    header["model.norm.weight"]["dtype"] = "I32"
+
+
+def _overlap(header):  # two same-sized tensors declared over the same bytes
+    header["model.layers.1.post_attention_layernorm.weight"]["data_offsets"] = \
+        header["model.layers.1.input_layernorm.weight"]["data_offsets"]
+
+
+def _sharded_index(weight_map_edit):
+    """A weights damage: the file as one shard named by an index, ``weight_map_edit`` applied."""
+    def damage(path):
+        shard = path.parent / "model-00001-of-00001.safetensors"
+        path.rename(shard)
+        names = [k for k in json.loads(shard.read_bytes()[8:8 + int.from_bytes(
+            shard.read_bytes()[:8], "little")]) if k != "__metadata__"]
+        weight_map = {k: shard.name for k in names}
+        weight_map_edit(weight_map)
+        (path.parent / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": weight_map}))
+    return damage
+
+
 CASES = {
     "empty-config": ({}, None, "vocab_size=None must be a positive int"),
     "huge-vocab": (dict(CONFIG, vocab_size=10 ** 9), None,
@@ -84,6 +120,18 @@ CASES = {
     "header-too-long": (None, lambda p: _header_length(p, 1 << 40),
                         "is not a valid safetensors file (header length"),
     "offsets-outside": (None, _offsets_outside, "do not hold"),
+    "same-size-dtype": (None, _edit_header(_same_size_dtype),
+                        "holds model.norm.weight as I32"),
+    "other-torch-dtype": (dict(CONFIG, torch_dtype="bfloat16"), None,
+                          "says torch_dtype='bfloat16'"),
+    "overlapping-offsets": (None, _edit_header(_overlap), "tensors overlap or leave a gap"),
+    "nested-config": ("[" * 200_000, None, "config.json is nested too deeply"),
+    "index-outside": (None, _sharded_index(lambda m: m.update({"lm_head.weight": "../x.safetensors"})),
+                      "weight_map must map tensor names to .safetensors files in the export"),
+    "index-missing-shard": (None, _sharded_index(lambda m: m.update(
+        {"lm_head.weight": "b.safetensors"})), "b.safetensors is missing or not a regular file"),
+    "index-unplaced": (None, _sharded_index(lambda m: m.pop("lm_head.weight")),
+                       "holds lm_head.weight, which the index places in None"),
 }
 
 
