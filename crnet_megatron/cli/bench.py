@@ -1,4 +1,4 @@
-"""``crnet-bench {throughput,recompute,comm,parallel,bubble,weak-scaling,device,planner,costs}``: the
+"""``crnet-bench {throughput,recompute,comm,parallel,bubble,weak-scaling,device,planner,costs,checkpoints}``: the
 benchmarks, each printing one table and writing JSON (``--json``); ``--reduced`` where offered
 runs tiny shapes for CI."""
 
@@ -23,6 +23,8 @@ BENCHMARKS = {
                 "planner vs measured activations and published Megatron runs"),
     "costs": ("crnet_megatron.bench.costs",
               "host syncs, TP calls, data reads per step; stall and host RSS per save"),
+    "checkpoints": ("crnet_megatron.bench.checkpoints",
+                    "save/load/verify costs per rank at 3 sizes x DP 1/2/4; export peak RSS"),
 }
 
 

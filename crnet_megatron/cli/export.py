@@ -55,6 +55,7 @@ def _export(args) -> int:
         if not args.no_verify:
             ids = torch.arange(min(32, loaded.cfg["model"]["seq_length"]))[None] % config["vocab_size"]
             ref = megatron_logits(model, ids)[..., :config["vocab_size"]].float()
+            del model  # the export's side is computed next, one layer at a time, in its place
             got = export_logits(args.out, ids)
             diff = (got - ref.to(got)).abs().max().item()
             print(f"verify: max |logits(export) - logits(Megatron)| = {diff:.3e} on "

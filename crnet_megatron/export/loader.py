@@ -124,6 +124,7 @@ def load_megatron_model(path: str, tokenizer: Optional[str] = None, dtype=None,
     stored = _stored_model_tensors(common["path"])
     _check_layers_and_embedding(common["path"], cfg["model"], vocab, stored)
     config = to_crnet_config(single)  # its rank list is now bounded by the stored layers
+    config.perform_initialization = False  # every weight is loaded: no random init (nor its copies)
     _check_parameter_count(common["path"], config, vocab, stored)
     m = cfg["model"]
     model = build_model(config, vocab_size=vocab, max_sequence_length=m["seq_length"],

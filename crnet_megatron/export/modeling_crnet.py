@@ -338,7 +338,7 @@ def checked_export(cls, path: str):
 
 
 def export_weights(path: str):
-    """({name: (dtype, shape)}, {name: file}) of an export's weights: ``model.safetensors``, or
+    """({name: (dtype, shape, first, end byte)}, {name: file}) of an export's weights: ``model.safetensors``, or
     the shards ``model.safetensors.index.json`` names (each shard holding exactly the tensors
     the index places in it)."""
     index = os.path.join(path, INDEX)
@@ -374,18 +374,18 @@ def _check_dtypes(tensors: dict, torch_dtype, weights: str, config_path: str) ->
     """Every tensor has the export's dtype (``config.json``'s ``torch_dtype``, else one float
     dtype for all): bytes of another dtype of the same size would load as noise."""
     want = _TORCH_DTYPES.get(str(torch_dtype)) if torch_dtype is not None else None
-    held = sorted({d for d, _ in tensors.values()})
+    held = sorted({entry[0] for entry in tensors.values()})
     if want is not None and held != [want] or want is None and (
             len(held) != 1 or held[0] not in _TORCH_DTYPES.values()):
-        odd = next((n for n, (d, _) in tensors.items() if d != (want or held[0])), None)
+        odd = next((n for n, entry in tensors.items() if entry[0] != (want or held[0])), None)
         raise ValueError(f"{weights} holds {odd} as {tensors[odd][0] if odd else held}; "
                          f"{config_path} says torch_dtype={torch_dtype!r} (every tensor must "
                          "have that one float dtype)")
 
 
 def safetensors_header(path: str) -> dict:
-    """{name: (dtype, shape)} from a safetensors file's header, every entry checked against the
-    file's size (a crafted header fails here with one line, not inside the reader)."""
+    """{name: (dtype, shape, first byte, end byte in the file)} from a safetensors file's
+    header, every entry checked against the file's size (a crafted header fails here with one line, not inside the reader)."""
     _regular_file(path, 1 << 50)
     size = os.path.getsize(path)
     try:
@@ -407,7 +407,7 @@ def safetensors_header(path: str) -> dict:
                     end - start != math.prod(shape) * _ITEMSIZE[dtype]:
                 raise ValueError(f"{name}: data offsets {[start, end]} do not hold {shape} "
                                  f"{dtype} within the file")
-            tensors[name] = (dtype, tuple(shape))
+            tensors[name] = (dtype, tuple(shape), 8 + n + start, 8 + n + end)
             spans.append((start, end, name))
         _check_spans(sorted(spans), size - 8 - n)
     except RecursionError:

@@ -141,9 +141,11 @@ class CRNetColumnParallelLinear(MegatronModule):
         self.linear_a = ReplicatedWeight(input_size, n * rank, config)
         # Per-position std on A's rows (each position p owns rows [p r, (p+1) r) of the stack).
         stds = torch.tensor([_lowrank_std(config, input_size, s, rank) for s in sizes])
-        with torch.no_grad():
-            _normal(1.0)(self.linear_a.weight)
-            self.linear_a.weight.mul_(stds.repeat_interleave(rank).to(self.linear_a.weight)[:, None])
+        if config.perform_initialization:
+            with torch.no_grad():
+                _normal(1.0)(self.linear_a.weight)
+                self.linear_a.weight.mul_(
+                    stds.repeat_interleave(rank).to(self.linear_a.weight)[:, None])
         self.tp, self.sequence_parallel = t, config.sequence_parallel and t > 1
 
         self.linear_b = _Factors(config)
@@ -276,8 +278,9 @@ class CRNetRowParallelLinear(MegatronModule):
             input_is_parallel=True, skip_bias_add=True, tp_group=self.tp_group)
         self.linear_b = torch.nn.Linear(rank, output_size, bias=False, device=_device(config),
                                         dtype=config.params_dtype)
-        with torch.no_grad():
-            _normal(std)(self.linear_b.weight)
+        if config.perform_initialization:
+            with torch.no_grad():
+                _normal(std)(self.linear_b.weight)
         self.beta = _make_beta(1, config)
         # Under SP each rank holds a sequence shard, so B and beta see partial gradients: marked
         # like Megatron's norms, they are summed over TP once per step (finalize_model_grads,
