@@ -178,6 +178,106 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     assert time.monotonic() - start < 2.0
 
 
+_BOUNDED_CHILD = """
+import sys
+from crnet_megatron.training.metrics import truncate_metrics
+open("/proc/self/clear_refs", "w").write("5")
+rss = lambda key: int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+before = rss("VmRSS:")
+truncate_metrics(sys.argv[1], 10)
+print(rss("VmHWM:") - before)
+"""
+
+
+def test_a_huge_metrics_line_is_skipped_without_being_read_whole(tmp_path):
+    """A received metrics.jsonl holding a 512 MiB line (sparse: cheap to make, as long to
+    read): the line is dropped as not a row, the rows around it kept, and the reader's peak
+    memory grows by less than 64 MiB (it once held the line whole)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "metrics.jsonl"
+    row = {"split": "train", "iteration": 1, "loss": 7.5}
+    with open(path, "wb") as f:
+        f.write((json.dumps(row) + "\n").encode())
+        f.write(b'{"split": "train", "pad": "')
+        f.truncate(f.tell() + (512 << 20))
+        f.seek(0, 2)
+        f.write(b'"}\n' + (json.dumps(dict(row, iteration=2)) + "\n").encode())
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    proc = subprocess.run([sys.executable, "-c", _BOUNDED_CHILD, str(path)], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.strip().splitlines()[-1]) < 64 << 10  # kB
+    assert "1 row(s)" in proc.stdout
+    assert [json.loads(line)["iteration"] for line in open(path)] == [1, 2]
+
+
+def _take_lock(root, start, done, results, i):
+    from crnet_megatron.checkpoint.run_dir import acquire_lock
+
+    start.wait(30)
+    try:
+        acquire_lock(root)
+        results.put(i)
+    except ValueError:
+        results.put(None)
+    done.wait(30)  # the holder stays alive until every contender has answered
+
+
+def test_exactly_one_of_many_processes_takes_over_a_stale_lock(tmp_path):
+    """Eight processes start together on a save directory whose lock names a dead process of
+    this host: in each of 20 trials exactly one takes it over, the others are refused."""
+    import multiprocessing as mp
+    import socket
+
+    from crnet_megatron.checkpoint.run_dir import LOCK
+
+    ctx = mp.get_context("fork")
+    gone = ctx.Process(target=int)
+    gone.start()
+    gone.join()
+    for trial in range(20):
+        root = tmp_path / f"t{trial}"
+        root.mkdir()
+        (root / LOCK).write_text(json.dumps(dict(host=socket.gethostname(), pid=gone.pid)))
+        start, done, results = ctx.Barrier(8), ctx.Barrier(9), ctx.Queue()
+        procs = [ctx.Process(target=_take_lock, args=(str(root), start, done, results, i))
+                 for i in range(8)]
+        for p in procs:
+            p.start()
+        try:
+            winners = [w for w in (results.get(timeout=30) for _ in procs) if w is not None]
+            done.wait(30)
+        finally:
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+        assert len(winners) == 1, (trial, winners)
+        assert json.loads((root / LOCK).read_text())["pid"] == procs[winners[0]].pid
+
+
+def test_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch, capsys):
+    """A requeued job may start on another node: the lock its earlier attempt left (same
+    SLURM_JOB_ID) is taken over with a note; another job's lock on another node is not."""
+    from crnet_megatron.checkpoint import run_dir
+
+    lock = tmp_path / run_dir.LOCK
+    lock.write_text(json.dumps(dict(host="node-17", pid=4242, job="777", started="then")))
+    monkeypatch.setenv("SLURM_JOB_ID", "778")
+    with pytest.raises(ValueError, match="is in use by pid 4242 on node-17"):
+        run_dir.acquire_lock(str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    run_dir.acquire_lock(str(tmp_path))
+    assert "an earlier attempt of Slurm job 777" in capsys.readouterr().out
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    here = __import__("socket").gethostname()  # a pid no system has: one line, no traceback
+    lock.write_text(json.dumps(dict(host=here, pid=10 ** 30, started="then")))
+    with pytest.raises(ValueError, match=f"is in use by pid {10 ** 30} on {here}"):
+        run_dir.acquire_lock(str(tmp_path))
+
+
 def test_fifos_where_files_are_read_never_block(tiny_dataset, tmp_path):
     """A FIFO as the tracker or a checkpoint's ``.metadata`` is a broken checkpoint (fall back,
     with a warning), as a config file or a dataset ``.bin`` one line naming it; nothing blocks

@@ -11,6 +11,8 @@ No torch.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -24,6 +26,7 @@ from crnet_megatron.data.safe_files import (
     check_target,
     copy_file,
     is_regular,
+    read_json,
     write_text,
 )
 
@@ -45,10 +48,7 @@ def new_run_id() -> str:
 
 def _read_small_json(path: str, what: str):
     check_target(path, what)
-    if os.path.getsize(path) > _MAX_SMALL_FILE:
-        raise ValueError(f"{what} {path} is larger than {_MAX_SMALL_FILE} bytes")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    return read_json(path, what, _MAX_SMALL_FILE)
 
 
 def _alive(pid: int) -> bool:
@@ -56,38 +56,63 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError):
+        return True  # someone else's, or not a pid this system can have: not ours to judge
     return True
+
+
+@contextlib.contextmanager
+def _serialised(root: str):
+    """One process at a time inspects and takes the lock: an exclusive ``flock`` on a sidecar
+    file (never followed if it is a link), so two runs that both find a stale lock cannot both
+    take it over."""
+    path = os.path.join(root, LOCK + ".guard")
+    check_target(path, "run lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _holder(root: str, path: str):
+    try:
+        holder = _read_small_json(path, "run lock")
+        return holder, str(holder["host"]), int(holder["pid"])
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise ValueError(f"checkpoint.save={root!r}: its lock file {path} is unreadable ({e});"
+                         " if no run is saving there, remove it") from None
 
 
 def acquire_lock(root: str) -> str:
     """Take ``root``'s lock, or stop with one line naming the run that holds it. A lock left by
-    a process of this host that is gone (or by this process) is taken over, with a line."""
+    a process of this host that is gone (or by this process), or by an earlier attempt of this
+    Slurm job (a requeue may land on another node), is taken over, with a line."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, LOCK)
-    me = dict(host=socket.gethostname(), pid=os.getpid(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
-    if os.path.lexists(path):
-        try:
-            holder = _read_small_json(path, "run lock")
-            host, pid = str(holder["host"]), int(holder["pid"])
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            raise ValueError(f"checkpoint.save={root!r}: its lock file {path} is unreadable ({e});"
-                             " if no run is saving there, remove it") from None
-        if host != me["host"] or (pid != me["pid"] and _alive(pid)):
-            raise ValueError(
-                f"checkpoint.save={root!r} is in use by pid {pid} on {host} (since "
-                f"{holder.get('started', '?')}); two runs saving into one directory would "
-                f"overwrite each other's checkpoints and metrics. If that run is gone, remove "
-                f"{path}")
-        if pid != me["pid"]:  # (this process's own: an earlier run in it ended without release)
-            print(f"note: taking over the lock of pid {pid} on {host} in {root} (that process "
-                  "is gone)", flush=True)
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                 0o644)
-    with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
+    me = dict(host=socket.gethostname(), pid=os.getpid(), job=os.environ.get("SLURM_JOB_ID"),
+              started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    with _serialised(root):
+        if os.path.lexists(path):
+            holder, host, pid = _holder(root, path)
+            same_job = me["job"] is not None and str(holder.get("job")) == me["job"]
+            if not same_job and (host != me["host"] or (pid != me["pid"] and _alive(pid))):
+                raise ValueError(
+                    f"checkpoint.save={root!r} is in use by pid {pid} on {host} (since "
+                    f"{holder.get('started', '?')}); two runs saving into one directory would "
+                    f"overwrite each other's checkpoints and metrics. If that run is gone, "
+                    f"remove {path}")
+            if pid != me["pid"] or host != me["host"]:
+                why = (f"an earlier attempt of Slurm job {me['job']}" if same_job
+                       else "that process is gone")
+                print(f"note: taking over the lock of pid {pid} on {host} in {root} ({why})",
+                      flush=True)
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                     0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
     return path
 
 

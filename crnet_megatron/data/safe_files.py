@@ -136,6 +136,24 @@ def read_json(path: str, what: str = "file", max_bytes: int = 1 << 24):
         raise ValueError(str(e) if str(e).startswith(what) else f"{what} {path}: {e}") from None
 
 
+def bounded_lines(f, limit: int) -> Iterator[Optional[bytes]]:
+    """The lines of the binary file ``f``, none read with more than ``limit + 1`` bytes at a
+    time: a longer line is skipped in pieces and given as None, never held whole (a received
+    file may hold a line of gigabytes)."""
+    while True:
+        line = f.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while True:
+                rest = f.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield None
+        else:
+            yield line
+
+
 def is_regular(path: str) -> Optional[bool]:
     """True/False for an existing path (links not followed), None when absent."""
     try:

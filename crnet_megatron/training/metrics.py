@@ -10,7 +10,13 @@ from typing import Dict, Optional
 
 import torch
 
-from crnet_megatron.data.safe_files import atomic_writer, check_target, open_append
+from crnet_megatron.data.safe_files import (
+    atomic_writer,
+    bounded_lines,
+    check_target,
+    loads_json,
+    open_append,
+)
 from crnet_megatron.planner.hardware import peak_tflops_of
 
 
@@ -103,11 +109,11 @@ def truncate_metrics(path: str, iteration: int) -> None:
     check_target(path, "metrics file")
     kept, dropped, last = [], 0, {}
     with open(path, "rb") as f:
-        for raw in f:
+        for raw in bounded_lines(f, MAX_ROW_BYTES):
             try:
-                rec = json.loads(raw) if len(raw) <= MAX_ROW_BYTES else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                rec = None  # e.g. a row cut short by the crash
+                rec = loads_json(raw, "metrics row") if raw is not None else None
+            except ValueError:
+                rec = None  # e.g. a row cut short by the crash, or nested without end
             past = isinstance(rec, dict) and isinstance(rec.get("iteration"), int) \
                 and rec["iteration"] > iteration  # logged after the checkpoint: not kept
             if valid_row(rec, last, iteration):

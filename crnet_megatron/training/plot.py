@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
-from crnet_megatron.data.safe_files import claim, replace_into, temporary_path
+from crnet_megatron.data.safe_files import (
+    bounded_lines,
+    claim,
+    loads_json,
+    replace_into,
+    temporary_path,
+)
+from crnet_megatron.training.metrics import MAX_ROW_BYTES
 
 
 def plot_metrics(jsonl_path: str, out_path: Optional[str] = None) -> str:
@@ -15,7 +21,15 @@ def plot_metrics(jsonl_path: str, out_path: Optional[str] = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in open(jsonl_path, encoding="utf-8") if line.strip()]
+    rows = []
+    with open(jsonl_path, "rb") as f:
+        for line in bounded_lines(f, MAX_ROW_BYTES):
+            try:
+                row = loads_json(line, "metrics row") if line and line.strip() else None
+            except ValueError:
+                row = None  # not a metrics row: not plotted
+            if isinstance(row, dict) and isinstance(row.get("iteration"), int):
+                rows.append(row)
     if not rows:
         raise ValueError(f"{jsonl_path} has no metrics")
     out_path = out_path or os.path.splitext(jsonl_path)[0] + ".png"
