@@ -165,7 +165,11 @@ def test_a_sharded_export_holds_the_same_tensors_and_loads_everywhere(tiny_datas
     from safetensors import safe_open
 
     from crnet_megatron.cli.export import main as export_main
-    from crnet_megatron.export.loader import load_megatron_model, megatron_logits, single_process
+    from crnet_megatron.export.loader import (
+        load_megatron_model,
+        megatron_logits,
+        single_process,
+    )
     from crnet_megatron.export.modeling_crnet import INDEX, CRNetForCausalLM
     from tests.driver_utils import run_in_process
 

@@ -132,3 +132,59 @@ def test_implausible_or_cut_short_index_caches_are_rebuilt(tiny_dataset, tmp_pat
         assert f"dataset index cache {victim.parent}" in out and why in out, (affix, damage)
         assert victim.exists()
         assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]
+
+
+NESTED = "[" * 100_000  # 100 kB: deeper than any JSON or YAML parser recurses
+
+
+def test_nested_json_anywhere_is_one_line_or_skipped(tiny_dataset, tmp_path, capsys):
+    """Deeply nested JSON (or YAML) where a run reads it: refused with a ValueError naming the
+    file (tokenizer, YAML config, a preprocessing line, checksums.json, the lock), or skipped
+    where the file is advisory (a metrics row, the retention manifest); never a
+    RecursionError."""
+    import json as jsonlib
+
+    from crnet_megatron.checkpoint import run_dir
+    from crnet_megatron.checkpoint.integrity import CorruptCheckpointError
+    from crnet_megatron.checkpoint.resume import iteration_dir, read_checkpoint
+    from crnet_megatron.config.run_config import load_run_config
+    from crnet_megatron.data.preprocess import HFTokenizer, iter_texts
+    from crnet_megatron.training.metrics import truncate_metrics
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    refused = {}
+    for name, read in (
+            ("tokenizer.json", lambda p: HFTokenizer(str(p))),
+            ("config.yaml", lambda p: load_run_config(str(p))),
+            ("docs.jsonl", lambda p: list(iter_texts([str(p)], "text")))):
+        (bad / name).write_text(NESTED + "\n")
+        with pytest.raises(ValueError) as err:
+            read(bad / name)
+        refused[name] = str(err.value)
+    assert all("nested too deeply" in m and "\n" not in m for m in refused.values()), refused
+    assert refused["docs.jsonl"].startswith(f"{bad / 'docs.jsonl'}:1:")
+
+    save = tmp_path / "s"
+    _train(tiny_dataset, tmp_path, save)
+    ckpt = iteration_dir(str(save), 2)
+    (tmp_path / "ck").mkdir()
+    copy = tmp_path / "ck" / "iter_0000002"
+    __import__("shutil").copytree(ckpt, copy)
+    (copy / "checksums.json").write_text(NESTED)
+    with pytest.raises(CorruptCheckpointError, match="checksums.json .*nested too deeply"):
+        read_checkpoint(str(copy))
+    lock = tmp_path / "locked"
+    lock.mkdir()
+    (lock / run_dir.LOCK).write_text(NESTED)
+    with pytest.raises(ValueError, match="lock file .* is unreadable .*nested too deeply"):
+        run_dir.acquire_lock(str(lock))
+    (save / run_dir.MANIFEST).write_text(NESTED)
+    assert run_dir.prune(str(save), 1, "any", None) == []  # nothing pruned, with a note
+    assert "nested too deeply to be read; no checkpoint is pruned" in capsys.readouterr().out
+    metrics = save / "metrics.jsonl"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(rows[:1] + [NESTED] + rows[1:]) + "\n")
+    truncate_metrics(str(metrics), 2)
+    assert [jsonlib.loads(r) for r in metrics.read_text().splitlines()] == \
+        [jsonlib.loads(r) for r in rows]

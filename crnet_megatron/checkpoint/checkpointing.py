@@ -188,7 +188,9 @@ def _save_strategy(fully_parallel: bool):
     """megatron-core's default writer; with ``fully_parallel`` wrapped so that the DP replicas
     split the replicated tensors between them (each writes about 1/DP of them) instead of DP
     rank 0 writing them all (Megatron-LM's ``--ckpt-fully-parallel-save``)."""
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_sharded_strategy,
+    )
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,
     )
@@ -202,7 +204,9 @@ def _load_strategy(path: str, fully_parallel: bool):
     """megatron-core's default reader; with ``fully_parallel`` each DP replica reads about 1/DP
     of the replicated tensors and the replicas exchange them (instead of every replica reading
     every shard; Megatron-LM's ``--ckpt-fully-parallel-load``)."""
-    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_load_sharded_strategy,
+    )
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelLoadStrategyWrapper,
     )

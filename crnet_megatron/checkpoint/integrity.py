@@ -32,7 +32,11 @@ from crnet_megatron.checkpoint.safe_checkpoint import (
     load_metadata,
     model_key,
 )
-from crnet_megatron.data.safe_files import UnsafePathError, check_readable, read_json, write_text
+from crnet_megatron.data.safe_files import (
+    UnsafePathError,
+    read_json,
+    write_text,
+)
 
 CHECKSUMS = "checksums.json"
 SIDECAR = ".sha256"  # NAME.sha256 beside a shard: its writer's segments (removed at publish)

@@ -166,6 +166,9 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ValueError(f"config file {path!r} is not valid YAML{where}: {problem}") from None
+        except RecursionError:
+            raise ValueError(f"config file {path!r} is nested too deeply to be read (a config "
+                             "has two levels: section, key)") from None
         if updates is None:
             raise ValueError(f"config file {path!r} is empty; it needs at least one section "
                              f"(valid: {sorted(SECTIONS)})")
@@ -178,7 +181,7 @@ def load_run_config(path: Optional[str], overrides: Sequence[str] = ()) -> Dict[
         section, name = key.split(".", 1)
         try:
             updates.setdefault(section, {})[name] = yaml.safe_load(value)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             raise ValueError(f"--set {item!r}: the value is not valid YAML") from None
     return from_mapping(updates, cfg)
 

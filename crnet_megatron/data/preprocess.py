@@ -121,6 +121,8 @@ def json_line(path: str, n: int, line: str):
         return json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}:{n}: JSON nested too deeply to be read") from None
 
 
 def _field(doc, key: str, where: str) -> str:

@@ -12,7 +12,6 @@ The dataset index caches megatron-core builds from them are checked in ``index_c
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from typing import List, Optional
@@ -125,16 +124,16 @@ def check_tokenizer_regexes(path: str) -> None:
     and normalizer ``Regex`` patterns) are bounded: short, and with no group that repeats
     something itself repeating without bound (``(a+)+``, ``(\\w*)*``), the shape whose matching
     time explodes on a crafted line. Real tokenizers' patterns (GPT-2, LLaMA-3) pass."""
-    from crnet_megatron.data.safe_files import check_readable
+    from crnet_megatron.data.safe_files import check_readable, loads_json
 
     check_readable(path, "tokenizer file")
     if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
         raise ValueError(f"tokenizer file {path!r} is {os.path.getsize(path)} bytes, more than "
                          f"{MAX_TOKENIZER_BYTES}")
     try:
-        with open(path, encoding="utf-8") as f:
-            todo = [json.load(f)]
-    except (ValueError, UnicodeDecodeError) as e:
+        with open(path, "rb") as f:
+            todo = [loads_json(f.read(), "the file")]
+    except ValueError as e:
         raise ValueError(f"tokenizer file {path!r} is not a valid HF tokenizers JSON ({e})") \
             from None
     while todo:
