@@ -436,3 +436,36 @@ def test_a_checkpoint_with_flipped_bytes_is_moved_aside(tiny_dataset, tmp_path, 
     assert [h["iteration"] for h in resumed["history"]] == [3, 4]
     straight = run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", tmp_path / "u", *cfg))
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"][2:]]
+
+
+@pytest.mark.parametrize("plant", ["builtin-tmp-link", "index-cache-links", "fifo"])
+def test_planted_entries_in_the_cache_directory_are_refused(tiny_dataset, tmp_path, capfd, plant):
+    """``data.cache_dir`` is shared between runs and nodes: a link planted where the built-in
+    corpus is written, links (one dangling) where megatron-core writes its index cache, or a
+    FIFO, are refused at start-up with one line naming them; the link targets are untouched and
+    nothing is created outside the cache."""
+    cache = tmp_path / "c"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / "precious.txt"
+    target.write_text("precious\n")
+    if plant == "builtin-tmp-link":
+        (cache / "builtin").mkdir(parents=True)
+        (cache / "builtin" / "builtin.jsonl.tmp").symlink_to(target)
+        named = "builtin.jsonl.tmp"
+    elif plant == "index-cache-links":
+        (cache / "index_cache").mkdir(parents=True)
+        (cache / "index_cache" / "0abc-GPTDataset-train-description.txt").symlink_to(target)
+        (cache / "index_cache" / "0abc-GPTDataset-train-document_index.npy").symlink_to(
+            outside / "made_by_megatron.npy")  # dangling
+        named = "0abc-GPTDataset-train-"
+    else:
+        (cache / "index_cache").mkdir(parents=True)
+        os.mkfifo(cache / "index_cache" / "pipe")
+        named = "pipe"
+    sets = [] if plant != "builtin-tmp-link" else ["data.data_path=null", "data.tokenizer=null"]
+    code = _train_cli(tiny_dataset, tmp_path, tmp_path / "run", *sets)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "data.cache_dir=" in err[0] and named in err[0], err
+    assert target.read_text() == "precious\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]

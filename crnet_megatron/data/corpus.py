@@ -15,6 +15,8 @@ from typing import List
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from crnet_megatron.data.safe_files import claim, replace_into, temporary_path
+
 EOS = "<|endoftext|>"
 
 
@@ -70,7 +72,13 @@ def load_or_train_tokenizer(docs: List[str], vocab_size: int, cache_dir: str) ->
         return Tokenizer.from_file(path)
     tok = train_tokenizer(docs, vocab_size)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = path + f".tmp{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, path)
+    tmp = temporary_path(path)
+    claim(tmp)  # a fresh name created here: tokenizers never writes through a planted link
+    try:
+        tok.save(tmp)
+        replace_into(tmp, path, "tokenizer")
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return tok

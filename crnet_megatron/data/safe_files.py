@@ -136,6 +136,28 @@ def read_json(path: str, what: str = "file", max_bytes: int = 1 << 24):
         raise ValueError(str(e) if str(e).startswith(what) else f"{what} {path}: {e}") from None
 
 
+def check_cache_tree(root: str, key: str = "data.cache_dir") -> None:
+    """A cache directory shared between runs (and nodes) holds only directories and regular
+    files: a symbolic link inside it (dangling ones too) or a FIFO, device or socket is
+    refused with one line before anything writes there (megatron-core writes its index caches
+    with a plain ``open``, which would follow a planted link). ``root`` itself may be a link
+    (a user's choice of where the cache lives)."""
+    root = os.path.expanduser(root)
+    if not os.path.isdir(root):
+        return
+    for here, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(here, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISLNK(mode):
+                raise UnsafePathError(f"{key}={root!r} holds a symbolic link {path} (to "
+                                      f"{os.readlink(path)!r}); the cache holds only files this "
+                                      "project and megatron-core write there: remove it")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise UnsafePathError(f"{key}={root!r} holds {path}, which is not a regular file "
+                                      "(a FIFO, device or socket): remove it")
+
+
 def bounded_lines(f, limit: int) -> Iterator[Optional[bytes]]:
     """The lines of the binary file ``f``, none read with more than ``limit + 1`` bytes at a
     time: a longer line is skipped in pieces and given as None, never held whole (a received

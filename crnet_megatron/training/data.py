@@ -23,6 +23,7 @@ from crnet_megatron.data.index_cache import (
     remove_cache_set,
 )
 from crnet_megatron.data.preprocess import HFTokenizer, output_paths, preprocess_jsonl
+from crnet_megatron.data.safe_files import atomic_writer, check_cache_tree
 from crnet_megatron.data.validate import validate_prefix
 
 
@@ -85,14 +86,14 @@ def prepare_builtin(cache_dir: str, vocab_size: int,
     tok_path = os.path.join(root, f"builtin_bpe_{vocab_size}.json")
     prefix = os.path.join(root, f"builtin_v{vocab_size}")
     bin_path, _ = output_paths(prefix, "text")
+    check_cache_tree(cache_dir)
     if (not dist.is_initialized() or dist.get_rank() == 0) and not os.path.exists(bin_path):
         os.makedirs(root, exist_ok=True)
         docs = builtin_corpus()
         jsonl = os.path.join(root, "builtin.jsonl")
-        with open(jsonl + ".tmp", "w", encoding="utf-8") as f:
+        with atomic_writer(jsonl, "built-in corpus") as f:  # never through a planted link
             for d in docs:
                 f.write(json.dumps({"text": d}) + "\n")
-        os.replace(jsonl + ".tmp", jsonl)
         load_or_train_tokenizer(docs, vocab_size, root)
         preprocess_jsonl([jsonl], prefix, tok_path, ["text"], append_eod=True, workers=1,
                          eod_token=EOS, overwrite=True, progress=False)
@@ -139,6 +140,7 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
     for p in prefixes:
         validate_prefix(p, tokenizer.vocab_size)
     check_splits(prefixes, cfg["data"]["split"])
+    check_cache_tree(cfg["data"]["cache_dir"])  # before megatron-core writes there
     cache = os.path.join(os.path.expanduser(cfg["data"]["cache_dir"]), "index_cache")
     check_index_cache(cache, repair=not dist.is_initialized() or dist.get_rank() == 0)
     if dist.is_initialized():
