@@ -1,5 +1,7 @@
 """Every invalid CR-Net config value raises one clear ValueError naming field, value and rule."""
 
+import re
+
 import pytest
 
 from tests.helpers import tiny_config
@@ -84,3 +86,24 @@ def test_every_unhonoured_megatron_switch_is_refused_by_name():
 def test_switches_the_review_found_accepted_are_refused(name, value):
     with pytest.raises(ValueError, match=rf"^CRNetConfig\.{name}=.* is invalid: "):
         tiny_config(**{name: value})
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("schedule.seed=100000000000000000000000", "schedule.seed = 100000000000000000000000 is out of range"),
+    ("data.split=abc", "data.split = 'abc' must be train,valid,test weights"),
+    ("data.split=1,2,3,4", "data.split = '1,2,3,4' must be train,valid,test weights"),
+    ("data.split=0,0,0", "data.split = '0,0,0' must be train,valid,test weights"),
+])
+def test_out_of_range_seed_and_malformed_split_are_one_line(setting, message):
+    """A seed beyond numpy's range and a split Megatron would turn into NaN: named, at load."""
+    from crnet_megatron.config.run_config import load_run_config
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_run_config(None, [setting])
+
+
+def test_blend_weights_whose_sum_overflows_are_one_line():
+    from crnet_megatron.config.run_config import parse_blend
+
+    with pytest.raises(ValueError, match="sum beyond a float's range"):
+        parse_blend([1e308, "/a", 1e308, "/b"])

@@ -77,20 +77,24 @@ def test_checkpoints_hold_tensors_only(tiny_dataset, tmp_path):
     assert common["common"]["rng_format"] == "tensors"
 
 
-@pytest.mark.parametrize("kind", ["pickle", "object-array"])
+@pytest.mark.parametrize("kind", ["pickle", "object-array", "float64"])
 def test_crafted_index_cache_is_refused(tiny_dataset, tmp_path, kind):
     """megatron-core reads its caches with ``numpy.load(allow_pickle=True)``: a file that is a
     plain pickle (no .npy header) is unpickled by numpy, running its code; an object array is
-    refused by the memory map today but would run code on any non-mapped load."""
+    refused by the memory map today but would run code on any non-mapped load; float indices
+    would index samples wrongly."""
     cache, marker = tmp_path / "c", tmp_path / "pwned"
     _train(tiny_dataset, tmp_path, None)
     victim = sorted((cache / "index_cache").glob("*-GPTDataset-train-document_index.npy"))[0]
     if kind == "pickle":
         victim.write_bytes(pickle.dumps(_Payload(marker)))
         expected = "is not a valid .npy file"
-    else:
+    elif kind == "object-array":
         np.save(victim, np.array([_Payload(marker)], dtype=object), allow_pickle=True)
         expected = "holds object data.*refusing"
+    else:
+        np.save(victim, np.load(victim).astype(np.float64))
+        expected = "holds float64 data, not an integer index"
     with pytest.raises(ValueError, match=rf"index cache {victim} {expected}"):
         _train(tiny_dataset, tmp_path, None)
     assert not marker.exists()
@@ -132,6 +136,32 @@ def test_implausible_or_cut_short_index_caches_are_rebuilt(tiny_dataset, tmp_pat
         assert f"dataset index cache {victim.parent}" in out and why in out, (affix, damage)
         assert victim.exists()
         assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]
+
+
+@pytest.mark.parametrize("damage", ["dataset", "sample"])
+def test_a_blend_cache_naming_what_it_lacks_is_rebuilt(tiny_dataset, tmp_path, capfd, damage):
+    """A blend's cached indices naming a dataset it does not have, or a sample past the end of
+    one: removed with a line naming it and why, built again; the run trains as with the
+    intact cache (it once crashed at the first batch or read out of range)."""
+    from crnet_megatron.data.preprocess import preprocess_jsonl
+
+    prefix, tok, jsonl = tiny_dataset
+    second = preprocess_jsonl([jsonl], str(tmp_path / "second"), tok, append_eod=True,
+                              progress=False)["text"]
+    blend = f"data.data_path=[0.3, {prefix}, 0.7, {second}]"
+    first = _train(tiny_dataset, tmp_path, None, blend)
+    cache = tmp_path / "c" / "index_cache"
+    victim = sorted(cache.glob(f"*-BlendedDataset-train-dataset{'' if damage == 'dataset' else '_sample'}_index.npy"))[0]
+    data = np.load(victim)
+    data[len(data) // 2] = 7 if damage == "dataset" else 10 ** 6
+    np.save(victim, data)
+    capfd.readouterr()
+    again = _train(tiny_dataset, tmp_path, None, blend)
+    out = capfd.readouterr().out
+    why = "names a dataset the blend does not have" if damage == "dataset" else \
+        "names a sample beyond the end of its dataset"
+    assert f"dataset index cache {victim.parent}" in out and why in out
+    assert [h["loss"] for h in again["history"]] == [h["loss"] for h in first["history"]]
 
 
 NESTED = "[" * 100_000  # 100 kB: deeper than any JSON or YAML parser recurses

@@ -107,7 +107,8 @@ class Schedule:
                                   bounds=FRACTION)
     lr_decay_style: str = key("cosine", str, "learning-rate decay", choices=(
         "cosine", "linear", "constant", "inverse-square-root"))
-    seed: int = key(1234, int, "the run's seed (weights, data order)", bounds=NONNEG)
+    seed: int = key(1234, int, "the run's seed (weights, data order)",
+                    bounds=(0, 2**31 - 1, False, False))  # numpy's seeds are < 2^32
     exit_interval: Any = key(None, OPT_INT, "save and stop after this many steps", bounds=POS)
 
 

@@ -67,6 +67,7 @@ def validate(cfg: Dict[str, Dict[str, Any]]) -> None:
                          f"model.variant: crnet (model.variant = {m['variant']!r} has no "
                          "cross-layer chain to invert); use 'full' or 'selective'")
     _validate_recompute_modules(cfg["recompute"])
+    _validate_split(cfg["data"]["split"])
     p = cfg["parallel"]
     if p["overlap_param_gather"] and not p["use_distributed_optimizer"]:
         raise ValueError("config key parallel.overlap_param_gather = true needs "
@@ -265,6 +266,18 @@ def shape_keys(cfg) -> Dict[str, Any]:
     return {k: cfg["model"][k] for k in keys}
 
 
+def _validate_split(split: str) -> None:
+    """Megatron's ``--split``: one to three comma-separated weights, finite, >= 0, not all 0."""
+    try:
+        parts = [float(x) for x in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        parts = []
+    if not 1 <= len(parts) <= 3 or not all(math.isfinite(x) and x >= 0 for x in parts) \
+            or not math.isfinite(sum(parts)) or sum(parts) <= 0:
+        raise ValueError(f"config key data.split = {split!r} must be train,valid,test weights: "
+                         "up to three finite numbers >= 0, not all zero (e.g. '969,30,1')")
+
+
 def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
     """Megatron's ``--data-path`` format: ``[p1, p2]`` or ``[w1, p1, w2, p2]``."""
     items = [str(x) for x in data_path]
@@ -282,6 +295,9 @@ def parse_blend(data_path: List) -> Tuple[List[str], Optional[List[float]]]:
             raise ValueError(f"data.data_path: the weight {w!r} of {prefix!r} must be a finite "
                              "number > 0 (Megatron's [w1, p1, w2, p2] blend; leave a prefix "
                              "out instead of giving it weight 0)")
+    if not math.isfinite(sum(weights)):
+        raise ValueError(f"data.data_path: the blend weights {weights} sum beyond a float's "
+                         "range; scale them down (only their ratios matter)")
     return prefixes, weights
 
 

@@ -6,6 +6,7 @@ implausible is removed with a line and built again; one that could run code is r
   a file whose header is not a plain numeric array (an object array runs code when loaded) is
   refused before megatron-core reads it. With ``repair``, a cache whose data is shorter than its
   header says (a kill or a full disk during its write) is removed with its set.
+* ``blend_problem``: a loaded blend names only its datasets and samples they have.
 * ``index_problem``: a loaded GPTDataset's indices are what its builder makes: the shuffle
   index a permutation of the samples, the document index every document of the split equally
   often, and consecutive sample boundaries exactly ``seq_length`` tokens apart. (An all-zero
@@ -56,13 +57,27 @@ def check_index_cache(cache_dir: str, repair: bool = False) -> None:
         except Exception as e:  # noqa: BLE001 - any unreadable header is refused
             raise ValueError(f"dataset index cache {path} is not a valid .npy file ({e}); "
                              "delete it and it is rebuilt") from None
-        if dtype.hasobject or dtype.kind not in "iuf":
-            raise ValueError(f"dataset index cache {path} holds {dtype} data, not a numeric "
-                             "index; refusing to load it (object arrays run code when read). "
-                             "Delete it and it is rebuilt")
+        if dtype.hasobject or dtype.kind not in "iu":
+            raise ValueError(f"dataset index cache {path} holds {dtype} data, not an integer "
+                             "index; refusing to load it (object arrays run code when read, "
+                             "floats would index samples wrongly). Delete it and it is rebuilt")
         needed = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if repair and os.path.getsize(path) < needed:
             remove_cache_set(path, f"is cut short ({os.path.getsize(path)} of {needed} bytes)")
+
+
+def blend_problem(dataset_index, dataset_sample_index, sizes) -> Optional[str]:
+    """What is implausible about a blend's indices (None: nothing): every entry names one of
+    its datasets and a sample that dataset has."""
+    which = np.asarray(dataset_index).astype(np.int64)
+    sample = np.asarray(dataset_sample_index).astype(np.int64)
+    if which.ndim != 1 or sample.shape != which.shape:
+        return "has indices of the wrong shape"
+    if len(which) and (which.min() < 0 or which.max() >= len(sizes)):
+        return "names a dataset the blend does not have"
+    if len(which) and (sample.min() < 0 or np.any(sample >= np.asarray(sizes)[which])):
+        return "names a sample beyond the end of its dataset"
+    return None
 
 
 def index_problem(document_index, sample_index, shuffle_index, split_documents,

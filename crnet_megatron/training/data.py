@@ -18,6 +18,7 @@ from crnet_megatron.config.run_config import parse_blend
 from crnet_megatron.data.batches import reads_data
 from crnet_megatron.data.corpus import EOS, builtin_corpus, load_or_train_tokenizer
 from crnet_megatron.data.index_cache import (
+    blend_problem,
     check_index_cache,
     index_problem,
     remove_cache_set,
@@ -192,6 +193,16 @@ def _built_and_checked(build, cache: str):
         problem = index_problem(ds.document_index, ds.sample_index, ds.shuffle_index,
                                 ds.indices, ds.dataset.sequence_lengths,
                                 ds.config.sequence_length)
+        if problem:
+            remove_cache_set(path, problem)
+            bad += 1
+    for blend in (d for d in datasets if getattr(d, "dataset_index", None) is not None):
+        path = os.path.join(cache, f"{blend.unique_description_hash}-{type(blend).__name__}-"
+                                   f"{blend.split.name}-dataset_index.npy")
+        if os.path.basename(path) not in existed:
+            continue
+        problem = blend_problem(blend.dataset_index, blend.dataset_sample_index,
+                                [len(d) for d in blend.datasets])
         if problem:
             remove_cache_set(path, problem)
             bad += 1
