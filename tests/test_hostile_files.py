@@ -150,21 +150,42 @@ def test_hostile_export_files_are_refused_before_building(tmp_path):
         assert "\n" not in got[dirs[name]]
 
 
-def test_a_tokenizer_with_an_exploding_regex_is_refused(tiny_dataset, tmp_path):
-    """A pre-tokenizer ``Split`` on ``(a+)+$`` would take exponential time on a crafted line:
-    refused when the tokenizer is opened, before any text is matched."""
+@pytest.mark.parametrize("pattern,why", [
+    ("(a+)+$", "repeats a group that itself repeats without bound"),
+    ("(a|a?)+$", "repeats without bound a group that can match a text in several ways"),
+    ("(.*a){12}$", "repeats a counted number of times a group that repeats without bound")])
+def test_a_tokenizer_with_an_exploding_regex_is_refused(tiny_dataset, tmp_path, pattern, why):
+    """A pre-tokenizer ``Split`` whose pattern takes exponential (or 12th-power) time on a
+    crafted line (the last two once passed and ended in an 82-line Rust panic): refused when
+    the tokenizer is opened, before any text is matched."""
     from crnet_megatron.data.preprocess import HFTokenizer
 
     tok = json.loads(open(tiny_dataset[1]).read())
     tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": "(a+)+$"}, "behavior": "Isolated",
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
          "invert": False}, tok["pre_tokenizer"]]}
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(tok))
-    with pytest.raises(ValueError, match=r"the pattern '\(a\+\)\+\$' repeats a group that "
-                                         r"itself repeats without bound"):
+    with pytest.raises(ValueError, match=re.escape(f"the pattern {pattern!r} {why}")):
         HFTokenizer(str(path))
     assert HFTokenizer(tiny_dataset[1]).vocab_size == 512  # the real one passes
+
+
+def test_a_library_panic_is_one_line(capsys):
+    """A Rust panic inside tokenizers (a BaseException, not an Exception) ends a command with
+    one line, not a Rust backtrace and a Python traceback."""
+    from crnet_megatron.cli.common import run_cli
+
+    class PanicException(BaseException):  # pyo3's, by name
+        pass
+
+    def panics():
+        raise PanicException("called `Result::unwrap()` on an `Err` value: BacktrackLimit\nmore")
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli("crnet-preprocess", panics)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "BacktrackLimit" in err[0]
 
 
 COMMON_DAMAGE = [

@@ -27,3 +27,11 @@ def run_cli(prog: str, fn: Callable[[], int]) -> int:
             raise
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except BaseException as e:  # noqa: BLE001 - a Rust library's panic (tokenizers)
+        if type(e).__name__ != "PanicException" or os.environ.get("CRNET_TRACEBACK"):
+            raise
+        first = (str(e).strip().splitlines() or ["no message"])[0][:300]
+        print(f"{prog}: error: the tokenizer library failed on this input ({first}); check "
+              "the tokenizer's regular expressions (data.tokenizer)", file=sys.stderr,
+              flush=True)
+        raise SystemExit(2) from None

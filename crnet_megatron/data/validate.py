@@ -152,11 +152,15 @@ def check_tokenizer_regexes(path: str) -> None:
 
 
 def regex_problem(pattern: str) -> Optional[str]:
-    """Why ``pattern`` could take exponential time (None: it cannot, by this check)."""
+    """Why ``pattern`` could take exponential (or high-polynomial) time (None: it cannot, by
+    this check): a group repeated without bound that itself repeats without bound (``(a+)+``),
+    or that can match one text in several ways (an alternation or an optional inside:
+    ``(a|a?)+``); a group that repeats without bound, repeated a counted number of times
+    (``(.*a){12}``)."""
     if len(pattern) > MAX_REGEX_CHARS:
         return f"is longer than {MAX_REGEX_CHARS} characters"
-    groups: List[bool] = []  # per open group: does it hold an unbounded repeat?
-    i, n, inner = 0, len(pattern), False  # inner: the group that just closed repeats
+    groups: List[List[bool]] = []  # per open group: [repeats without bound, ambiguous]
+    i, n = 0, len(pattern)
     while i < n:
         c = pattern[i]
         if c == "\\":
@@ -165,22 +169,40 @@ def regex_problem(pattern: str) -> Optional[str]:
         if c == "[":  # a character class is one atom
             i = pattern.find("]", i + 2 if pattern[i + 1:i + 2] == "]" else i + 1)
             i = n if i < 0 else i + 1
-            inner = False
             continue
         if c == "(":
-            groups.append(False)
+            groups.append([False, False])
         elif c == ")" and groups:
-            inner = groups.pop()
+            unbounded, ambiguous = groups.pop()
             if groups:
-                groups[-1] = groups[-1] or inner
+                groups[-1][0] |= unbounded
+                groups[-1][1] |= ambiguous
             i += 1
-            if _unbounded_at(pattern, i) and inner:
+            if _unbounded_at(pattern, i) and unbounded:
                 return "repeats a group that itself repeats without bound"
+            if _unbounded_at(pattern, i) and ambiguous:
+                return "repeats without bound a group that can match a text in several ways"
+            if _counted_at(pattern, i) and unbounded:
+                return "repeats a counted number of times a group that repeats without bound"
             continue
+        elif groups and c == "|":
+            groups[-1][1] = True
+        elif groups and c == "?" and i > 0 and pattern[i - 1] not in "(*+?}":
+            groups[-1][1] = True
         elif _unbounded_at(pattern, i) and groups:
-            groups[-1] = True
+            groups[-1][0] = True
         i += 1
     return None
+
+
+def _counted_at(pattern: str, i: int) -> bool:
+    """A ``{n}`` or ``{n,m}`` with more than one repeat at ``i``."""
+    if i >= len(pattern) or pattern[i] != "{":
+        return False
+    close = pattern.find("}", i)
+    counts = pattern[i + 1:close].split(",") if close > 0 else []
+    return bool(counts) and all(x.strip().isdigit() for x in counts) and \
+        max(int(x) for x in counts) > 1
 
 
 def _unbounded_at(pattern: str, i: int) -> bool:
