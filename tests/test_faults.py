@@ -102,6 +102,28 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_dataset, tmp_path, monkeyp
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002"]
 
 
+def test_full_disk_at_the_first_small_write_is_named(tiny_dataset, tmp_path, monkeypatch):
+    """torch.save on a full disk fails inside its zip writer ("unexpected pos"), not with
+    ENOSPC: on a filesystem with no space left that is named as such."""
+    from megatron.core.dist_checkpointing.strategies import common
+
+    def full(obj, path, *args, **kwargs):
+        if "iter_0000004" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos "
+                               "64 vs 0")
+        return real(obj, path, *args, **kwargs)
+
+    real = common.torch.save
+    monkeypatch.setattr(common.torch, "save", full)
+    monkeypatch.setattr(checkpointing, "_free_bytes", lambda path: 4096)
+    save = tmp_path / "ck"
+    with pytest.raises(checkpointing.CheckpointSaveError,
+                       match=r"iter_0000004: no space left on device; the previous checkpoint "):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4",
+                                  "checkpoint.save_interval=2"))
+    assert read_latest(str(save)) == 2
+
+
 def test_resume_drops_metrics_rows_past_the_checkpoint(tiny_dataset, tmp_path):
     save = tmp_path / "ck"
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4",

@@ -469,3 +469,48 @@ def test_planted_entries_in_the_cache_directory_are_refused(tiny_dataset, tmp_pa
     assert code == 2 and len(err) == 1 and "data.cache_dir=" in err[0] and named in err[0], err
     assert target.read_text() == "precious\n"
     assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+
+
+@pytest.mark.parametrize("name", [".crnet-checkpoints.json", "iter_0000002.tmp"])
+def test_links_where_a_save_writes_are_refused_at_start(tiny_dataset, tmp_path, capfd, name):
+    """The retention manifest, or a partial save's directory, planted as a link: refused at
+    start-up with one line naming it (it was found only at the first save, after training)."""
+    save = tmp_path / "run"
+    save.mkdir()
+    target = tmp_path / "outside.txt"
+    target.write_text("precious\n")
+    (save / name).symlink_to(target)
+    code = _train_cli(tiny_dataset, tmp_path, save)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and name in err[0], err
+    assert target.read_text() == "precious\n"
+    assert not (save / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_retention_counts_past_seven_digits_and_knows_every_published_checkpoint(
+        tiny_dataset, tmp_path, monkeypatch):
+    """Names of iterations >= 10^7 have eight digits: pruned in numeric order like the others.
+    A kill right after a save's rename leaves a checkpoint the manifest already names, so
+    retention prunes it later (the manifest was once written after the rename)."""
+    from crnet_megatron.checkpoint import checkpointing, run_dir
+
+    root = tmp_path / "r"
+    for it in (9_999_999, 10_000_000, 10_000_001):
+        (root / f"iter_{it:07d}").mkdir(parents=True)
+        run_dir.record_saved(str(root), it, "me")
+    assert run_dir.prune(str(root), 1, "me", 10_000_001) == ["iter_9999999", "iter_10000000"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["iter_10000001"]
+
+    def killed(path, *args):  # the tracker write right after the rename
+        if path.endswith(run_dir.TRACKER):
+            raise SystemExit("killed")
+        return real(path, *args)
+
+    real = checkpointing.write_text
+    monkeypatch.setattr(checkpointing, "write_text", killed)
+    save = tmp_path / "s"
+    with pytest.raises(SystemExit):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2",
+                                  "checkpoint.save_interval=2"))
+    assert (save / "iter_0000002").is_dir()
+    assert "iter_0000002" in json.loads((save / run_dir.MANIFEST).read_text())

@@ -160,8 +160,21 @@ def _write_results_queue(async_save: bool):
     filesystem_async._results_queue = _WriteResults() if async_save else queue.Queue()
 
 
-def _failure_reason(exc: BaseException) -> str:
-    """'no space left on device' when that is what happened anywhere in a (wrapped) failure."""
+def _free_bytes(path: str) -> int:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 1 << 62
+    return st.f_bavail * st.f_frsize
+
+
+def _failure_reason(exc: BaseException, root: Optional[str] = None) -> str:
+    """'no space left on device' when that is what happened anywhere in a (wrapped) failure,
+    or when the failure is torch's serializer losing its place (``unexpected pos``: what a full
+    disk looks like inside ``torch.save``) on a filesystem with no space left."""
+    if root is not None and _free_bytes(root) < _NEARLY_FULL and \
+            "unexpected pos" in _messages(exc):
+        return "no space left on device"
     seen, todo = set(), [exc]
     while todo:
         e = todo.pop()
@@ -174,6 +187,19 @@ def _failure_reason(exc: BaseException) -> str:
         for value in (getattr(e, "failures", None) or {}).values():
             todo.append(value[0] if isinstance(value, tuple) else value)
     return f"{type(exc).__name__}: {exc}"
+
+
+_NEARLY_FULL = 1 << 20
+
+
+def _messages(exc: BaseException) -> str:
+    """The messages of a failure and of what caused it."""
+    out, e, seen = [], exc, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(str(e))
+        e = e.__cause__ or e.__context__
+    return " ".join(out)
 
 
 def _dp_group():
@@ -286,8 +312,8 @@ def _save_failed(root: str, final: str, exc: BaseException) -> CheckpointSaveErr
         shutil.rmtree(final + ".tmp", ignore_errors=True)
     latest = read_latest(root) if os.path.exists(os.path.join(root, TRACKER)) else None
     return CheckpointSaveError(
-        f"could not save checkpoint {final}: {_failure_reason(exc)}; the previous checkpoint "
-        f"(iteration {latest}) is still the latest")
+        f"could not save checkpoint {final}: {_failure_reason(exc, root)}; the previous "
+        f"checkpoint (iteration {latest}) is still the latest")
 
 
 def _publish(root: str, iteration: int, keep_last: int, run_id: str) -> None:
@@ -299,11 +325,11 @@ def _publish(root: str, iteration: int, keep_last: int, run_id: str) -> None:
     write_checksums(final + ".tmp")  # every rank folds its share of the files' records
     _barrier()
     if _rank0():
+        run_dir.record_saved(root, iteration, run_id)  # first: a kill after the rename
         if os.path.exists(final):  # re-saving an iteration: replace the old copy last
             shutil.rmtree(final)
-        os.replace(final + ".tmp", final)
+        os.replace(final + ".tmp", final)  # leaves no checkpoint retention does not know
         write_text(os.path.join(root, TRACKER), str(iteration), "checkpoint tracker")
-        run_dir.record_saved(root, iteration, run_id)
         run_dir.prune(root, keep_last, run_id, iteration)
     _barrier()
 

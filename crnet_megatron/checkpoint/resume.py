@@ -9,7 +9,6 @@ elsewhere is only read.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 from typing import Any, Dict, List, Optional, Tuple
@@ -31,7 +30,7 @@ from crnet_megatron.config import run_config
 from crnet_megatron.data.safe_files import UnsafePathError, check_readable, write_text
 
 _ITER_DIR = run_dir.ITER_DIR
-_PARTIAL = re.compile(r"^iter_\d{7}\.tmp$")
+_PARTIAL = run_dir.PARTIAL
 
 
 def iteration_dir(root: str, iteration: int) -> str:

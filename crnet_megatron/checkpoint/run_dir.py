@@ -23,6 +23,7 @@ import uuid
 from typing import Dict, List, Optional
 
 from crnet_megatron.data.safe_files import (
+    UnsafePathError,
     check_target,
     copy_file,
     is_regular,
@@ -32,7 +33,8 @@ from crnet_megatron.data.safe_files import (
 
 LOCK = ".crnet-train.lock"
 MANIFEST = ".crnet-checkpoints.json"
-ITER_DIR = re.compile(r"^iter_(\d{7})$")
+ITER_DIR = re.compile(r"^iter_(\d{7,})$")  # 8 digits and more from iteration 10^7 on
+PARTIAL = re.compile(r"^iter_\d{7,}\.tmp$")  # a save being written
 _MAX_SMALL_FILE = 1 << 20
 
 TRACKER = "latest_checkpointed_iteration.txt"  # Megatron's name
@@ -49,6 +51,22 @@ def new_run_id() -> str:
 def _read_small_json(path: str, what: str):
     check_target(path, what)
     return read_json(path, what, _MAX_SMALL_FILE)
+
+
+def check_save_entries(root: str) -> None:
+    """What a save writes besides the run files, checked at start-up rather than at the first
+    save after hours of training: the retention manifest and the lock files are absent or
+    regular files, and a partial save ``iter_N.tmp`` is a directory, not a link or a file."""
+    if not os.path.isdir(root):
+        return
+    for name, what in ((MANIFEST, "checkpoint manifest"), (LOCK, "run lock"),
+                       (LOCK + ".guard", "run lock")):
+        check_target(os.path.join(root, name), f"{what} (checkpoint.save)")
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if PARTIAL.match(name) and (os.path.islink(path) or not os.path.isdir(path)):
+            raise UnsafePathError(f"checkpoint.save={root!r} holds {name}, where a save writes "
+                                  "its directory, as a link or a file; remove it")
 
 
 def _alive(pid: int) -> bool:
@@ -152,9 +170,10 @@ def prune(root: str, keep_last: int, run_id: str, latest: Optional[int]) -> List
     if keep_last <= 0:
         return []
     data = _manifest(root)
-    own = sorted(name for name, rid in data.items() if rid == run_id
-                 and os.path.isdir(os.path.join(root, name))
-                 and not os.path.islink(os.path.join(root, name)))
+    own = sorted((name for name, rid in data.items() if rid == run_id
+                  and os.path.isdir(os.path.join(root, name))
+                  and not os.path.islink(os.path.join(root, name))),
+                 key=lambda name: int(ITER_DIR.match(name).group(1)))
     removed = []
     for name in own[:-keep_last]:
         if latest is not None and name == f"iter_{latest:07d}":

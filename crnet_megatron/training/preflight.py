@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-from crnet_megatron.checkpoint.run_dir import RUN_FILES
+from crnet_megatron.checkpoint.run_dir import RUN_FILES, check_save_entries
 from crnet_megatron.config.run_config import parse_blend
 from crnet_megatron.data.safe_files import check_target
 
@@ -58,6 +58,7 @@ def check_inputs(cfg) -> None:
             raise PermissionError(f"checkpoint.save={ck['save']!r}: {existing} is not writable")
         for name, what in RUN_FILES.items():  # a received run directory may hold links
             check_target(os.path.join(ck["save"], name), f"{what} (checkpoint.save)")
+        check_save_entries(ck["save"])
 
 
 def validate_batch(cfg, dp_size: int) -> int:
