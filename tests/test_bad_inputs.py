@@ -115,6 +115,38 @@ def test_bad_tokenizer_and_input_files(tiny_dataset, tmp_path, capsys):
     assert not list(tmp_path.glob("b_text_document*")) and not (tmp_path / "t.json").exists()
 
 
+def test_an_empty_input_trains_no_tokenizer_and_leaves_nothing(tmp_path, capsys):
+    """An empty JSONL with --vocab-size: one line; no tokenizer, no dataset written (the
+    tokenizer was once trained and left behind)."""
+    from crnet_megatron.cli.preprocess import main as preprocess_main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit) as stop:
+        preprocess_main(["--input", str(empty), "--output-prefix", str(tmp_path / "b"),
+                         "--vocab-size", "300", "--tokenizer-out", str(tmp_path / "t.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "nothing to train a tokenizer on" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
+def test_what_killed_writers_left_is_removed_at_the_next_start(tiny_dataset, tmp_path, capsys):
+    """A killed preprocessing leaves its .tmp files beside the outputs: the next run of the
+    same output removes them, with a line; other files are left alone (the export's hidden
+    directory: ``test_export``)."""
+    from crnet_megatron.data.preprocess import output_paths, preprocess_jsonl
+
+    prefix = str(tmp_path / "d")
+    bin_path, idx_path = output_paths(prefix, "text")
+    stale = [tmp_path / f".{os.path.basename(p)}.0123456789ab.tmp" for p in (bin_path, idx_path)]
+    keep = tmp_path / ".notes.0123456789ab.tmp"
+    for path in stale + [keep]:
+        path.write_bytes(b"x" * 100)
+    preprocess_jsonl([tiny_dataset[2]], prefix, tiny_dataset[1], progress=False)
+    assert not any(p.exists() for p in stale) and keep.exists()
+    assert capsys.readouterr().out.count("left by an earlier dataset writer") == 2
+
+
 def test_custom_end_of_document_token(tiny_dataset, tmp_path):
     """A tokenizer whose EOD token has an unguessable name works through data.eod_token."""
     from crnet_megatron.data.corpus import builtin_corpus, train_tokenizer

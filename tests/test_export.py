@@ -180,8 +180,13 @@ def test_a_sharded_export_holds_the_same_tensors_and_loads_everywhere(tiny_datas
     one, many = str(tmp_path / "one"), str(tmp_path / "many")
     assert export_main([save, one, "--no-verify"]) == 0
     capsys.readouterr()
+    left = tmp_path / ".many.k3j2h1g0.tmp"  # what a killed export of ``many`` leaves
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"x" * 100)
     assert export_main([save, many, "--max-shard-size", "200KB"]) == 0
-    diff = float(capsys.readouterr().out.split("| = ")[1].split()[0])
+    out = capsys.readouterr().out
+    assert not left.exists() and "left by an earlier export writer" in out
+    diff = float(out.split("| = ")[1].split()[0])
     index = json.load(open(os.path.join(many, INDEX)))
     shards = sorted(set(index["weight_map"].values()))
     n = len(shards)

@@ -65,14 +65,22 @@ def run(p, args):
     tokenizer = args.tokenizer
     if args.vocab_size:
         docs = list(iter_texts(args.input, args.json_keys[0]))
+        if not docs:
+            raise ValueError(f"no documents with field {args.json_keys[0]!r} in {args.input}: "
+                             "nothing to train a tokenizer on; nothing was written")
         try:
             train_tokenizer(docs, args.vocab_size).save(args.tokenizer_out)
         except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions
             raise ValueError(f"--tokenizer-out {args.tokenizer_out}: the tokenizer could not be "
                              f"trained or saved ({str(e).splitlines()[0][:200]})") from None
         tokenizer = args.tokenizer_out
-    preprocess_jsonl(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
-                     args.workers, args.eod_token, args.overwrite)
+    try:
+        preprocess_jsonl(args.input, args.output_prefix, tokenizer, args.json_keys,
+                         args.append_eod, args.workers, args.eod_token, args.overwrite)
+    except BaseException:
+        if args.vocab_size and os.path.isfile(args.tokenizer_out):
+            os.remove(args.tokenizer_out)  # trained for this run alone: nothing left behind
+        raise
 
 
 if __name__ == "__main__":

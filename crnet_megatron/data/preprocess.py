@@ -23,6 +23,7 @@ from tqdm import tqdm
 from crnet_megatron.data.safe_files import (
     check_readable,
     claim,
+    remove_stale_temporaries,
     replace_into,
     temporary_path,
 )
@@ -156,6 +157,8 @@ def preprocess_jsonl(inputs: Sequence[str], output_prefix: str, tokenizer_path: 
         if not overwrite and (os.path.exists(bin_path) or os.path.exists(idx_path)):
             raise FileExistsError(f"{bin_path} / {idx_path} exist; pass overwrite=True "
                                   "(--overwrite) to replace them")
+        for path in (bin_path, idx_path):
+            remove_stale_temporaries(path, "dataset")
         tmp_bin, tmp_idx = temporary_path(bin_path), temporary_path(idx_path)
         claim(tmp_bin), claim(tmp_idx)  # fresh names, created here: no planted link written
         builder = IndexedDatasetBuilder(tmp_bin, dtype=DType.optimal_dtype(tok.vocab_size))

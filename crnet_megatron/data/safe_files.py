@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
+import shutil
 import stat
 from typing import IO, Iterator, Optional
 
@@ -99,6 +101,29 @@ def temporary_path(path: str) -> str:
     matplotlib): create it with ``claim`` and rename it over ``path`` afterwards."""
     return os.path.join(os.path.dirname(path) or ".",
                         f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+
+
+def remove_stale_temporaries(path: str, what: str = "file", directories: bool = False) -> None:
+    """Remove what a killed writer of ``path`` left: regular files (or, with ``directories``,
+    plain directories) named as ``temporary_path`` and ``tempfile.mkdtemp`` name them beside
+    ``path`` (``.NAME.<random>.tmp``), with a line. Called only where one writer of ``path`` is
+    the rule (a preprocessing output, an export directory)."""
+    parent, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(rf"^\.{re.escape(base)}\.[A-Za-z0-9_]{{6,16}}\.tmp$")
+    if not os.path.isdir(parent):
+        return
+    for name in sorted(os.listdir(parent)):
+        full = os.path.join(parent, name)
+        if not pattern.match(name) or os.path.islink(full):
+            continue
+        if os.path.isfile(full):
+            os.remove(full)
+        elif directories and os.path.isdir(full):
+            shutil.rmtree(full)
+        else:
+            continue
+        print(f"note: removed {full}, left by an earlier {what} writer that did not finish",
+              flush=True)
 
 
 def claim(tmp: str) -> None:

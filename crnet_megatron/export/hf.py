@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from crnet_megatron.data.safe_files import remove_stale_temporaries
 from crnet_megatron.export import modeling_crnet, shards
 from crnet_megatron.model import positions
 
@@ -119,6 +120,7 @@ def export(model, loaded, out: str, dtype=None,
     config = hf_config(model, vocab, m["seq_length"], m["rotary_base"], tok.eod, dtype)
     parent, name = os.path.split(os.path.abspath(out.rstrip("/")))
     os.makedirs(parent, exist_ok=True)
+    remove_stale_temporaries(os.path.join(parent, name), "export", directories=True)
     # a fresh directory of our own: nothing the user keeps next to OUT is touched
     tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=EXPORT_TMP_SUFFIX, dir=parent)
     try:
