@@ -2,6 +2,7 @@
 deterministic and equals a direct computation; bad inputs get one line."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -167,3 +168,24 @@ def test_export_of_another_variant_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1
     assert "model.safetensors does not match" in err[0] and "lowrank" in err[0] and "beta" in err[0]
+
+
+def test_an_export_with_an_empty_tokenizer_is_one_line(tiny_dataset, tmp_path, capsys):
+    """An export whose tokenizer.json is ``{}``: crnet-generate names the file in one line
+    (it was a bare Exception from the tokenizers library)."""
+    from crnet_megatron.cli.export import main as export_main
+    from crnet_megatron.cli.generate import main as generate_main
+    from tests.driver_utils import driver_cfg, run_in_process
+
+    save, out = str(tmp_path / "run"), str(tmp_path / "export")
+    run_in_process(driver_cfg(tiny_dataset, str(tmp_path / "c"), save, "schedule.train_iters=1",
+                              "eval.eval_interval=1"))
+    assert export_main([save, out, "--no-verify"]) == 0
+    with open(os.path.join(out, "tokenizer.json"), "w") as f:
+        f.write("{}")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        generate_main([out, "--prompt", "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert "tokenizer.json' is not a valid HF tokenizers JSON" in err[0]

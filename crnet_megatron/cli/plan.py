@@ -60,9 +60,9 @@ def plan_from_config(cfg, gpus: int, vocab: int = 0):
 def _vocab(cfg) -> int:
     d = cfg["data"]
     if d["tokenizer"] and os.path.exists(d["tokenizer"]):
-        from tokenizers import Tokenizer
+        from crnet_megatron.data.preprocess import open_tokenizer
 
-        return Tokenizer.from_file(d["tokenizer"]).get_vocab_size()
+        return open_tokenizer(d["tokenizer"]).get_vocab_size()
     return d["builtin_vocab_size"] if not d["data_path"] else 32000
 
 

@@ -32,17 +32,23 @@ from crnet_megatron.data.validate import tokenizer_file
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 
 
+def open_tokenizer(path: str) -> Tokenizer:
+    """A checked ``tokenizer.json`` (``validate.tokenizer_file``) as an HF ``Tokenizer``; what
+    the library refuses is one ValueError naming the file."""
+    path = tokenizer_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise ValueError(f"tokenizer file {path!r} is not a valid HF tokenizers JSON "
+                         f"({str(e).splitlines()[0][:200]})") from None
+
+
 class HFTokenizer:
     """An HF ``tokenizers`` tokenizer with the attributes Megatron's GPTDataset reads."""
 
     def __init__(self, path: str, eod_token: Optional[str] = None):
-        path = tokenizer_file(path)
-        self.path = path
-        try:
-            self.tok = Tokenizer.from_file(path)
-        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
-            raise ValueError(f"tokenizer file {path!r} is not a valid HF tokenizers JSON "
-                             f"({str(e).splitlines()[0][:200]})") from None
+        self.path = path = tokenizer_file(path)
+        self.tok = open_tokenizer(path)
         names = (eod_token,) if eod_token else EOD_NAMES
         ids = [self.tok.token_to_id(n) for n in names]
         found = [i for i in ids if i is not None]

@@ -68,8 +68,7 @@ def generate(model, prompt_ids: List[int], max_new_tokens: int, temperature: flo
 
 def load_for_generation(path: str, tokenizer: Optional[str] = None):
     """(CRNetForCausalLM, tokenizers.Tokenizer, eos id) from an export or a checkpoint."""
-    from tokenizers import Tokenizer
-
+    from crnet_megatron.data.preprocess import open_tokenizer
     from crnet_megatron.export.modeling_crnet import (
         CRNetForCausalLM,
         read_export_config,
@@ -82,7 +81,7 @@ def load_for_generation(path: str, tokenizer: Optional[str] = None):
         if not os.path.exists(tok_path):
             raise FileNotFoundError(f"export {path} has no tokenizer.json; pass --tokenizer")
         model = CRNetForCausalLM.from_export(path).eval()  # config.json checked first
-        return model, Tokenizer.from_file(tok_path), read_export_config(path).get("eos_token_id")
+        return model, open_tokenizer(tok_path), read_export_config(path).get("eos_token_id")
     from crnet_megatron.export.hf import to_hf_model
     from crnet_megatron.export.loader import load_megatron_model, single_process
 
