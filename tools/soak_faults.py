@@ -9,9 +9,11 @@ a third of the kills wait for a checkpoint being written ("mid-save"), most othe
 attempt's first logged training step and then a random 0-3 s of training ("training"), and
 about one in twelve comes 0.5-5 s after launch ("start-up"; a SIGTERM then must end the
 process cleanly, exit 143); each kill is counted in the phase it landed in. ``--set`` passes
-config overrides to every run (e.g. ``--set checkpoint.async_save=true``). At the end the
-per-iteration losses of the killed run (from its ``metrics.jsonl``) must equal the reference's
-exactly, and no process of any attempt and no temporary checkpoint directory may be left.
+config overrides to every run (e.g. ``--set checkpoint.async_save=true``); ``--nproc 2`` runs
+every attempt (and the reference) under torchrun at DP=2, and a kill then goes to the whole
+process group, as a scheduler's does. At the end the per-iteration losses of the killed run
+(from its ``metrics.jsonl``) must equal the reference's exactly, and no process of any attempt,
+no temporary checkpoint directory and no temporary file in the data cache may be left.
 Local processes only; bounded by ``--max-minutes``. Prints a Markdown table and writes ``soak.json``.
 """
 
@@ -39,13 +41,22 @@ TINY = TINY_MODEL + QUIET + [
     "checkpoint.save_interval=3", "checkpoint.keep_last=2"]
 
 
-def _command(save: Path, cache: Path, iters: int, extra=()):
+def _command(save: Path, cache: Path, iters: int, extra=(), nproc: int = 1):
     sets = TINY + [f"schedule.train_iters={iters}", f"checkpoint.save={save}",
                    f"data.cache_dir={cache}"] + list(extra)
+    if nproc > 1:  # the same global batch over DP ranks
+        sets.append(f"schedule.micro_batch_size={4 // nproc}")
     config = cache.parent / "soak.yaml"  # the values are all --set; the config names the run
     config.write_text("logging:\n  plot: false\n")
-    return ([sys.executable, "-m", "crnet_megatron.cli.train", str(config)]
-            + [a for s in sets for a in ("--set", s)])
+    launcher = [sys.executable, "-m", "crnet_megatron.cli.train"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "crnet_megatron.cli.train"]
+    return launcher + [str(config)] + [a for s in sets for a in ("--set", s)]
+
+
+def _cache_leftovers(cache: Path):
+    """Temporary files or directories a writer left in the data cache (``*.tmp``)."""
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if ".tmp" in p.name)
 
 
 def _env():
@@ -75,7 +86,7 @@ def _tree(pid: int):
         return []
 
 
-def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
+def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True, group=False):
     """Start the job and (if ``kill``) kill it at a random moment; returns (row, finished)."""
     proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=log, stderr=log,
                             start_new_session=True)
@@ -110,7 +121,10 @@ def _attempt(cmd, save: Path, rng: random.Random, log, kill: bool = True):
     if proc.poll() is not None:  # finished before the kill moment
         return dict(signal="-", phase="finished", exit=proc.returncode, left=0), True
     seen = list({p.pid: p for p in seen + _tree(proc.pid)}.values())
-    proc.send_signal(sig)
+    if group:  # torchrun and its workers, as a scheduler kills a job step
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     try:
         proc.wait(180)
     except subprocess.TimeoutExpired:
@@ -132,6 +146,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-minutes", type=float, default=30.0)
     ap.add_argument("--out", default="runs/soak")
+    ap.add_argument("--nproc", type=int, default=1, help="DP ranks per attempt (torchrun)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every run (repeatable)")
     args = ap.parse_args(argv)
@@ -140,8 +155,8 @@ def main(argv=None):
     cache, rng = out / "cache", random.Random(args.seed)
     log = open(out / "soak.log", "w")
     ref_dir, run_dir = out / f"reference-{os.getpid()}", out / f"killed-{os.getpid()}"
-    ref = subprocess.run(_command(ref_dir, cache, args.iters, args.set), env=_env(), cwd=ROOT, stdout=log,
-                         stderr=log)
+    ref = subprocess.run(_command(ref_dir, cache, args.iters, args.set, args.nproc), env=_env(),
+                         cwd=ROOT, stdout=log, stderr=log)
     if ref.returncode:
         raise SystemExit(f"reference run failed (exit {ref.returncode}); see {out / 'soak.log'}")
     reference = _losses(ref_dir)
@@ -159,8 +174,9 @@ def main(argv=None):
                                                and rows[-1]["phase"] == "finished"):
         if run_dir.exists() and rows and rows[-1]["phase"] == "finished":
             shutil.rmtree(run_dir)  # a finished round; start the job again from scratch
-        cmd = _command(run_dir, cache, args.iters, args.set)
-        row, finished = _attempt(cmd, run_dir, rng, log, kill=not enough())
+        cmd = _command(run_dir, cache, args.iters, args.set, args.nproc)
+        row, finished = _attempt(cmd, run_dir, rng, log, kill=not enough(),
+                                 group=args.nproc > 1)
         rows.append(dict(attempt=len(rows) + 1, **row))
         if finished:  # every completed round must match the reference exactly
             got = _losses(run_dir)
@@ -180,9 +196,12 @@ def main(argv=None):
                    losses_equal=all(not r["mismatched"] and r["iterations"] == len(reference)
                                     for r in rounds),
                    processes_left=leftovers,
-                   tmp_dirs_left=sum(len(r["tmp_dirs"]) for r in rounds), passed=False)
+                   tmp_dirs_left=sum(len(r["tmp_dirs"]) for r in rounds),
+                   cache_tmp_left=_cache_leftovers(cache), nproc=args.nproc,
+                   settings=args.set, passed=False)
     summary["passed"] = (summary["losses_equal"] and not leftovers
-                         and not summary["tmp_dirs_left"] and enough())
+                         and not summary["tmp_dirs_left"] and not summary["cache_tmp_left"]
+                         and enough())
     print("\n| attempt | signal | phase | exit | processes left |\n|---|---|---|---|---|")
     for r in rows:
         print("| {attempt} | {signal} | {phase} | {exit} | {left} |".format(**r))
