@@ -103,34 +103,50 @@ def _holder(root: str, path: str):
                          " if no run is saving there, remove it") from None
 
 
+def _create_lock(path: str, me: dict) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o644)
+    with os.fdopen(fd, "w") as f:
+        json.dump(me, f)
+
+
+def _refusal(root: str, path: str, holder: dict, host: str, pid: int) -> ValueError:
+    return ValueError(
+        f"checkpoint.save={root!r} is in use by pid {pid} on {host} (since "
+        f"{holder.get('started', '?')}); two runs saving into one directory would overwrite "
+        f"each other's checkpoints and metrics. If that run is gone, remove {path}")
+
+
 def acquire_lock(root: str) -> str:
     """Take ``root``'s lock, or stop with one line naming the run that holds it. A lock left by
     a process of this host that is gone (or by this process), or by an earlier attempt of this
-    Slurm job (a requeue may land on another node), is taken over, with a line."""
+    Slurm job (a requeue may land on another node), is taken over, with a line; the takeover
+    is serialised (``_serialised``), and creating the lock is atomic (``O_EXCL``)."""
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, LOCK)
     me = dict(host=socket.gethostname(), pid=os.getpid(), job=os.environ.get("SLURM_JOB_ID"),
               started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    try:
+        _create_lock(path, me)  # no lock there: the common case, nothing else is written
+        return path
+    except FileExistsError:
+        pass
     with _serialised(root):
         if os.path.lexists(path):
             holder, host, pid = _holder(root, path)
             same_job = me["job"] is not None and str(holder.get("job")) == me["job"]
             if not same_job and (host != me["host"] or (pid != me["pid"] and _alive(pid))):
-                raise ValueError(
-                    f"checkpoint.save={root!r} is in use by pid {pid} on {host} (since "
-                    f"{holder.get('started', '?')}); two runs saving into one directory would "
-                    f"overwrite each other's checkpoints and metrics. If that run is gone, "
-                    f"remove {path}")
+                raise _refusal(root, path, holder, host, pid)
             if pid != me["pid"] or host != me["host"]:
                 why = (f"an earlier attempt of Slurm job {me['job']}" if same_job
                        else "that process is gone")
                 print(f"note: taking over the lock of pid {pid} on {host} in {root} ({why})",
                       flush=True)
             os.unlink(path)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
-                     0o644)
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
+        try:
+            _create_lock(path, me)
+        except FileExistsError:  # a run that found no lock took it meanwhile
+            raise _refusal(root, path, *_holder(root, path)) from None
     return path
 
 
