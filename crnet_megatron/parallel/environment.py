@@ -47,6 +47,8 @@ def versions() -> Dict[str, str]:
     for label, names in PACKAGES:
         out[label] = _version(names) or "-"
     torch = sys.modules.get("torch")
+    if torch is not None:  # the build imported (a local version such as +cu130 included)
+        out["torch"] = str(torch.__version__)
     if torch is not None and torch.cuda.is_available():
         out["cuda"] = str(torch.version.cuda)
         nccl = torch.cuda.nccl.version()
