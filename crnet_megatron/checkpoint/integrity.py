@@ -246,6 +246,21 @@ def _my_problems(path: str, files: Dict[str, List[Segment]], mode: str) -> List[
     return problems
 
 
+def _size_problems(path: str, files: Dict[str, List[Segment]]) -> List[str]:
+    """Bytes a listed file holds beyond (or short of) what its checksums cover: appended data
+    would otherwise go unchecked."""
+    out = []
+    for name, segments in sorted(files.items()):
+        full = os.path.join(path, name)
+        if os.path.basename(name) != name or not os.path.isfile(full) or \
+                any(length is None for _, length, _ in segments):
+            continue
+        covered = max(offset + length for offset, length, _ in segments)
+        if os.path.getsize(full) != covered:
+            out.append(f"{name} has {os.path.getsize(full)} bytes, its checksums cover {covered}")
+    return out
+
+
 def _agree(problems: List[str], path: str) -> None:
     """Every rank raises when any rank found a problem (the first one it found, or a pointer
     to another rank's)."""
@@ -276,6 +291,8 @@ def verify_checksums(path: str, mode: str = "all") -> None:
                   file=sys.stderr, flush=True)
         return
     problems = _my_problems(path, files, mode)
+    if rank == 0:
+        problems += _size_problems(path, files)
     _agree(problems, path)
     extra = sorted(set(_files(path)) - set(files))
     if extra and rank == 0:

@@ -14,7 +14,6 @@ import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 from torch.distributed.checkpoint.api import CheckpointException
 
 from crnet_megatron.checkpoint import run_dir
@@ -23,7 +22,7 @@ from crnet_megatron.checkpoint.run_dir import TRACKER
 from crnet_megatron.checkpoint.safe_checkpoint import (
     IncompleteCheckpointError,
     UnsafeCheckpointError,
-    safe_reads,
+    read_common_state,
     verify_checkpoint,
 )
 from crnet_megatron.config import run_config
@@ -77,14 +76,40 @@ def read_checkpoint(path: str, verify: str = "all") -> Dict[str, Any]:
     verify_checkpoint(path)
     verify_checksums(path, verify)
     try:
-        with safe_reads():
-            common = dist_checkpointing.load_common_state_dict(path)
+        common = read_common_state(path)
+    except (UnsafeCheckpointError, IncompleteCheckpointError):
+        raise
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - unreadable common state
         raise IncompleteCheckpointError(f"checkpoint {path} is unreadable: {e}") from None
     if not isinstance(common, dict) or not isinstance(common.get("common"), dict):
         raise IncompleteCheckpointError(f"checkpoint {path} has no training state in common.pt")
     _check_common(common["common"], path)
+    _refuse_newer_megatron(common["common"], path)
     return dict(common["common"], path=path)
+
+
+class NewerCheckpointError(ValueError):
+    """A checkpoint written by a newer megatron-core than this one: refused, never moved aside
+    (it is not broken)."""
+
+
+def _refuse_newer_megatron(common: Dict[str, Any], path: str) -> None:
+    """A checkpoint records the megatron-core that wrote it; an older one may misread its
+    layout (0.17 moved the common state into the shard files), so moving back is refused."""
+    import megatron.core
+    from packaging.version import InvalidVersion, Version
+
+    versions = common.get("versions")
+    saved = versions.get("megatron-core") if isinstance(versions, dict) else None
+    try:
+        newer = saved is not None and Version(str(saved)) > Version(megatron.core.__version__)
+    except InvalidVersion:
+        newer = False
+    if newer:
+        raise NewerCheckpointError(
+            f"checkpoint {path} was written by megatron-core {saved}; this is megatron-core "
+            f"{megatron.core.__version__}, which may not read it: install megatron-core>="
+            f"{saved} (or resume with the one that wrote it); nothing was moved")
 
 
 # what a checkpoint's common.pt holds: key -> (types, required)
@@ -157,7 +182,7 @@ def find_resumable(root: str, writable: bool = True,
         try:
             chosen = read_checkpoint(iteration_dir(root, it), verify)
             break
-        except UnsafeCheckpointError:
+        except (UnsafeCheckpointError, NewerCheckpointError):
             raise
         except IncompleteCheckpointError as e:
             problems.append(str(e))

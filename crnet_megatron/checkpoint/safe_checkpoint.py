@@ -43,6 +43,11 @@ _ALLOWED = {
 }
 # Pickled items that checkpoints of earlier versions hold and that are never read any more.
 _LEGACY_BYTES = re.compile(r"(\._extra_state|^rng_state)/shard_[0-9._]+$")
+# megatron-core 0.17+ keeps the common state as a pickled item in the shard files (no
+# common.pt) and reads it with torch's default planner, i.e. ``torch.load(weights_only=False)``;
+# ``read_common_state`` reads exactly this item itself, with the weights-only loader.
+COMMON_STATE_ITEM = "common_state/shard_0_1"
+MAX_COMMON_STATE_BYTES = 64 << 20
 
 
 MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # a checkpoint's model tensors
@@ -94,7 +99,8 @@ def load_metadata(path: str) -> dcp_md.Metadata:
         raise UnsafeCheckpointError(f"checkpoint file {path} holds a {type(metadata).__name__}, "
                                     "not torch distributed-checkpoint metadata")
     for key, md in metadata.state_dict_metadata.items():
-        if isinstance(md, dcp_md.BytesStorageMetadata) and not _LEGACY_BYTES.search(key):
+        if isinstance(md, dcp_md.BytesStorageMetadata) and not _LEGACY_BYTES.search(key) \
+                and key != COMMON_STATE_ITEM:
             raise UnsafeCheckpointError(
                 f"checkpoint file {path} marks {key!r} as a pickled object; this project's "
                 "checkpoints hold tensors only, and a pickled item would be unpickled with "
@@ -153,6 +159,37 @@ def verify_checkpoint(ckpt_dir: str) -> None:
             raise IncompleteCheckpointError(
                 f"checkpoint {ckpt_dir} is incomplete: {name} has {sizes[name]} bytes, the "
                 f"metadata needs {info.offset + info.length}")
+
+
+def read_common_state(ckpt_dir: str):
+    """A checkpoint's non-sharded state, never unpickling code: ``common.pt`` (megatron-core
+    0.16) through torch's weights-only loader, or the ``common_state`` item megatron-core 0.17+
+    writes into the shard files, read here from its byte range with the weights-only loader."""
+    import io
+
+    from megatron.core import dist_checkpointing
+
+    if os.path.exists(os.path.join(ckpt_dir, "common.pt")):
+        with safe_reads():
+            return dist_checkpointing.load_common_state_dict(ckpt_dir)
+    metadata = load_metadata(os.path.join(ckpt_dir, ".metadata"))
+    info = next((i for k, i in (metadata.storage_data or {}).items()
+                 if k.fqn == COMMON_STATE_ITEM), None)
+    if info is None:
+        raise IncompleteCheckpointError(f"checkpoint {ckpt_dir} holds no common state (no "
+                                        f"common.pt, no {COMMON_STATE_ITEM} item)")
+    if getattr(info, "transform_descriptors", None) or os.path.basename(
+            info.relative_path) != info.relative_path or info.length > MAX_COMMON_STATE_BYTES:
+        raise IncompleteCheckpointError(f"checkpoint {ckpt_dir}: its {COMMON_STATE_ITEM} item is "
+                                        "transformed, outside the directory or too large")
+    with open(os.path.join(ckpt_dir, info.relative_path), "rb") as f:
+        f.seek(info.offset)
+        raw = f.read(info.length)
+    if len(raw) != info.length:
+        raise IncompleteCheckpointError(f"checkpoint {ckpt_dir}: {info.relative_path} ends "
+                                        f"inside its {COMMON_STATE_ITEM} item")
+    loaded = torch.load(io.BytesIO(raw), weights_only=True)
+    return loaded[0] if isinstance(loaded, list) and len(loaded) == 1 else loaded
 
 
 def _safe_read_metadata(self, *args: Any, **kwargs: Any) -> dcp_md.Metadata:

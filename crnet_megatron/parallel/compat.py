@@ -32,6 +32,9 @@ megatron-core 0.16.1):
    the peer could receive the placeholder's neighbourhood. ``sent_outputs_kept(config)`` keeps
    sent outputs whole during a schedule with overlapped P2P (CPU memory only; NCCL's sends are
    ordered on the stream before the storage is reused).
+7. (0.19 and newer) ``start_grad_sync`` asks ``torch.cuda.current_stream()`` for the stream to
+   wait on CUDA-graph events (``distributed/param_and_grad_buffer.py:632`` in 0.19.2), with or
+   without CUDA: without it, a null stream answers.
 """
 
 from __future__ import annotations
@@ -49,6 +52,31 @@ def _megatron_series_mended() -> bool:
     import megatron.core
 
     return megatron.core.__version__.startswith(MENDED)
+
+
+def megatron_at_least(version: str) -> bool:
+    """Whether the installed megatron-core is ``version`` or newer (for version-gated mends)."""
+    import megatron.core
+    from packaging.version import Version
+
+    return Version(megatron.core.__version__) >= Version(version)
+
+
+class _NullStream:
+    """What ``torch.cuda.current_stream()`` answers without CUDA: waits and records are
+    no-ops (CPU work is ordered already)."""
+
+    def wait_event(self, *args, **kwargs):
+        return None
+
+    def wait_stream(self, *args, **kwargs):
+        return None
+
+    def record_event(self, *args, **kwargs):
+        return None
+
+    def synchronize(self):
+        return None
 
 
 def cuda_available() -> bool:
@@ -82,6 +110,8 @@ def activate() -> bool:
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
+    if megatron_at_least("0.19"):  # item 7
+        torch.cuda.current_stream = lambda *a, **k: _NullStream()
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
