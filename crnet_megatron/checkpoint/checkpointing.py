@@ -269,8 +269,10 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, common: Dict[st
             state["common"] = dict(common, iteration=iteration, layout=layout(),
                                    rng_format="tensors", rng_cuda=torch.cuda.is_available(),
                                    optimizer_format=fmt)
-            request = dist_checkpointing.save(state, tmp, _save_strategy(fully_parallel),
-                                              async_sharded_save=async_queue is not None)
+            request = dist_checkpointing.save(
+                state, tmp, _save_strategy(fully_parallel),
+                async_sharded_save=async_queue is not None,
+                **(compat.async_save_options() if async_queue is not None else {}))
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - one message, then stop
         raise _save_failed(root, final, e) from None
     run_id = common["run_id"]

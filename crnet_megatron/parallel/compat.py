@@ -1,5 +1,5 @@
-"""The one place where megatron-core 0.16.1 is mended: one fix that applies on every device,
-and its CUDA-only corners adapted for CPU/gloo.
+"""The one place where megatron-core (0.16.1 ... 0.19.x) is mended: one fix that applies on
+every device, and its CUDA-only corners adapted for CPU/gloo.
 
 ``activate()`` applies item 5 everywhere (GPU runs without Apex/TE use torch's Adam too) and,
 only without CUDA, items 1-4 and 6, so GPU runs otherwise use megatron-core unchanged. Each is
@@ -35,6 +35,8 @@ megatron-core 0.16.1):
 7. (0.19 and newer) ``start_grad_sync`` asks ``torch.cuda.current_stream()`` for the stream to
    wait on CUDA-graph events (``distributed/param_and_grad_buffer.py:632`` in 0.19.2), with or
    without CUDA: without it, a null stream answers.
+8. (0.17 and newer) async saves default to nvidia-resiliency-ext's writer
+   (``async_strategy="nvrx"``); ``async_save_options()`` asks for megatron-core's own.
 """
 
 from __future__ import annotations
@@ -45,13 +47,17 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _ACTIVE = False
-MENDED = "0.16."  # the megatron-core series these mends were written against and tested with
+# the megatron-core releases these mends were written against and tested with (0.16.1 and
+# 0.19.2; the code they mend is the same in 0.17 and 0.18): the package's dependency range
+MENDED = ("0.16.1", "0.20")
 
 
 def _megatron_series_mended() -> bool:
     import megatron.core
+    from packaging.version import Version
 
-    return megatron.core.__version__.startswith(MENDED)
+    low, high = MENDED
+    return Version(low) <= Version(megatron.core.__version__) < Version(high)
 
 
 def megatron_at_least(version: str) -> bool:
@@ -118,6 +124,18 @@ def activate() -> bool:
     tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     _ACTIVE = True
     return True
+
+
+def async_save_options() -> dict:
+    """Item 8 (0.17 and newer): ``dist_checkpointing.save`` writes async saves through
+    nvidia-resiliency-ext unless asked for ``async_strategy="mcore"``, megatron-core's own
+    writer, which the async queue here drives."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    params = inspect.signature(dist_checkpointing.save).parameters
+    return {"async_strategy": "mcore"} if "async_strategy" in params else {}
 
 
 def route_checkpoint_writes(opener) -> None:
