@@ -29,11 +29,17 @@ def _set_pdeathsig():
 
 
 def children_die_with_parent() -> None:
-    """Install once per process: every forked child is killed when this process dies."""
+    """Install once per process: every forked child is killed when this process dies; and a
+    worker torchrun started (in a session of its own, out of reach of a signal to the
+    launcher's process group) is killed when torchrun dies, as a scheduler's cgroup would."""
     global _INSTALLED
     if _INSTALLED or not sys.platform.startswith("linux"):
         return
     os.register_at_fork(after_in_child=_set_pdeathsig)
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        _set_pdeathsig()
+        if os.getppid() == 1:  # the launcher died before the request took effect
+            os._exit(1)
     _INSTALLED = True
 
 
