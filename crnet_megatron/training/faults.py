@@ -36,10 +36,8 @@ def children_die_with_parent() -> None:
     if _INSTALLED or not sys.platform.startswith("linux"):
         return
     os.register_at_fork(after_in_child=_set_pdeathsig)
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # (torchrun may be PID 1 in a container)
         _set_pdeathsig()
-        if os.getppid() == 1:  # the launcher died before the request took effect
-            os._exit(1)
     _INSTALLED = True
 
 
