@@ -132,3 +132,49 @@ def run_distributed(fn: Callable, world: int, *args, timeout: float = 240.0):
                 raise RuntimeError(f"rank {r} failed:\n{res['error']}")
             results.append(res["result"])
         return results
+
+
+def read_common(ckpt) -> dict:
+    """A checkpoint's common state, in either megatron-core layout (``read_common_state``)."""
+    from crnet_megatron.checkpoint.safe_checkpoint import read_common_state
+
+    return read_common_state(str(ckpt))
+
+
+def write_common(ckpt, payload, as_item: bool = False) -> None:
+    """Replace a checkpoint's common state with ``payload`` in the layout it has: ``common.pt``
+    (megatron-core 0.16), or (0.17+, or ``as_item``) the ``common_state/shard_0_1`` bytes item,
+    torch.save'd as ``[payload]`` at the end of a shard and pointed at by ``.metadata``
+    (``common.pt`` removed). ``checksums.json`` goes too: a hand edit leaves none."""
+    import io
+    import pickle
+    from pathlib import Path
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        MetadataIndex,
+    )
+
+    from crnet_megatron.checkpoint.safe_checkpoint import (
+        COMMON_STATE_ITEM,
+        load_metadata,
+    )
+
+    ckpt = Path(ckpt)
+    (ckpt / "checksums.json").unlink(missing_ok=True)
+    if (ckpt / "common.pt").exists() and not as_item:
+        torch.save(payload, ckpt / "common.pt")
+        return
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    buf = io.BytesIO()
+    torch.save([payload], buf)
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(buf.getvalue())
+    md = load_metadata(str(ckpt / ".metadata"))
+    md.state_dict_metadata[COMMON_STATE_ITEM] = BytesStorageMetadata()
+    md.storage_data[MetadataIndex(COMMON_STATE_ITEM)] = _StorageInfo(shard.name, offset,
+                                                                     len(buf.getvalue()))
+    (ckpt / ".metadata").write_bytes(pickle.dumps(md))
+    (ckpt / "common.pt").unlink(missing_ok=True)

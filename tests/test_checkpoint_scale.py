@@ -94,7 +94,8 @@ def _flip(path: str, offset: int) -> None:
 
 def _first_item(ckpt: str, model: bool):
     for index, info in load_metadata(os.path.join(ckpt, ".metadata")).storage_data.items():
-        if model_key(index.fqn) == model and info.length > 64:
+        if (model_key(index.fqn) if model else index.fqn.startswith("optimizer.")) \
+                and info.length > 64:
             return info
     raise AssertionError("no such item")
 

@@ -2,7 +2,7 @@
 run: export ``config.json`` sizes and types, crafted safetensors headers, a tokenizer whose
 regular expression can take exponential time, a checkpoint's ``common.pt`` with missing keys or
 wrong types, and blend weights that are not positive. The export cases run in a child with a
-3 GiB address-space limit and a time limit, so a regression fails instead of swapping or
+8 GiB address-space limit and a time limit, so a regression fails instead of swapping or
 hanging CI."""
 
 import json
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.driver_utils import driver_cfg, run_in_process
+from tests.helpers import read_common, write_common
 
 CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=40,
@@ -22,7 +23,7 @@ CONFIG = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_la
 
 _CHILD = """
 import json, resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a CUDA torch maps 3.5 GB
 from crnet_megatron.export.modeling_crnet import CRNetForCausalLM
 out = {}
 for d in sys.argv[1:]:
@@ -203,15 +204,15 @@ def test_common_state_with_missing_keys_or_wrong_types(tiny_dataset, tmp_path):
     save = tmp_path / "ck"
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
     path = save / "iter_0000002"
-    (path / "checksums.json").unlink()  # what a hand edit leaves; the checksums would say so
-    intact = torch.load(path / "common.pt", weights_only=True)
+    intact = read_common(path)
+    write_common(path, intact)  # what a hand edit leaves (no checksums.json)
     assert read_checkpoint(str(path))["iteration"] == 2
     for change, message in COMMON_DAMAGE:
         state = {"common": dict(intact["common"])}
         state.update({k: v for k, v in intact.items() if k != "common"})
         for key, value in change.items():
             state["common"].pop(key) if value is None else state["common"].update({key: value})
-        torch.save(state, path / "common.pt")
+        write_common(path, state)
         with pytest.raises(IncompleteCheckpointError, match=re.escape(message)):
             read_checkpoint(str(path))
 
@@ -246,13 +247,12 @@ def test_a_stored_config_is_checked_against_the_tensors_before_building(tiny_dat
     save = tmp_path / "ck"
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=2"))
     path = save / "iter_0000002"
-    (path / "checksums.json").unlink()  # what a hand edit leaves
-    intact = torch.load(path / "common.pt", weights_only=True)
+    intact = read_common(path)
     for change, message in STORED_CONFIG_DAMAGE:
         state = dict(intact, common=dict(intact["common"]))
         state["common"]["config"] = dict(state["common"]["config"])
         state["common"]["config"]["model"] = dict(state["common"]["config"]["model"], **change)
-        torch.save(state, path / "common.pt")
+        write_common(path, state)  # what a hand edit leaves (no checksums.json)
         start = time.monotonic()
         with single_process(), pytest.raises(ValueError, match=re.escape(message)):
             load_megatron_model(str(save))

@@ -4,15 +4,13 @@ is read from its byte range with the weights-only loader, so a crafted one runs 
 checkpoint written by a newer megatron-core than the one installed is refused with both
 versions named and nothing moved (it is not broken)."""
 
-import io
-import pickle
 import shutil
 
 import pytest
-import torch
 
 from crnet_megatron.checkpoint.resume import iteration_dir, read_checkpoint, read_latest
 from tests.driver_utils import driver_cfg, run_in_process
+from tests.helpers import read_common, write_common
 
 
 class _Payload:
@@ -31,34 +29,11 @@ def saved(tiny_dataset, tmp_path_factory):
     return iteration_dir(str(root / "s"), 2)
 
 
-def _as_common_state_item(ckpt, payload):
-    """Rewrite a checkpoint in the 0.17+ layout: ``payload`` (torch.save'd) as the
-    ``common_state/shard_0_1`` bytes item at the end of a shard, no common.pt."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
-
-    from crnet_megatron.checkpoint.safe_checkpoint import COMMON_STATE_ITEM, load_metadata
-
-    shard = sorted(ckpt.glob("*.distcp"))[0]
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    offset = shard.stat().st_size
-    with open(shard, "ab") as f:
-        f.write(buf.getvalue())
-    md = load_metadata(str(ckpt / ".metadata"))
-    md.state_dict_metadata[COMMON_STATE_ITEM] = BytesStorageMetadata()
-    md.storage_data[MetadataIndex(COMMON_STATE_ITEM)] = _StorageInfo(
-        shard.name, offset, len(buf.getvalue()))
-    (ckpt / ".metadata").write_bytes(pickle.dumps(md))
-    (ckpt / "common.pt").unlink()
-    (ckpt / "checksums.json").unlink()  # a hand edit: read unverified (with a note)
-
-
 def test_the_common_state_item_of_newer_megatron_core_is_read(saved, tmp_path):
     ckpt = tmp_path / "iter_0000002"
     shutil.copytree(saved, ckpt)
-    common = torch.load(ckpt / "common.pt", weights_only=True)
-    _as_common_state_item(ckpt, [common])
+    common = read_common(ckpt)
+    write_common(ckpt, common, as_item=True)
     got = read_checkpoint(str(ckpt), "off")
     assert got["iteration"] == 2 and got["run_id"] == common["common"]["run_id"]
 
@@ -68,7 +43,7 @@ def test_a_crafted_common_state_item_runs_nothing(saved, tmp_path):
 
     ckpt, marker = tmp_path / "iter_0000002", tmp_path / "pwned"
     shutil.copytree(saved, ckpt)
-    _as_common_state_item(ckpt, [_Payload(marker)])
+    write_common(ckpt, _Payload(marker), as_item=True)
     with pytest.raises(IncompleteCheckpointError, match="is unreadable"):
         read_checkpoint(str(ckpt), "off")
     assert not marker.exists()
@@ -96,11 +71,9 @@ def test_a_checkpoint_of_a_newer_megatron_core_is_refused_not_moved(tiny_dataset
     save = tmp_path / "s"
     cfg = ("schedule.train_iters=2", "checkpoint.save_interval=2")
     run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, *cfg))
-    path = save / "iter_0000002" / "common.pt"
-    common = torch.load(path, weights_only=True)
+    common = read_common(save / "iter_0000002")
     common["common"]["versions"]["megatron-core"] = "99.0"
-    torch.save(common, path)
-    (save / "iter_0000002" / "checksums.json").unlink()
+    write_common(save / "iter_0000002", common)
     listing = sorted(p.name for p in save.iterdir())
     with pytest.raises(ValueError, match=rf"written by megatron-core 99\.0; this is megatron-core "
                                          rf"{megatron.core.__version__}.*nothing was moved"):

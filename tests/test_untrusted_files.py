@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.driver_utils import driver_cfg, run_in_process
+from tests.helpers import read_common
 
 
 class _Payload:
@@ -62,7 +63,6 @@ def test_checkpoint_item_marked_as_pickled_bytes_is_refused(tiny_dataset, tmp_pa
 def test_checkpoints_hold_tensors_only(tiny_dataset, tmp_path):
     """No pickled item at all in what the driver writes (RNG state included), and the common
     state loads with torch's weights-only unpickler."""
-    import torch
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from crnet_megatron.checkpoint.safe_checkpoint import load_metadata
@@ -73,7 +73,7 @@ def test_checkpoints_hold_tensors_only(tiny_dataset, tmp_path):
     kinds = {type(v).__name__ for v in md.state_dict_metadata.values()}
     assert kinds == {TensorStorageMetadata.__name__}
     assert any(k.startswith("rng_state.cpu") for k in md.state_dict_metadata)
-    common = torch.load(save / "iter_0000002" / "common.pt", weights_only=True)
+    common = read_common(save / "iter_0000002")
     assert common["common"]["rng_format"] == "tensors"
 
 
