@@ -4,12 +4,14 @@ is read from its byte range with the weights-only loader, so a crafted one runs 
 checkpoint written by a newer megatron-core than the one installed is refused with both
 versions named and nothing moved (it is not broken)."""
 
+import os
 import shutil
 
 import pytest
 
 from crnet_megatron.checkpoint.resume import iteration_dir, read_checkpoint, read_latest
-from tests.driver_utils import driver_cfg, run_in_process
+from crnet_megatron.config.run_config import load_run_config
+from tests.driver_utils import TINY, driver_cfg, run_in_process
 from tests.helpers import read_common, write_common
 
 
@@ -82,3 +84,46 @@ def test_a_checkpoint_of_a_newer_megatron_core_is_refused_not_moved(tiny_dataset
     assert sorted(p.name for p in save.iterdir() if p.name != ".crnet-train.lock.guard") == \
         listing
     assert read_latest(str(save)) == 2
+
+
+_OLDER = """
+import json, sys
+from crnet_megatron.config.run_config import load_run_config
+from crnet_megatron.training.trainer import run
+print(json.dumps(run(load_run_config(None, json.loads(sys.argv[1])))["history"]))
+"""
+
+
+@pytest.mark.skipif(not os.environ.get("CRNET_OLDER_MEGATRON_PYTHON"),
+                    reason="needs CRNET_OLDER_MEGATRON_PYTHON: a Python whose megatron-core is "
+                    "older than this one's (CI's second set-up points it at the first)")
+def test_a_checkpoint_of_an_older_megatron_core_resumes_exactly(tiny_dataset, tmp_path):
+    """Written by the older megatron-core (2 of 4 steps), then resumed by this one and, from a
+    copy, by the older one: the same losses, bitwise."""
+    import json
+    import subprocess
+
+    import megatron.core
+
+    older = os.environ["CRNET_OLDER_MEGATRON_PYTHON"]
+    prefix, tok, _ = tiny_dataset
+    sets = TINY + [
+        f"data.data_path=[{prefix}]", f"data.tokenizer={tok}", f"data.cache_dir={tmp_path / 'c'}",
+        f"checkpoint.save={tmp_path / 'a'}", "schedule.train_iters=4",
+        "checkpoint.save_interval=2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+
+    def in_older(*extra):
+        out = subprocess.run([older, "-c", _OLDER, json.dumps(sets + list(extra))], env=env,
+                             capture_output=True, text=True, timeout=600, cwd=os.getcwd())
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    in_older("schedule.exit_interval=2")
+    saved = read_common(tmp_path / "a" / "iter_0000002")["common"]["versions"]["megatron-core"]
+    assert saved != megatron.core.__version__
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    here = run_in_process(load_run_config(None, sets))["history"]
+    there = in_older(f"checkpoint.save={tmp_path / 'b'}")
+    assert [h["iteration"] for h in here] == [3, 4]
+    assert [h["loss"] for h in here] == [h["loss"] for h in there]

@@ -61,16 +61,17 @@ def test_checkpoint_item_marked_as_pickled_bytes_is_refused(tiny_dataset, tmp_pa
 
 
 def test_checkpoints_hold_tensors_only(tiny_dataset, tmp_path):
-    """No pickled item at all in what the driver writes (RNG state included), and the common
-    state loads with torch's weights-only unpickler."""
+    """No pickled item in what the driver writes (RNG state included) but, with megatron-core
+    0.17+, megatron-core's own common-state item, and the common state loads with torch's
+    weights-only unpickler."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from crnet_megatron.checkpoint.safe_checkpoint import load_metadata
+    from crnet_megatron.checkpoint.safe_checkpoint import COMMON_STATE_ITEM, load_metadata
 
     save = tmp_path / "ck"
     _train(tiny_dataset, tmp_path, save)
     md = load_metadata(str(save / "iter_0000002" / ".metadata"))
-    kinds = {type(v).__name__ for v in md.state_dict_metadata.values()}
+    kinds = {type(v).__name__ for k, v in md.state_dict_metadata.items() if k != COMMON_STATE_ITEM}
     assert kinds == {TensorStorageMetadata.__name__}
     assert any(k.startswith("rng_state.cpu") for k in md.state_dict_metadata)
     common = read_common(save / "iter_0000002")
