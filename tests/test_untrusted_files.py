@@ -66,7 +66,10 @@ def test_checkpoints_hold_tensors_only(tiny_dataset, tmp_path):
     weights-only unpickler."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from crnet_megatron.checkpoint.safe_checkpoint import COMMON_STATE_ITEM, load_metadata
+    from crnet_megatron.checkpoint.safe_checkpoint import (
+        COMMON_STATE_ITEM,
+        load_metadata,
+    )
 
     save = tmp_path / "ck"
     _train(tiny_dataset, tmp_path, save)
