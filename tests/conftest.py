@@ -38,3 +38,15 @@ def tiny_dataset(tmp_path_factory):
     prefix = preprocess_jsonl([str(jsonl)], str(root / "docs"), tok_path, ["text"],
                               append_eod=True, progress=False)["text"]
     return prefix, tok_path, str(jsonl)
+
+
+@pytest.fixture(scope="session")
+def saved_checkpoint(tiny_dataset, tmp_path_factory):
+    """One checkpoint of the tiny driver run (iteration 2); tests copy it before changing it."""
+    from crnet_megatron.checkpoint.resume import iteration_dir
+    from tests.driver_utils import driver_cfg, run_in_process
+
+    root = tmp_path_factory.mktemp("saved")
+    run_in_process(driver_cfg(tiny_dataset, root / "c", root / "s", "schedule.train_iters=2",
+                              "checkpoint.save_interval=2"))
+    return iteration_dir(str(root / "s"), 2)

@@ -48,12 +48,9 @@ def test_dp_replicas_share_the_model_bytes_of_a_save(tiny_dataset, tmp_path, ful
     assert all(shares[r][1] > 0 for r in (0, 1))  # each rank's optimizer shard
 
 
-@pytest.fixture(scope="module")
-def saved(tiny_dataset, tmp_path_factory):
-    root = tmp_path_factory.mktemp("saved")
-    run_in_process(driver_cfg(tiny_dataset, root / "c", root / "s", "schedule.train_iters=2",
-                              "checkpoint.save_interval=2"))
-    return iteration_dir(str(root / "s"), 2)
+@pytest.fixture
+def saved(saved_checkpoint):
+    return saved_checkpoint
 
 
 def test_the_writer_hashes_every_tensor_item_as_it_writes(tiny_dataset, tmp_path, monkeypatch):

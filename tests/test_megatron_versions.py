@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from crnet_megatron.checkpoint.resume import iteration_dir, read_checkpoint, read_latest
+from crnet_megatron.checkpoint.resume import read_checkpoint, read_latest
 from crnet_megatron.config.run_config import load_run_config
 from tests.driver_utils import TINY, driver_cfg, run_in_process
 from tests.helpers import read_common, write_common
@@ -23,12 +23,9 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-@pytest.fixture(scope="module")
-def saved(tiny_dataset, tmp_path_factory):
-    root = tmp_path_factory.mktemp("versions")
-    run_in_process(driver_cfg(tiny_dataset, root / "c", root / "s", "schedule.train_iters=2",
-                              "checkpoint.save_interval=2"))
-    return iteration_dir(str(root / "s"), 2)
+@pytest.fixture
+def saved(saved_checkpoint):
+    return saved_checkpoint
 
 
 def test_the_common_state_item_of_newer_megatron_core_is_read(saved, tmp_path):
