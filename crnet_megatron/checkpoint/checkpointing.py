@@ -170,10 +170,10 @@ def _free_bytes(path: str) -> int:
 
 def _failure_reason(exc: BaseException, root: Optional[str] = None) -> str:
     """'no space left on device' when that is what happened anywhere in a (wrapped) failure,
-    or when the failure is torch's serializer losing its place (``unexpected pos``: what a full
-    disk looks like inside ``torch.save``) on a filesystem with no space left."""
-    if root is not None and _free_bytes(root) < _NEARLY_FULL and \
-            "unexpected pos" in _messages(exc):
+    or when the save failed on a filesystem with no space left (torch's serializer reports a
+    full disk as ``unexpected pos``; megatron-core 0.17+'s writer threads report a worker's
+    OSError by its class alone)."""
+    if root is not None and _free_bytes(root) < _NEARLY_FULL:
         return "no space left on device"
     seen, todo = set(), [exc]
     while todo:
@@ -190,16 +190,6 @@ def _failure_reason(exc: BaseException, root: Optional[str] = None) -> str:
 
 
 _NEARLY_FULL = 1 << 20
-
-
-def _messages(exc: BaseException) -> str:
-    """The messages of a failure and of what caused it."""
-    out, e, seen = [], exc, set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        out.append(str(e))
-        e = e.__cause__ or e.__context__
-    return " ".join(out)
 
 
 def _dp_group():
