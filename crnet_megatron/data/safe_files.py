@@ -173,7 +173,10 @@ def check_cache_tree(root: str, key: str = "data.cache_dir") -> None:
     for here, dirs, files in os.walk(root):
         for name in dirs + files:
             path = os.path.join(here, name)
-            mode = os.lstat(path).st_mode
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:  # renamed or removed by a writer meanwhile
+                continue
             if stat.S_ISLNK(mode):
                 raise UnsafePathError(f"{key}={root!r} holds a symbolic link {path} (to "
                                       f"{os.readlink(path)!r}); the cache holds only files this "

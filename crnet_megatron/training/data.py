@@ -24,7 +24,11 @@ from crnet_megatron.data.index_cache import (
     remove_cache_set,
 )
 from crnet_megatron.data.preprocess import HFTokenizer, output_paths, preprocess_jsonl
-from crnet_megatron.data.safe_files import atomic_writer, check_cache_tree
+from crnet_megatron.data.safe_files import (
+    UnsafePathError,
+    atomic_writer,
+    check_cache_tree,
+)
 from crnet_megatron.data.validate import validate_prefix
 
 
@@ -80,6 +84,23 @@ def check_shared_dir(root: str, key: str) -> None:
                          "filesystem every node mounts")
 
 
+def cache_checked(cache_dir: str) -> None:
+    """Rank 0, the one process that writes the cache, checks it (``check_cache_tree``) while
+    nothing writes there; every rank raises its verdict, so none is left waiting at a barrier."""
+    problem = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            check_cache_tree(cache_dir)
+        except UnsafePathError as e:
+            problem = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise UnsafePathError(problem)
+
+
 def prepare_builtin(cache_dir: str, vocab_size: int,
                     timeout_minutes: int = 240) -> Tuple[List[str], str]:
     """Built-in corpus -> jsonl -> BPE tokenizer -> indexed dataset (once, on global rank 0)."""
@@ -87,7 +108,7 @@ def prepare_builtin(cache_dir: str, vocab_size: int,
     tok_path = os.path.join(root, f"builtin_bpe_{vocab_size}.json")
     prefix = os.path.join(root, f"builtin_v{vocab_size}")
     bin_path, _ = output_paths(prefix, "text")
-    check_cache_tree(cache_dir)
+    cache_checked(cache_dir)
     if (not dist.is_initialized() or dist.get_rank() == 0) and not os.path.exists(bin_path):
         os.makedirs(root, exist_ok=True)
         docs = builtin_corpus()
@@ -141,7 +162,7 @@ def build_datasets(cfg, tokenizer: HFTokenizer, prefixes: List[str],
     for p in prefixes:
         validate_prefix(p, tokenizer.vocab_size)
     check_splits(prefixes, cfg["data"]["split"])
-    check_cache_tree(cfg["data"]["cache_dir"])  # before megatron-core writes there
+    cache_checked(cfg["data"]["cache_dir"])  # before megatron-core writes there
     cache = os.path.join(os.path.expanduser(cfg["data"]["cache_dir"]), "index_cache")
     check_index_cache(cache, repair=not dist.is_initialized() or dist.get_rank() == 0)
     if dist.is_initialized():
