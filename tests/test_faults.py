@@ -134,6 +134,7 @@ def test_full_disk_at_the_first_small_write_is_named(tiny_dataset, tmp_path, mon
     assert read_latest(str(save)) == 2
 
 
+@FORKED_WRITER  # on 0.19's writer threads it passes, then the process crashes in a later GC
 def test_a_shard_write_on_a_full_filesystem_is_named(tiny_dataset, tmp_path, monkeypatch):
     """ENOSPC while a shard is written, on a filesystem with no space left: named as such on
     every megatron-core (0.17+ threads pass on only the error's class)."""
