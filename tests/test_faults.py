@@ -111,6 +111,18 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_dataset, tmp_path, monkeyp
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002"]
 
 
+def _second_save_on_a_full_filesystem(tiny_dataset, tmp_path, monkeypatch):
+    """Train 4 steps saving every 2 with (patched) no space left: the second save is refused
+    with the reason named and the first stays the latest."""
+    monkeypatch.setattr(checkpointing, "_free_bytes", lambda path: 4096)
+    save = tmp_path / "ck"
+    with pytest.raises(checkpointing.CheckpointSaveError,
+                       match=r"iter_0000004: no space left on device; the previous checkpoint "):
+        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4",
+                                  "checkpoint.save_interval=2"))
+    assert read_latest(str(save)) == 2
+
+
 @FORKED_WRITER
 def test_full_disk_at_the_first_small_write_is_named(tiny_dataset, tmp_path, monkeypatch):
     """torch.save on a full disk fails inside its zip writer ("unexpected pos"), not with
@@ -125,13 +137,7 @@ def test_full_disk_at_the_first_small_write_is_named(tiny_dataset, tmp_path, mon
 
     real = common.torch.save
     monkeypatch.setattr(common.torch, "save", full)
-    monkeypatch.setattr(checkpointing, "_free_bytes", lambda path: 4096)
-    save = tmp_path / "ck"
-    with pytest.raises(checkpointing.CheckpointSaveError,
-                       match=r"iter_0000004: no space left on device; the previous checkpoint "):
-        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4",
-                                  "checkpoint.save_interval=2"))
-    assert read_latest(str(save)) == 2
+    _second_save_on_a_full_filesystem(tiny_dataset, tmp_path, monkeypatch)
 
 
 @FORKED_WRITER  # on 0.19's writer threads it passes, then the process crashes in a later GC
@@ -147,13 +153,7 @@ def test_a_shard_write_on_a_full_filesystem_is_named(tiny_dataset, tmp_path, mon
 
     real = integrity.HashingWriter.write
     monkeypatch.setattr(integrity.HashingWriter, "write", full)
-    monkeypatch.setattr(checkpointing, "_free_bytes", lambda path: 4096)
-    save = tmp_path / "ck"
-    with pytest.raises(checkpointing.CheckpointSaveError,
-                       match=r"iter_0000004: no space left on device; the previous checkpoint "):
-        run_in_process(driver_cfg(tiny_dataset, tmp_path / "c", save, "schedule.train_iters=4",
-                                  "checkpoint.save_interval=2"))
-    assert read_latest(str(save)) == 2
+    _second_save_on_a_full_filesystem(tiny_dataset, tmp_path, monkeypatch)
 
 
 def test_resume_drops_metrics_rows_past_the_checkpoint(tiny_dataset, tmp_path):
